@@ -1,0 +1,133 @@
+"""The contract every transport meets, and byte accounting.
+
+One training step, seen by a transport::
+
+    worker:  grad frames (bytes, one per parameter key)  ==up==>  owner of each key
+    owner:   decode, sum in fp32, divide by the number of contributions  ->  Owner.apply(...)
+    owner:   Owner.weight_frames(step) (bytes)            ==down==> every worker
+    worker:  decode weight frames -> dequantized tensors
+
+Frames are self-describing (:mod:`lowbit.codec.frame`), so a receiving rank needs no codec
+configuration: it validates and decodes what arrives. Nothing is summed in quantized form in
+flight; owners decode and sum in fp32.
+
+Roles: in the parameter-server transport, ranks [0, S) are owners (servers) and [S, S+W) are
+workers. In the ring and tree transports every rank is both: it owns a shard of the keys and
+computes gradients for all keys.
+"""
+from __future__ import annotations
+
+import heapq
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import torch
+
+from lowbit.codec.codecs import decode_frame
+from lowbit.codec.frame import Frame
+from lowbit.errors import ConfigError
+
+
+class Owner(Protocol):
+    """What a transport calls on the rank that owns a shard of the full-precision weights."""
+
+    def owned_keys(self) -> Iterable[int]:
+        """The parameter keys this owner holds."""
+
+    def apply(self, step: int, grads: dict[int, torch.Tensor], counts: dict[int, int]) -> None:
+        """Average fp32 gradients (already divided by ``counts[key]`` contributions) for step ``step``:
+        take the optimizer step and re-quantize the weights."""
+
+    def weight_frames(self, step: int) -> dict[int, bytes]:
+        """The current (quantized) weights of every owned key as encoded frames."""
+
+
+@dataclass
+class ByteCounter:
+    """Bytes this rank put on / took off the wire, split by direction of the training step."""
+
+    up_sent: int = 0      # gradient payloads sent (worker -> owner)
+    up_recv: int = 0      # gradient payloads received (owner side)
+    down_sent: int = 0    # weight payloads sent (owner -> workers, and forwarding in ring/tree)
+    down_recv: int = 0    # weight payloads received
+    messages: int = 0     # point-to-point messages sent
+
+    @property
+    def sent(self) -> int:
+        return self.up_sent + self.down_sent
+
+    @property
+    def recv(self) -> int:
+        return self.up_recv + self.down_recv
+
+    def snapshot(self) -> dict[str, int]:
+        return {"up_sent": self.up_sent, "up_recv": self.up_recv, "down_sent": self.down_sent,
+                "down_recv": self.down_recv, "messages": self.messages, "sent": self.sent, "recv": self.recv}
+
+    def delta(self, before: dict[str, int]) -> dict[str, int]:
+        now = self.snapshot()
+        return {k: now[k] - before.get(k, 0) for k in now}
+
+
+@dataclass
+class GradAccumulator:
+    """fp32 sums of decoded gradient frames per key, and how many contributions each got."""
+
+    device: torch.device | str = "cpu"
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)
+
+    def add(self, frame: Frame) -> None:
+        g = decode_frame(frame, self.device).float()
+        k = frame.key
+        if k in self.sums:
+            if self.sums[k].shape != g.shape:
+                from lowbit.errors import FrameError
+                raise FrameError(f"gradient for key {k} has shape {tuple(g.shape)}, "
+                                 f"earlier contributions had {tuple(self.sums[k].shape)}")
+            self.sums[k].add_(g)
+            self.counts[k] += 1
+        else:
+            self.sums[k] = g
+            self.counts[k] = 1
+
+    def averages(self) -> dict[int, torch.Tensor]:
+        return {k: s / self.counts[k] for k, s in self.sums.items()}
+
+
+def partition(sizes: dict[int, int], n_owners: int) -> dict[int, int]:
+    """Assign keys to owners so shards balance by size: largest first onto the least loaded owner
+    (LPT). Deterministic: ties broken by key, then owner index."""
+    if n_owners < 1:
+        raise ConfigError(f"need at least one owner, got {n_owners}")
+    heap = [(0, o) for o in range(n_owners)]
+    out: dict[int, int] = {}
+    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        load, o = heapq.heappop(heap)
+        out[key] = o
+        heapq.heappush(heap, (load + sizes[key], o))
+    return out
+
+
+class Transport(ABC):
+    """Moves gradient frames to owners and weight frames back, counting bytes."""
+
+    rank: int
+    world_size: int
+    counter: ByteCounter
+
+    @abstractmethod
+    def step(self, step: int, grads: dict[int, bytes] | None, owner: Owner | None
+             ) -> dict[int, torch.Tensor] | None:
+        """One synchronous exchange. Workers pass their gradient frames (key -> bytes); owners pass
+        their :class:`Owner`. Returns the new dequantized weights (key -> tensor) on ranks that
+        compute (workers), ``None`` on pure owners (servers)."""
+
+    @abstractmethod
+    def fetch_weights(self, step: int, owner: Owner | None) -> dict[int, torch.Tensor] | None:
+        """The down-link half alone: owners send their current weight frames, workers receive
+        all of them (start of training, resume, a rejoining worker)."""
+
+    def close(self) -> None:  # pragma: no cover - trivial default
+        pass

@@ -1,0 +1,157 @@
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lowbit.codec import (Frame, RawCodec, StochasticGradCodec, WeightCodec, frame_nbytes, grad_codec,
+                          join_frames, split_frames, weight_codec)
+from lowbit.codec.frame import HEADER_SIZE, MAGIC
+from lowbit.errors import ConfigError, FrameError, NonFiniteGradientError
+
+
+def _gframe(shape=(5, 7), bits=3, seed=0):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return StochasticGradCodec(bits).encode(g, key=11, step=42, generator=torch.Generator().manual_seed(1)), g
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_grad_frame_round_trip_and_size(bits):
+    codec = StochasticGradCodec(bits)
+    f, g = _gframe((33, 17), bits)
+    raw = f.to_bytes()
+    n = 33 * 17
+    assert len(raw) == HEADER_SIZE + 4 * 2 + 4 * 1 + (n * bits + 7) // 8 + 4 == codec.frame_nbytes((33, 17))
+    back = Frame.from_bytes(raw, expect_kind="grad", expect_shape=(33, 17), expect_key=11)
+    assert back.step == 42 and back.bits == bits and back.shape == (33, 17)
+    x = codec.decode(back)
+    assert x.shape == g.shape
+    assert torch.equal(x, codec.decode(f))  # decoding the parsed frame equals decoding the original
+
+
+def test_raw_codec_exact():
+    x = torch.randn(4, 9)
+    f = RawCodec().encode(x)
+    back = Frame.from_bytes(f.to_bytes())
+    assert torch.equal(RawCodec().decode(back), x)
+    assert len(f.to_bytes()) == RawCodec().frame_nbytes((4, 9)) == HEADER_SIZE + 8 + 4 * 36 + 4
+    h = RawCodec(torch.float16)
+    y = h.decode(Frame.from_bytes(h.encode(x * 1e6).to_bytes()))
+    assert torch.isfinite(y).all()  # saturates instead of overflowing to inf
+
+
+def test_weight_codec_per_row_scales():
+    w = torch.randn(6, 10)
+    c = WeightCodec("twn", 2, per_row=True)
+    f = c.encode(w)
+    raw = f.to_bytes()
+    assert len(raw) == c.frame_nbytes((6, 10))
+    back = Frame.from_bytes(raw)
+    assert back.scales.numel() == 6
+    wq = c.decode(back)
+    for r in range(6):
+        assert wq[r].unique().numel() <= 3
+
+
+def test_empty_and_scalar_tensors():
+    for shape in [(0,), (), (1,)]:
+        x = torch.randn(shape) if shape != (0,) else torch.empty(0)
+        f = RawCodec().encode(x)
+        assert torch.equal(RawCodec().decode(Frame.from_bytes(f.to_bytes())), x)
+
+
+def test_corruption_at_every_byte_is_rejected():
+    f, _ = _gframe((4, 6), 3)
+    raw = f.to_bytes()
+    for i in range(len(raw)):
+        bad = bytearray(raw)
+        bad[i] ^= 0x5A
+        with pytest.raises(FrameError):
+            Frame.from_bytes(bytes(bad))
+
+
+def test_truncation_at_every_length_is_rejected():
+    f, _ = _gframe((3, 3), 4)
+    raw = f.to_bytes()
+    for n in range(len(raw)):
+        with pytest.raises(FrameError, match="truncated|length|CRC|shape|scales"):
+            Frame.from_bytes(raw[:n])
+
+
+def test_specific_messages():
+    f, _ = _gframe()
+    raw = bytearray(f.to_bytes())
+    with pytest.raises(FrameError, match="magic"):
+        Frame.from_bytes(b"XXXX" + bytes(raw[4:]))
+    v = bytearray(raw)
+    v[4] = 9
+    with pytest.raises(FrameError, match="version 9"):
+        Frame.from_bytes(bytes(v))
+    with pytest.raises(FrameError, match="shape"):
+        Frame.from_bytes(bytes(raw), expect_shape=(7, 5))
+    with pytest.raises(FrameError, match="expected a weight frame"):
+        Frame.from_bytes(bytes(raw), expect_kind="weight")
+    with pytest.raises(FrameError, match="key"):
+        Frame.from_bytes(bytes(raw), expect_key=3)
+
+
+def test_forged_huge_shape_is_rejected_before_allocation():
+    f, _ = _gframe()
+    raw = bytearray(f.to_bytes())
+    # claim a 2^31 x 2^31 tensor: must fail on the bound, not try to allocate
+    struct.pack_into("<2I", raw, HEADER_SIZE, 2**31, 2**31)
+    with pytest.raises(FrameError, match="above the bound|payload length"):
+        Frame.from_bytes(bytes(raw))
+    # an absurd payload length
+    struct.pack_into("<Q", raw, 28, 2**60)
+    with pytest.raises(FrameError):
+        Frame.from_bytes(bytes(raw))
+
+
+def test_bundle_split():
+    frames = [_gframe((3, i + 1), 2, seed=i)[0].to_bytes() for i in range(4)]
+    got = list(split_frames(join_frames(frames)))
+    assert [g.shape for g in got] == [(3, 1), (3, 2), (3, 3), (3, 4)]
+    with pytest.raises(FrameError):
+        list(split_frames(join_frames(frames) + b"\x00"))
+
+
+def test_nonfinite_gradient_policies():
+    g = torch.randn(10)
+    g[3] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match="NaN|Inf"):
+        StochasticGradCodec(3).encode(g)
+    assert StochasticGradCodec(3, nonfinite="skip").encode(g) is None
+    z = StochasticGradCodec(3, nonfinite="zero").encode(g)
+    assert torch.equal(StochasticGradCodec(3).decode(z), torch.zeros(10))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=0), "2..8"), (dict(bits=9), "2..8"), (dict(bits=3, clip=0.0), "clip"),
+    (dict(bits=3, clip=-1.0), "clip"), (dict(bits=3, nonfinite="ignore"), "policy"),
+])
+def test_bad_codec_config(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        StochasticGradCodec(**kwargs)
+
+
+def test_codec_factories():
+    assert grad_codec(32).bits == 32 and grad_codec(16).bits == 16 and grad_codec(3).bits == 3
+    assert weight_codec(2).scheme == "laq-linear" and weight_codec(1).scheme == "binary"
+    with pytest.raises(ConfigError):
+        weight_codec(4, scheme="nope")
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 9), bits=st.sampled_from([2, 3, 4, 8]),
+       seed=st.integers(0, 1000))
+def test_decoded_values_lie_on_grid(rows, cols, bits, seed):
+    g = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    c = StochasticGradCodec(bits)
+    f = Frame.from_bytes(c.encode(g, generator=torch.Generator().manual_seed(seed)).to_bytes())
+    x = c.decode(f)
+    k = (1 << (bits - 1)) - 1
+    s = float(f.scales[0])
+    lv = x / s * k
+    assert torch.allclose(lv, lv.round(), atol=1e-4)
+    assert float(lv.abs().max()) <= k + 1e-4
