@@ -1,0 +1,323 @@
+"""Weight quantizers: binary, TWN, LAT (loss-aware ternary), LAQ (loss-aware m-bit linear / log).
+
+Every quantizer here solves (exactly or approximately) a *D-weighted* projection
+
+    ŵ = α·b = argmin_{α>0, b∈Q^n}  Σ_i d_i (w_i − α b_i)²  =  ‖w − α b‖²_D
+
+where Q is the grid (see :mod:`lowbit.quant.qtensor`) and ``d`` is the diagonal of
+D = diag(√v̂) + ε built from Adam's second moment (Hou, Yao & Kwok ICLR 2017 "Loss-aware
+binarization"; Hou & Kwok ICLR 2018 "Loss-aware weight quantization" (LAT); Hou, Zhang & Kwok
+ICLR 2019 "Analysis of quantized models" (LAQ)). ``d=None`` means D = I, the plain projection.
+
+All functions accept float32/float16/bfloat16 tensors on any device, compute in float32 and return
+a :class:`QTensor` whose ``codes`` have ``w``'s shape and whose ``scale`` is float32, shape ``()`` or
+``(w.shape[0],)`` with ``per_row=True`` (one α per row; a row is ``w[i]`` flattened, so ``per_row``
+needs ``w.dim() >= 2``).
+
+Scales: for the sym/log grids an all-zero tensor (or row) gets scale 1.0 and the zero code, so the
+scale is always finite and > 0 and dequantizes to exact zeros. The binary grid has no zero, so
+:func:`binarize` keeps α = mean|w| = 0 for an all-zero row (finite, ≥ 0, exact zeros back).
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import ConfigError
+from lowbit.quant.qtensor import QTensor, grid_k
+
+__all__ = [
+    "binarize",
+    "ternarize_twn",
+    "ternarize_lat",
+    "laq_project",
+    "weight_objective",
+    "quantize_weight",
+    "WEIGHT_SCHEMES",
+]
+
+WEIGHT_SCHEMES = ("binary", "twn", "lat", "lat2", "laq-linear", "laq-log")
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_inputs(w: torch.Tensor, d: torch.Tensor | None, per_row: bool) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise ConfigError(f"weight must be a torch.Tensor, got {type(w).__name__}")
+    if w.numel() == 0:
+        raise ConfigError(f"weight tensor is empty (shape {tuple(w.shape)})")
+    if per_row and w.dim() < 2:
+        raise ConfigError(f"per_row=True needs a tensor with >= 2 dims, got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ConfigError("weight tensor holds NaN/Inf")
+    if d is not None:
+        if not isinstance(d, torch.Tensor):
+            raise ConfigError(f"d must be a torch.Tensor or None, got {type(d).__name__}")
+        if d.shape != w.shape:
+            raise ConfigError(f"d must have the weight's shape {tuple(w.shape)}, got {tuple(d.shape)}")
+        if not bool(torch.isfinite(d).all()):
+            raise ConfigError("d (diag of D) holds NaN/Inf")
+        if not bool((d > 0).all()):
+            raise ConfigError(f"d (diag of D) must be > 0 everywhere, got min {float(d.min())}")
+
+
+def _rows(t: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """View ``t`` as float32 [R, n]: R = shape[0] per row, else R = 1."""
+    t = t.to(torch.float32)
+    return t.reshape(t.shape[0], -1) if per_row else t.reshape(1, -1)
+
+
+def _d_rows(d: torch.Tensor | None, w: torch.Tensor, per_row: bool) -> torch.Tensor | None:
+    return None if d is None else _rows(d.to(w.device), per_row)
+
+
+def _wsum(x: torch.Tensor, d2: torch.Tensor | None) -> torch.Tensor:
+    """Σ_j d_j x_j along dim 1 (Σ_j x_j when d is None)."""
+    return (x * d2).sum(1) if d2 is not None else x.sum(1)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
+def _finish(codes2: torch.Tensor, alpha: torch.Tensor, w: torch.Tensor, per_row: bool, bits: int, grid: str,
+            zero_scale_one: bool = True) -> QTensor:
+    alpha = alpha.to(torch.float32)
+    if zero_scale_one:
+        alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    scale = alpha if per_row else alpha.reshape(())
+    return QTensor(codes=codes2.to(torch.uint8).reshape(w.shape), scale=scale.contiguous(), bits=bits, grid=grid)
+
+
+def _sign_codes_ternary(w2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sym bits=2 codes: 0 -> −1, 1 -> 0, 2 -> +1 (b = sign(w)·mask)."""
+    pos = torch.full_like(w2, 2, dtype=torch.uint8)
+    neg = torch.zeros_like(w2, dtype=torch.uint8)
+    one = torch.ones_like(w2, dtype=torch.uint8)
+    return torch.where(mask, torch.where(w2 >= 0, pos, neg), one)
+
+
+# --------------------------------------------------------------------------- binary / ternary
+
+
+def binarize(w: torch.Tensor, per_row: bool = False, d: torch.Tensor | None = None) -> QTensor:
+    """Loss-aware binarization (Hou, Yao & Kwok ICLR 2017; BinaryConnect/XNOR scale when D = I).
+
+    b = sign(w) (sign(0) = +1), α = Σ d|w| / Σ d  (α = mean|w| when d is None); this is the exact
+    minimiser of ‖w − α b‖²_D over α ≥ 0, b ∈ {±1}^n. Grid "bin", bits 1. An all-zero row keeps
+    α = 0 (the binary grid has no zero level).
+    """
+    _check_inputs(w, d, per_row)
+    w2 = _rows(w, per_row)
+    d2 = _d_rows(d, w2, per_row)
+    a = w2.abs()
+    den = _wsum(torch.ones_like(a), d2) if d2 is not None else torch.full((a.shape[0],), float(a.shape[1]),
+                                                                          device=a.device)
+    alpha = _wsum(a, d2) / den
+    codes = (w2 >= 0).to(torch.uint8)
+    return _finish(codes, alpha, w, per_row, 1, "bin", zero_scale_one=False)
+
+
+def ternarize_twn(w: torch.Tensor, per_row: bool = False) -> QTensor:
+    """Ternary weight networks (Li, Zhang & Liu 2016), the approximate threshold rule.
+
+    Δ = 0.7·mean|w|, b = sign(w)·1[|w| > Δ], α = mean of |w| over {|w| > Δ}. Grid "sym", bits 2.
+    For any non-zero row max|w| ≥ mean|w| > Δ, so the support is never empty; an all-zero row gets
+    codes 0 (zero) and scale 1.0. TWN is not loss-aware: it takes no ``d``.
+    """
+    _check_inputs(w, None, per_row)
+    w2 = _rows(w, per_row)
+    a = w2.abs()
+    delta = 0.7 * a.mean(1, keepdim=True)
+    mask = a > delta
+    alpha = _safe_div((a * mask).sum(1), mask.sum(1).to(torch.float32))
+    return _finish(_sign_codes_ternary(w2, mask), alpha, w, per_row, 2, "sym")
+
+
+def ternarize_lat(w: torch.Tensor, d: torch.Tensor | None = None, per_row: bool = False,
+                  exact: bool = True) -> QTensor:
+    """Loss-aware ternarization, LAT (Hou & Kwok ICLR 2018): min_{α>0, b∈{−1,0,1}^n} Σ d_i (w_i − α b_i)².
+
+    Exact (``exact=True``): for a support S with b_i = sign(w_i) on S, α*(S) = Σ_S d|w| / Σ_S d and the
+    objective drops by (Σ_S d|w|)² / Σ_S d. For fixed α the best b is b_i = sign(w_i)·1[|w_i| > α/2]
+    whatever d is, so the optimal S is a top-t set of |w|: sort |w| descending, take cumulative sums of
+    d|w| and d, and pick t = argmax_t (cumsum d|w|)_t² / (cumsum d)_t (sums in float64). Per row this is
+    one batched sort along dim 1.
+
+    Approximate (``exact=False``, scheme "lat2"): LAT's alternating solver, started from the
+    D-weighted TWN point (Δ = 0.7·mean|w|, α₀ = Σ_{|w|>Δ} d|w| / Σ_{|w|>Δ} d) and run for two
+    iterations of  b ← sign(w)·1[|w| > α/2],  α ← Σ d|w||b| / Σ d|b|.
+
+    Grid "sym", bits 2; all-zero rows get scale 1.0 and zero codes.
+    """
+    _check_inputs(w, d, per_row)
+    w2 = _rows(w, per_row)
+    d2 = _d_rows(d, w2, per_row)
+    a = w2.abs()
+    if exact:
+        a_s, idx = torch.sort(a, dim=1, descending=True)
+        a64 = a_s.to(torch.float64)
+        if d2 is not None:
+            d64 = torch.gather(d2, 1, idx).to(torch.float64)
+            cdw = torch.cumsum(d64 * a64, 1)
+            cd = torch.cumsum(d64, 1)
+        else:
+            cdw = torch.cumsum(a64, 1)
+            cd = torch.arange(1, a.shape[1] + 1, device=a.device, dtype=torch.float64).expand_as(cdw)
+        gain = cdw * cdw / cd
+        t = torch.argmax(gain, dim=1, keepdim=True)  # first max: smallest optimal support
+        alpha = (torch.gather(cdw, 1, t) / torch.gather(cd, 1, t)).squeeze(1).to(torch.float32)
+        in_sorted = torch.arange(a.shape[1], device=a.device).unsqueeze(0) <= t
+        mask = torch.zeros_like(in_sorted).scatter(1, idx, in_sorted)
+        mask = mask & (a > 0)
+    else:
+        ones = torch.ones_like(a)
+        delta = 0.7 * a.mean(1, keepdim=True)
+        mask = a > delta
+        alpha = _safe_div(_wsum(a * mask, d2), _wsum(ones * mask, d2))
+        for _ in range(2):
+            mask = a > (alpha / 2).unsqueeze(1)
+            alpha = _safe_div(_wsum(a * mask, d2), _wsum(ones * mask, d2))
+    mask = mask & (alpha > 0).unsqueeze(1)
+    return _finish(_sign_codes_ternary(w2, mask), alpha, w, per_row, 2, "sym")
+
+
+# --------------------------------------------------------------------------- LAQ m-bit
+
+
+def _log_tables(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitudes [0, 2^-(k-1), …, 1/2, 1] (ascending) and the k midpoints between neighbours."""
+    mags = torch.cat([torch.zeros(1), torch.tensor([2.0 ** -(k - 1 - j) for j in range(k)])]).to(device)
+    mids = (mags[1:] + mags[:-1]) / 2
+    return mags, mids
+
+
+def _project(w2: torch.Tensor, alpha: torch.Tensor, k: int, grid: str,
+             tables: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest grid point Π_Q(w/α) per element. Returns (b float32 in units of α, codes int)."""
+    u = w2 / alpha.unsqueeze(1)
+    if grid == "sym":
+        q = torch.round(torch.clamp(u * k, -k, k))
+        return q / k, (q + k)
+    mags, mids = tables  # type: ignore[misc]
+    idx = torch.bucketize(u.abs().contiguous(), mids)  # 0 -> magnitude 0, j -> 2^-(k-j)
+    neg = u < 0
+    b = torch.where(neg, -mags[idx], mags[idx])
+    code_pos = k - idx + 1
+    codes = torch.where(idx == 0, torch.zeros_like(idx), torch.where(neg, code_pos + k, code_pos))
+    return b, codes
+
+
+def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tensor, k: int, grid: str,
+                   iters: int, tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """``iters`` rounds of b ← Π_Q(w/α), α ← Σ d w b / Σ d b²; returns (α, codes) of the last round.
+
+    Each half-step minimises ‖w − α b‖²_D exactly in its variable (the nearest grid point does not
+    depend on d_i), so the objective never increases. Stops early once no row's α moves by more
+    than 1e-6 relatively.
+    """
+    codes = None
+    for _ in range(iters):
+        b, codes = _project(w2, alpha, k, grid, tables)
+        num = _wsum(w2 * b, d2)
+        den = _wsum(b * b, d2)
+        new = torch.where((den > 0) & (num > 0), num / den.clamp_min(1e-38), alpha)
+        done = bool(((new - alpha).abs() <= 1e-6 * alpha).all())
+        alpha = new
+        if done:
+            break
+    return alpha, codes
+
+
+def laq_project(w: torch.Tensor, d: torch.Tensor | None = None, bits: int = 2, scheme: str = "linear",
+                per_row: bool = False, iters: int = 10, alpha: torch.Tensor | float | None = None) -> QTensor:
+    """LAQ m-bit loss-aware weight quantization (Hou, Zhang & Kwok ICLR 2019, "Analysis of quantized models").
+
+    Approximately solves min_{α>0, b∈Q^n} Σ d (w − α b)² by alternating minimisation:
+
+        b ← Π_Q(w/α)                  (nearest grid point; for "log" nearest in the linear sense)
+        α ← Σ d w b / Σ d b²          (w b ≥ 0 after the projection, so α stays > 0)
+
+    with k = 2^(bits−1) − 1 and
+      - ``scheme="linear"``: Q = {−1, …, −1/k, 0, 1/k, …, 1}            (grid "sym"; bits=2 is ternary)
+      - ``scheme="log"``:    Q = {0, ±1, ±1/2, …, ±1/2^(k−1)}            (grid "log")
+
+    Initialisation: ``alpha`` if given (a float, or a tensor of shape () / (rows,), e.g. last step's
+    scale as LAQ warm-starts it), then one phase of at most ``iters`` rounds. Otherwise two phases:
+    the unweighted (D = I) iteration from α₀ = max|w| (per row), then the D-weighted iteration
+    warm-started from its α (each phase at most ``iters`` rounds, stopping early once α stops
+    changing). Because every half-step is an exact minimisation under D (the nearest grid point does
+    not depend on d), the result's D-objective is never worse than the plain projection's; running
+    both phases also when ``d`` is None makes d=None and d=ones give identical results. All-zero
+    rows get scale 1.0 and zero codes.
+    """
+    if scheme not in ("linear", "log"):
+        raise ConfigError(f"LAQ scheme must be 'linear' or 'log', got {scheme!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ConfigError(f"LAQ weight bits must be an integer in 2..8, got {bits!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ConfigError(f"LAQ iters must be an integer >= 1, got {iters!r}")
+    _check_inputs(w, d, per_row)
+    grid = "sym" if scheme == "linear" else "log"
+    k = grid_k(bits)
+    w2 = _rows(w, per_row)
+    d2 = _d_rows(d, w2, per_row)
+    tables = _log_tables(k, w2.device) if grid == "log" else None
+    rmax = w2.abs().amax(1)
+    nonzero = rmax > 0
+    if alpha is None:
+        a0 = torch.where(nonzero, rmax, torch.ones_like(rmax))
+        a0, _ = _laq_alternate(w2, None, a0, k, grid, iters, tables)
+    else:
+        a0 = torch.as_tensor(alpha, dtype=torch.float32, device=w2.device).reshape(-1)
+        if a0.numel() == 1:
+            a0 = a0.expand(w2.shape[0]).clone()
+        if a0.numel() != w2.shape[0] or not bool(torch.isfinite(a0).all()) or not bool((a0 > 0).all()):
+            raise ConfigError(f"initial alpha must be finite, > 0 and have 1 or {w2.shape[0]} entries, got {alpha!r}")
+        a0 = torch.where(nonzero, a0, torch.ones_like(a0))
+    a, codes = _laq_alternate(w2, d2, a0, k, grid, iters, tables)
+    return _finish(codes, a, w, per_row, bits, grid)
+
+
+# --------------------------------------------------------------------------- objective and dispatch
+
+
+def weight_objective(w: torch.Tensor, q: QTensor, d: torch.Tensor | None = None) -> torch.Tensor:
+    """‖w − ŵ‖²_D = Σ d (w − q.dequantize())² as a float32 scalar (D = I when d is None)."""
+    if q.shape != w.shape:
+        raise ConfigError(f"QTensor shape {tuple(q.shape)} does not match weight shape {tuple(w.shape)}")
+    r = (w.to(torch.float32) - q.dequantize().to(w.device)) ** 2
+    if d is not None:
+        if d.shape != w.shape:
+            raise ConfigError(f"d must have the weight's shape {tuple(w.shape)}, got {tuple(d.shape)}")
+        r = r * d.to(device=w.device, dtype=torch.float32)
+    return r.sum()
+
+
+def quantize_weight(w: torch.Tensor, scheme: str, bits: int, d: torch.Tensor | None = None,
+                    per_row: bool = False) -> QTensor:
+    """Dispatch on ``scheme``:
+
+    ======================  =====  ===================================================
+    scheme                  bits   function
+    ======================  =====  ===================================================
+    ``"binary"``            1      :func:`binarize` (D-weighted)
+    ``"twn"``               2      :func:`ternarize_twn` (``d`` is ignored: TWN is not loss-aware)
+    ``"lat"``               2      :func:`ternarize_lat` exact
+    ``"lat2"``              2      :func:`ternarize_lat` approximate (2 alternating steps)
+    ``"laq-linear"``        2..8   :func:`laq_project` scheme "linear"
+    ``"laq-log"``           2..8   :func:`laq_project` scheme "log"
+    ======================  =====  ===================================================
+    """
+    if scheme not in WEIGHT_SCHEMES:
+        raise ConfigError(f"unknown weight scheme {scheme!r}; expected one of {WEIGHT_SCHEMES}")
+    need = {"binary": (1,), "twn": (2,), "lat": (2,), "lat2": (2,)}.get(scheme, tuple(range(2, 9)))
+    if isinstance(bits, bool) or bits not in need:
+        want = f"bits={need[0]}" if len(need) == 1 else "bits in 2..8"
+        raise ConfigError(f"weight scheme {scheme!r} needs {want}, got bits={bits!r}")
+    if scheme == "binary":
+        return binarize(w, per_row=per_row, d=d)
+    if scheme == "twn":
+        return ternarize_twn(w, per_row=per_row)
+    if scheme in ("lat", "lat2"):
+        return ternarize_lat(w, d=d, per_row=per_row, exact=scheme == "lat")
+    return laq_project(w, d=d, bits=bits, scheme=scheme[4:], per_row=per_row)
