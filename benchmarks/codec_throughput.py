@@ -1,0 +1,100 @@
+"""Codec throughput against memcpy, on one core.
+
+    python benchmarks/codec_throughput.py --json benchmarks/results/codec_throughput.json
+    lowbit bench codec --json ...
+
+For each size and codec: encode (quantize + pack + frame bytes) and decode (validate + CRC + unpack
++ dequantize) throughput in GB/s of fp32 input, next to a torch.clone of the same tensor measured in
+the same run; payload bytes and the ratio to fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, print_table, write_json  # noqa: E402
+
+from lowbit.codec import Frame, StochasticGradCodec, WeightCodec  # noqa: E402
+
+
+def best_time(fn, reps: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def codecs():
+    return [
+        ("grad-2bit", 2, StochasticGradCodec(2), None),
+        ("grad-3bit", 3, StochasticGradCodec(3), None),
+        ("grad-4bit", 4, StochasticGradCodec(4), None),
+        ("grad-8bit", 8, StochasticGradCodec(8), None),
+        ("weight-ternary-laq", 2, WeightCodec("laq-linear", 2), "d"),
+        ("weight-4bit-laq", 4, WeightCodec("laq-linear", 4), "d"),
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1M,16M,64M")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=str(RESULTS / "codec_throughput.json"))
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    sizes = [int(float(s[:-1]) * 2**20) if s[-1] in "Mm" else int(s) for s in args.sizes.split(",")]
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    recs = []
+    for n in sizes:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(n, generator=gen, device=dev).reshape(-1, 1024) if n % 1024 == 0 else torch.randn(n, device=dev)
+        d = torch.rand(x.shape, generator=gen, device=dev) + 0.1
+        reps = max(1, args.reps if n <= 2**24 else args.reps - 1)
+
+        def memcpy():
+            x.clone()
+            sync()
+        t_mem = best_time(memcpy, reps)
+        raw = n * 4
+        for name, bits, codec, needs_d in codecs():
+            kw = {"d": d} if needs_d else {"generator": torch.Generator(device=dev).manual_seed(1)}
+            box = {}
+
+            def enc():
+                box["b"] = codec.encode(x, **kw).to_bytes()
+                sync()
+
+            def dec():
+                codec.decode(Frame.from_bytes(box["b"]), device=dev)
+                sync()
+            t_enc = best_time(enc, reps)
+            t_dec = best_time(dec, reps)
+            payload = len(box["b"])
+            recs.append({"codec": name, "bits": bits, "numel": n, "encode_gbps": raw / t_enc / 1e9,
+                         "decode_gbps": raw / t_dec / 1e9, "memcpy_gbps": raw / t_mem / 1e9,
+                         "encode_vs_memcpy": t_mem / t_enc, "decode_vs_memcpy": t_mem / t_dec,
+                         "payload_bytes": payload, "raw_bytes": raw, "ratio": raw / payload,
+                         "device": str(dev), "threads": args.threads})
+            print(f"  {name:20s} n={n:>9d} enc {raw / t_enc / 1e9:6.2f} GB/s  dec {raw / t_dec / 1e9:6.2f} GB/s",
+                  file=sys.stderr, flush=True)
+    print_table(recs, ["codec", "numel", "encode_gbps", "decode_gbps", "memcpy_gbps", "encode_vs_memcpy",
+                       "decode_vs_memcpy", "payload_bytes", "ratio"],
+                {"encode_gbps": "{:.2f}", "decode_gbps": "{:.2f}", "memcpy_gbps": "{:.2f}",
+                 "encode_vs_memcpy": "{:.3f}", "decode_vs_memcpy": "{:.3f}", "ratio": "{:.1f}"})
+    write_json(args.json, recs, {"command": "python benchmarks/codec_throughput.py " + " ".join(argv or sys.argv[1:])})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

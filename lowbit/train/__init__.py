@@ -1,0 +1,1 @@
+"""Training: server shards, workers, the loop."""

@@ -1,0 +1,367 @@
+"""The training loop every rank runs (SPMD), and the launcher that spawns ranks on one machine.
+
+One step, in order::
+
+    worker: forward/backward at the low-bit weights ŵ -> g -> clip, quantize, pack (frames)
+    transport.step: frames up to owners; owners average in fp32, optimizer step, LAQ-quantize,
+                    pack; weight frames down to every worker
+    worker: unpack -> ŵ for the next step
+
+Ranks are told apart by the transport: in ``ps`` mode ranks [0, S) are servers and the rest
+workers; in ``ring``/``tree`` mode every rank is both. The first worker rank (the *leader*) logs
+metrics, shows the progress bar, evaluates and writes the summary.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lowbit.errors import ConfigError
+from lowbit.train.config import Config
+from lowbit.train.plan import make_plan, plan_bytes
+from lowbit.train.server import ShardServer
+from lowbit.train.worker import Worker
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def pick_backend(cfg: Config) -> str:
+    b = cfg.transport.backend
+    if b == "auto":
+        return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if b == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("backend nccl asked for, but no CUDA device is visible")
+    return b
+
+
+def build_transport(cfg: Config, shapes: dict[int, tuple[int, ...]]):
+    """The one place a transport is built from config."""
+    t = cfg.transport
+    timeout = timedelta(seconds=t.timeout_s)
+    if t.kind == "ps":
+        from lowbit.comm.ps import ParameterServerTransport
+        return ParameterServerTransport(shapes=shapes, n_servers=t.servers, timeout=timeout)
+    if t.kind == "ring":
+        from lowbit.comm.collective import RingTransport
+        return RingTransport(shapes=shapes, timeout=timeout)
+    if t.kind == "tree":
+        from lowbit.comm.collective import TreeTransport
+        return TreeTransport(shapes=shapes, timeout=timeout)
+    raise ConfigError(f"transport {t.kind!r} is not a torch.distributed transport")
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Positions step·B .. step·B+B-1 of an endless sequence of seeded epoch permutations of n."""
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = pos // n
+    out = torch.empty_like(pos)
+    for e in epochs.unique().tolist():  # at most two epochs per batch
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 9_973 + e))
+        m = epochs == e
+        out[m] = perm[pos[m] % n]
+    return out
+
+
+class Checkpointer:
+    """``OUT/ckpt/step_N/shard_R.safetensors`` per owner and ``worker_R.safetensors`` per worker
+    (error-feedback residuals); ``OUT/ckpt/latest.json`` is written (atomically) by the leader after
+    a barrier, so it only ever names a complete checkpoint."""
+
+    def __init__(self, out: Path):
+        self.root = Path(out) / "ckpt"
+
+    def latest_step(self) -> int | None:
+        p = self.root / "latest.json"
+        if not p.exists():
+            return None
+        return int(json.loads(p.read_text())["step"])
+
+    def shard_path(self, step: int, rank: int) -> Path:
+        return self.root / f"step_{step}" / f"shard_{rank}.safetensors"
+
+    def worker_path(self, step: int, rank: int) -> Path:
+        return self.root / f"step_{step}" / f"worker_{rank}.safetensors"
+
+    def commit(self, step: int) -> None:
+        p = self.root / "latest.json"
+        tmp = p.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"step": step, "time": time.time()}))
+        os.replace(tmp, p)
+
+
+def _save_worker(worker: Worker, path: Path) -> None:
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    res = worker.ef.residuals if worker.ef else {}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in res.items()} or {"_": torch.zeros(0)}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_worker(worker: Worker, path: Path) -> None:
+    from safetensors.torch import load_file
+    if worker.ef is not None and path.exists():
+        worker.ef.residuals = {k: v for k, v in load_file(str(path)).items() if k != "_"}
+
+
+def load_data(cfg: Config, tokenizer, worker_index: int, n_workers: int, leader: bool):
+    from lowbit.train.data import encode, load_glue_tsv
+
+    r = cfg.run
+    sents, labels = load_glue_tsv(r.task, "train")
+    if r.train_subset:
+        g = torch.Generator().manual_seed(r.seed)
+        idx = torch.randperm(len(sents), generator=g)[: r.train_subset].tolist()
+        sents, labels = [sents[i] for i in idx], [labels[i] for i in idx]
+    # each worker reads its own shard
+    sents, labels = sents[worker_index::n_workers], labels[worker_index::n_workers]
+    train = encode(tokenizer, sents, labels, max_len=r.max_len)
+    dev = None
+    if leader:
+        ds, dl = load_glue_tsv(r.task, "dev")
+        if r.eval_subset:
+            ds, dl = ds[: r.eval_subset], dl[: r.eval_subset]
+        dev = encode(tokenizer, ds, dl, max_len=r.max_len)
+    return train, dev
+
+
+def _batches(data: dict[str, torch.Tensor], bs: int):
+    n = data["labels"].shape[0]
+    for i in range(0, n, bs):
+        yield {k: v[i:i + bs] for k, v in data.items()}
+
+
+def run_rank(rank: int, world_size: int, cfg: Config, init_method: str, local_rank: int = 0) -> dict | None:
+    """Everything one rank does, from process-group init to the summary."""
+    from lowbit.models.presets import load_preset
+
+    cfg.validate()
+    backend = pick_backend(cfg)
+    device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    threads = cfg.run.threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    torch.set_num_threads(threads)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=cfg.transport.timeout_s))
+    try:
+        return _train(rank, world_size, cfg, device, load_preset)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
+    r, t = cfg.run, cfg.transport
+    out = Path(r.out)
+    torch.manual_seed(r.seed)  # identical initialisation on every rank
+    model, tokenizer = load_preset(r.model, num_labels=2)
+    if r.dropout is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = r.dropout
+    plan = make_plan(model, cfg.codec)
+    shapes = {s.key: s.shape for s in plan}
+    transport = build_transport(cfg, shapes)
+    n_servers = t.servers if t.kind == "ps" else 0
+    is_worker = rank >= n_servers
+    worker_index = rank - n_servers
+    n_workers = world_size - n_servers
+    leader = rank == n_servers
+    owned = transport.owned_keys() if hasattr(transport, "owned_keys") else []
+    params = dict(enumerate(p.detach() for _, p in model.named_parameters()))
+    owner = None
+    if owned:
+        owner = ShardServer([plan[k] for k in owned], {k: params[k] for k in owned}, cfg.optim,
+                            total_steps=r.steps, device=device)
+    ck = Checkpointer(out)
+    start = 0
+    if r.resume:
+        latest = ck.latest_step()
+        if latest is not None:
+            start = latest
+            if owner is not None:
+                owner.load(ck.shard_path(latest, rank))
+    worker = None
+    if is_worker:
+        worker = Worker(model, plan, rank, seed=r.seed, error_feedback=cfg.codec.error_feedback,
+                        nonfinite=cfg.codec.nonfinite, device=device)
+        if r.resume and start:
+            _load_worker(worker, ck.worker_path(start, rank))
+        train, dev = load_data(cfg, tokenizer, worker_index, n_workers, leader)
+        n_train = train["labels"].shape[0]
+    else:
+        del model
+    weights = transport.fetch_weights(start, owner)
+    if worker is not None:
+        worker.load_weights(weights)
+
+    pb = plan_bytes(plan)
+    metrics_fh = None
+    bar = None
+    if leader:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+        metrics_fh = open(out / "metrics.jsonl", "a" if r.resume else "w")
+        if r.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=r.steps, initial=start, desc=f"{t.kind} w{cfg.codec.w_bits}/g{cfg.codec.g_bits}",
+                       unit="step", file=sys.stderr, dynamic_ncols=True)
+    stat_dev = device
+    totals = torch.zeros(4, dtype=torch.float64)  # up, down, fp32_up, fp32_down
+    t_start = time.time()
+    evals = []
+    for step in range(start, r.steps):
+        t0 = time.perf_counter()
+        before = transport.counter.snapshot()
+        frames = None
+        loss = 0.0
+        if worker is not None:
+            idx = batch_indices(n_train, r.batch_size, step, r.seed + worker_index)
+            loss = worker.forward_backward({k: v[idx] for k, v in train.items()}, step)
+            frames = worker.encode_gradients(step)
+        weights = transport.step(step, frames, owner)
+        if worker is not None:
+            worker.load_weights(weights)
+        dt = time.perf_counter() - t0
+        d = transport.counter.delta(before)
+        # control plane (not counted as payload): aggregate the step's numbers across ranks
+        stats = torch.tensor([loss if is_worker else 0.0, float(is_worker), d["up_sent"], d["down_sent"],
+                              float(worker.skipped if worker else 0), dt], dtype=torch.float64)
+        stats = stats.to(stat_dev)
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+        up, down = stats[2].item(), stats[3].item()
+        fp32_up = up * pb["fp32_frames"] / pb["grad_frames"]
+        fp32_down = down * pb["fp32_frames"] / pb["weight_frames"]
+        totals += torch.tensor([up, down, fp32_up, fp32_down], dtype=torch.float64)
+        lr = owner.lr() if owner is not None else None
+        if leader:
+            rec = {"step": step + 1, "loss": stats[0].item() / stats[1].item(), "lr": lr,
+                   "bytes_up": int(up), "bytes_down": int(down), "fp32_bytes_up": int(fp32_up),
+                   "fp32_bytes_down": int(fp32_down), "step_s": dt, "skipped_grads": int(stats[4].item())}
+            if (r.eval_every and (step + 1) % r.eval_every == 0 and step + 1 < r.steps):
+                rec.update({f"eval_{k}": v for k, v in worker.evaluate(_batches(dev, 64)).items()})
+                evals.append(rec)
+            if (step + 1) % max(1, r.log_every) == 0 or step + 1 == r.steps:
+                metrics_fh.write(json.dumps(rec) + "\n")
+                metrics_fh.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", MB=f"{(up + down) / 1e6:.2f}")
+                bar.update(1)
+        if (r.checkpoint_every and (step + 1) % r.checkpoint_every == 0) or step + 1 == r.steps:
+            _checkpoint(ck, step + 1, rank, owner, worker, leader)
+        _maybe_fault(cfg, rank, step + 1)
+    summary = None
+    if leader:
+        if bar is not None:
+            bar.close()
+        metrics_fh.close()
+        ev = worker.evaluate(_batches(dev, 64))
+        summary = {
+            "accuracy": ev["accuracy"], "eval_loss": ev["eval_loss"], "eval_n": ev["n"],
+            "steps": r.steps, "start_step": start, "transport": t.kind, "workers": n_workers,
+            "servers": n_servers, "w_bits": cfg.codec.w_bits, "g_bits": cfg.codec.g_bits,
+            "bytes_up": int(totals[0]), "bytes_down": int(totals[1]),
+            "fp32_bytes_up": int(totals[2]), "fp32_bytes_down": int(totals[3]),
+            "compression": float((totals[2] + totals[3]) / max(1.0, float(totals[0] + totals[1]))),
+            "wall_s": time.time() - t_start, "model": r.model, "task": r.task,
+            "numel": pb["numel"], "grad_frame_bytes": pb["grad_frames"], "weight_frame_bytes": pb["weight_frames"],
+            "fp32_frame_bytes": pb["fp32_frames"], "final_train_loss": None,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    transport.close()
+    return summary
+
+
+def _checkpoint(ck: Checkpointer, step: int, rank: int, owner, worker, leader: bool) -> None:
+    if owner is not None:
+        owner.save(ck.shard_path(step, rank))
+    if worker is not None and worker.ef is not None:
+        _save_worker(worker, ck.worker_path(step, rank))
+    dist.barrier()
+    if leader:
+        ck.commit(step)
+
+
+def _maybe_fault(cfg: Config, rank: int, step_done: int) -> None:
+    """Fault injection for reliability tests: ``kill-rank:R@S`` ends rank R abruptly after step S."""
+    spec = cfg.run.fault
+    if not spec:
+        return
+    kind, _, where = spec.partition(":")
+    who, _, at = where.partition("@")
+    if kind in ("kill-rank", "kill-worker", "kill-server") and int(who) == rank and int(at) == step_done:
+        os._exit(17)
+
+
+def _spawn_entry(rank: int, world_size: int, cfg: Config, init_method: str, q) -> None:
+    try:
+        res = run_rank(rank, world_size, cfg, init_method)
+        q.put((rank, "ok", res))
+    except BaseException as e:  # report to the launcher instead of dying silently
+        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        raise
+
+
+def launch_local(cfg: Config) -> dict:
+    """Spawn every rank on this machine (gloo over 127.0.0.1 unless configured otherwise) and
+    return the leader's summary. Config errors surface here, before any process starts."""
+    cfg.validate()
+    if cfg.transport.kind == "ray":
+        from lowbit.train.ray_launch import run_ray
+        return run_ray(cfg)
+    import torch.multiprocessing as mp
+
+    world = cfg.transport.world_size
+    port = cfg.transport.port or free_port(cfg.transport.addr)
+    init = f"tcp://{cfg.transport.addr}:{port}"
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_spawn_entry, args=(r, world, cfg, init, q), daemon=False)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + cfg.transport.timeout_s * 4 + 600
+    results, errors = {}, []
+    while len(results) + len(errors) < world:
+        if not q.empty():
+            rank, status, payload = q.get()
+            (results.__setitem__(rank, payload) if status == "ok" else errors.append((rank, payload)))
+            if errors:
+                break
+            continue
+        if any(p.exitcode not in (None, 0) for p in procs) and q.empty():
+            time.sleep(0.5)
+            if q.empty():
+                dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                errors.append((dead[0][0], f"rank {dead[0][0]} exited with code {dead[0][1]}"))
+                break
+        if time.time() > deadline:
+            errors.append((-1, "timed out waiting for ranks"))
+            break
+        time.sleep(0.05)
+    if errors:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(5)
+        rank, msg = errors[0]
+        raise RuntimeError(f"training failed on rank {rank}: {msg}")
+    for p in procs:
+        p.join(60)
+    leader = cfg.transport.servers if cfg.transport.kind == "ps" else 0
+    return results[leader]

@@ -1,0 +1,156 @@
+"""The owner of a shard: fp32 weights, optimizer state, and loss-aware weight quantization.
+
+After each averaged gradient arrives (``apply``) the shard takes an optimizer step in full
+precision and re-quantizes its weights. With Adam the quantization is loss-aware (LAQ, Hou, Zhang &
+Kwok, ICLR 2019): ŵ = argmin ||w − α·b||²_D with D = diag(√v̂) + ε, v̂ = Adam's bias-corrected second
+moment of this very shard. With SGD, D = I. The quantized weights are kept as encoded frames, ready
+to be sent to every worker.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowbit.codec.codecs import WeightCodec
+from lowbit.errors import ConfigError
+from lowbit.train.config import OptimConfig
+from lowbit.train.plan import ParamSpec
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up to the peak learning rate, then linear decay to zero at ``total`` steps."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+class ShardServer:
+    """Implements :class:`lowbit.comm.transport.Owner` for the keys in ``specs``."""
+
+    def __init__(self, specs: list[ParamSpec], init: dict[int, torch.Tensor], optim: OptimConfig,
+                 total_steps: int, device: torch.device | str = "cpu"):
+        self.specs = {s.key: s for s in specs}
+        self.device = torch.device(device)
+        self.params = {k: torch.nn.Parameter(init[k].detach().to(self.device, torch.float32).clone())
+                       for k in self.specs}
+        self.cfg = optim
+        plist = [self.params[k] for k in sorted(self.params)]
+        if not plist:
+            self.opt = None
+        elif optim.name == "adam":
+            cls = torch.optim.AdamW if optim.weight_decay else torch.optim.Adam
+            self.opt = cls(plist, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                           weight_decay=optim.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(plist, lr=optim.lr, momentum=optim.momentum,
+                                       weight_decay=optim.weight_decay)
+        self.sched = (torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(optim.warmup_steps, total_steps))
+                      if self.opt else None)
+        self.step_done = 0  # number of optimizer steps applied
+        self.frames: dict[int, bytes] = {}
+        self._quantize_all()
+
+    # -- Owner protocol ---------------------------------------------------------------------------
+    def owned_keys(self):
+        return sorted(self.params)
+
+    def apply(self, step: int, grads: dict[int, torch.Tensor], counts: dict[int, int]) -> None:
+        if self.opt is None:
+            return
+        for k, p in self.params.items():
+            g = grads.get(k)
+            p.grad = None if g is None else g.to(self.device, torch.float32).reshape(p.shape)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.step_done = step + 1
+        self._quantize_all()
+
+    def weight_frames(self, step: int) -> dict[int, bytes]:
+        return self.frames
+
+    # -- quantization -----------------------------------------------------------------------------
+    def curvature(self, key: int) -> torch.Tensor | None:
+        """D = √v̂ + ε from Adam's second moment (None before the first step, or with SGD)."""
+        if self.opt is None or self.cfg.name != "adam":
+            return None
+        st = self.opt.state.get(self.params[key])
+        if not st or "exp_avg_sq" not in st:
+            return None
+        t = float(st["step"])
+        v_hat = st["exp_avg_sq"] / (1.0 - self.cfg.betas[1] ** t)
+        return v_hat.sqrt().add_(self.cfg.laq_eps)
+
+    def _quantize_all(self) -> None:
+        for k, p in self.params.items():
+            codec = self.specs[k].w_codec
+            if isinstance(codec, WeightCodec):
+                f = codec.encode(p.data, key=k, step=self.step_done, d=self.curvature(k))
+            else:
+                f = codec.encode(p.data, key=k, step=self.step_done)
+            self.frames[k] = f.to_bytes()
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0] if self.sched else 0.0
+
+    # -- checkpoint -------------------------------------------------------------------------------
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict = {"step_done": self.step_done, "opt_scalars": {}}
+        for k, p in self.params.items():
+            tensors[f"w.{k}"] = p.data.detach().cpu().contiguous()
+            st = self.opt.state.get(p, {}) if self.opt else {}
+            for name, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    tensors[f"opt.{k}.{name}"] = v.detach().cpu().contiguous()
+                else:
+                    meta["opt_scalars"][f"{k}.{name}"] = float(v)
+        if self.sched:
+            meta["sched_last_epoch"] = self.sched.last_epoch
+        return tensors, meta
+
+    def save(self, path: Path) -> None:
+        """Atomic: write to a temp file in the same directory, fsync, then rename."""
+        tensors, meta = self.state_tensors()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"lowbit": json.dumps(meta)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads(fh.metadata()["lowbit"])
+        tensors = load_file(str(path))
+        for k, p in self.params.items():
+            if f"w.{k}" not in tensors:
+                raise ConfigError(f"checkpoint {path} lacks weights for key {k} ({self.specs[k].name})")
+            p.data.copy_(tensors[f"w.{k}"])
+            if self.opt is not None:
+                st = {}
+                for name in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                    if f"opt.{k}.{name}" in tensors:
+                        st[name] = tensors[f"opt.{k}.{name}"].to(self.device)
+                s = meta["opt_scalars"].get(f"{k}.step")
+                if s is not None:
+                    st["step"] = torch.tensor(s)
+                if st:
+                    self.opt.state[p] = st
+        self.step_done = int(meta["step_done"])
+        if self.sched:
+            self.sched.last_epoch = int(meta.get("sched_last_epoch", self.step_done))
+            for g, lr in zip(self.opt.param_groups, [self.cfg.lr * self.sched.lr_lambdas[0](self.sched.last_epoch)]):
+                g["lr"] = lr
+        self._quantize_all()

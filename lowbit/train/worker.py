@@ -1,0 +1,87 @@
+"""A worker: low-bit weights in, a quantized gradient out.
+
+The worker holds only the weights it received (dequantized for compute, never the fp32 master
+weights nor any optimizer state), runs forward/backward at those quantized weights, and encodes
+each gradient with its parameter's gradient codec (clipped stochastic m-bit by default, optional
+error feedback)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.codec.codecs import RawCodec
+from lowbit.quant.grads import ErrorFeedback, check_finite
+from lowbit.train.plan import ParamSpec
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for stochastic rounding of (rank, step): a pure function of its arguments, so a
+    resumed run draws exactly what the uninterrupted one drew."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1))
+    return g
+
+
+class Worker:
+    def __init__(self, model: nn.Module, plan: list[ParamSpec], rank: int, seed: int = 0,
+                 error_feedback: bool = False, nonfinite: str = "error", device: torch.device | str = "cpu"):
+        self.model = model.to(device)
+        self.plan = plan
+        self.rank = rank
+        self.seed = seed
+        self.device = torch.device(device)
+        self.params = [p for _, p in model.named_parameters()]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.ef = ErrorFeedback() if error_feedback else None
+        self.nonfinite = nonfinite
+        self.skipped = 0  # gradients dropped by the 'skip' non-finite policy
+
+    def load_weights(self, weights: dict[int, torch.Tensor]) -> None:
+        """Overwrite the model's parameters with the dequantized low-bit weights received."""
+        with torch.no_grad():
+            for k, w in weights.items():
+                self.params[k].copy_(w.reshape(self.params[k].shape))
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], step: int) -> float:
+        self.model.train()
+        torch.manual_seed((self.seed * 31 + self.rank * 1_000_033 + step) % (2**63 - 1))  # dropout
+        self.model.zero_grad(set_to_none=True)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        out = self.model(**batch)
+        out.loss.backward()
+        return float(out.loss.detach())
+
+    def encode_gradients(self, step: int) -> dict[int, bytes]:
+        """Clip, quantize and pack every gradient: key -> frame bytes. A gradient that the
+        non-finite policy skips is left out (its owner averages over those that came)."""
+        gen = step_generator(self.seed, self.rank, step, self.device)
+        frames: dict[int, bytes] = {}
+        for spec, p in zip(self.plan, self.params):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            g = check_finite(g, name=f"{spec.name} (step {step})", policy=self.nonfinite)
+            if g is None:
+                self.skipped += 1
+                continue
+            codec = spec.g_codec
+            if self.ef is not None and not isinstance(codec, RawCodec):
+                gc = self.ef.compensate(spec.name, g)
+                f = codec.encode(gc, key=spec.key, step=step, generator=gen)
+                self.ef.update(spec.name, gc, codec.decode(f))
+            else:
+                f = codec.encode(g, key=spec.key, step=step, generator=gen)
+            frames[spec.key] = f.to_bytes()
+        return frames
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict[str, float]:
+        self.model.eval()
+        correct = total = 0
+        loss = 0.0
+        for b in batches:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            out = self.model(**b)
+            loss += float(out.loss) * b["labels"].numel()
+            correct += int((out.logits.argmax(-1) == b["labels"]).sum())
+            total += b["labels"].numel()
+        return {"accuracy": correct / max(1, total), "eval_loss": loss / max(1, total), "n": total}

@@ -1,0 +1,49 @@
+import pytest
+
+from lowbit.cli import config_from_args, main
+from lowbit.errors import ConfigError
+from lowbit.train.config import Config
+from lowbit.train.loop import launch_local
+
+
+@pytest.mark.parametrize("section,values,match", [
+    ("transport", {"kind": "carrier-pigeon"}, "unknown transport 'carrier-pigeon'"),
+    ("codec", {"w_bits": 9}, "w_bits must be one of"),
+    ("codec", {"g_bits": 1}, "g_bits must be one of"),
+    ("codec", {"g_bits": 0}, "g_bits must be one of"),
+    ("codec", {"clip": 0.0}, "clip must be > 0"),
+    ("codec", {"w_scheme": "twn", "w_bits": 4}, "ternary"),
+    ("transport", {"kind": "tree", "workers": 3}, "power-of-two"),
+    ("transport", {"kind": "ps", "servers": 0}, "servers must be >= 1"),
+    ("optim", {"name": "lion"}, "optimizer must be adam|sgd"),
+    ("run", {"steps": 0}, "steps must be >= 1"),
+])
+def test_bad_config_is_rejected_before_launch(section, values, match):
+    cfg = Config().override(section, values)
+    with pytest.raises(ConfigError, match=match):
+        launch_local(cfg)  # validation happens before any process starts
+
+
+def test_unknown_option_and_section():
+    with pytest.raises(ConfigError, match="unknown option codec.wbits"):
+        Config().override("codec", {"wbits": 2})
+    with pytest.raises(ConfigError, match="unknown config section"):
+        Config.from_dict({"network": {}})
+
+
+def test_yaml_and_cli_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("codec:\n  w_bits: 4\n  g_bits: 8\ntransport:\n  kind: ps\n  servers: 2\n")
+    import argparse
+
+    from lowbit.cli import add_train_args
+    ap = argparse.ArgumentParser()
+    add_train_args(ap)
+    cfg = config_from_args(ap.parse_args(["--config", str(p), "--g-bits", "3", "--error-feedback"]))
+    assert (cfg.codec.w_bits, cfg.codec.g_bits, cfg.transport.kind, cfg.transport.servers) == (4, 3, "ps", 2)
+    assert cfg.codec.error_feedback is True
+
+
+def test_cli_rejects_bad_bits_with_message(capsys):
+    with pytest.raises(ConfigError, match="g_bits"):
+        main(["train", "--g-bits", "9", "--steps", "1"])
