@@ -47,19 +47,19 @@ def pick_backend(cfg: Config) -> str:
     return b
 
 
-def build_transport(cfg: Config, shapes: dict[int, tuple[int, ...]]):
+def build_transport(cfg: Config, shapes: dict[int, tuple[int, ...]], device: torch.device):
     """The one place a transport is built from config."""
     t = cfg.transport
-    timeout = timedelta(seconds=t.timeout_s)
+    kw = {"timeout": t.timeout_s, "device": device}
     if t.kind == "ps":
         from lowbit.comm.ps import ParameterServerTransport
-        return ParameterServerTransport(shapes=shapes, n_servers=t.servers, timeout=timeout)
+        return ParameterServerTransport(shapes=shapes, n_servers=t.servers, **kw)
     if t.kind == "ring":
         from lowbit.comm.collective import RingTransport
-        return RingTransport(shapes=shapes, timeout=timeout)
+        return RingTransport(shapes=shapes, **kw)
     if t.kind == "tree":
         from lowbit.comm.collective import TreeTransport
-        return TreeTransport(shapes=shapes, timeout=timeout)
+        return TreeTransport(shapes=shapes, **kw)
     raise ConfigError(f"transport {t.kind!r} is not a torch.distributed transport")
 
 
@@ -174,13 +174,13 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
                 m.p = r.dropout
     plan = make_plan(model, cfg.codec)
     shapes = {s.key: s.shape for s in plan}
-    transport = build_transport(cfg, shapes)
+    transport = build_transport(cfg, shapes, device)
     n_servers = t.servers if t.kind == "ps" else 0
     is_worker = rank >= n_servers
     worker_index = rank - n_servers
     n_workers = world_size - n_servers
     leader = rank == n_servers
-    owned = transport.owned_keys() if hasattr(transport, "owned_keys") else []
+    owned = transport.owned_keys() if (not is_worker or t.kind != "ps") else []
     params = dict(enumerate(p.detach() for _, p in model.named_parameters()))
     owner = None
     if owned:

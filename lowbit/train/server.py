@@ -55,7 +55,7 @@ class ShardServer:
         self.sched = (torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(optim.warmup_steps, total_steps))
                       if self.opt else None)
         self.step_done = 0  # number of optimizer steps applied
-        self.frames: dict[int, bytes] = {}
+        self.frames: dict = {}  # key -> Frame of the current quantized weights
         self._quantize_all()
 
     # -- Owner protocol ---------------------------------------------------------------------------
@@ -75,7 +75,13 @@ class ShardServer:
         self._quantize_all()
 
     def weight_frames(self, step: int) -> dict[int, bytes]:
-        return self.frames
+        """The current quantized weights, serialized for the exchange of step ``step`` (the frame
+        header carries that step so receivers can check they got this step's weights)."""
+        out = {}
+        for k, f in self.frames.items():
+            f.step = step
+            out[k] = f.to_bytes()
+        return out
 
     # -- quantization -----------------------------------------------------------------------------
     def curvature(self, key: int) -> torch.Tensor | None:
@@ -96,7 +102,7 @@ class ShardServer:
                 f = codec.encode(p.data, key=k, step=self.step_done, d=self.curvature(k))
             else:
                 f = codec.encode(p.data, key=k, step=self.step_done)
-            self.frames[k] = f.to_bytes()
+            self.frames[k] = f
 
     def lr(self) -> float:
         return self.sched.get_last_lr()[0] if self.sched else 0.0
