@@ -1,0 +1,219 @@
+"""Bundles of frames between ranks with torch.distributed point-to-point ops.
+
+A *bundle* is frames back to back (:func:`lowbit.codec.frame.join_frames`); it may be empty. One
+bundle travels as one logical message of two point-to-point sends::
+
+    int64 length L (8 bytes)   then   uint8[L] bundle bytes   (the second send is skipped when L = 0)
+
+so the bytes a message costs on the wire, and what :class:`~lowbit.comm.transport.ByteCounter`
+records for it on both ends, are exactly::
+
+    message_bytes(bundle) = LEN_PREFIX + len(bundle) = 8 + Σ frame sizes
+
+(``ByteCounter.messages`` counts logical messages, one per bundle sent.)
+
+:meth:`P2P.exchange` posts every send and receive of a round at once (``dist.batch_isend_irecv``),
+so a rank talks to several peers concurrently, and waits on each with a timeout: a peer that does
+not answer gives a :class:`TransportError` naming the peer, the step and what was awaited, never a
+hang. Tensors live on the process group's device: CPU for gloo, the current CUDA device for NCCL.
+
+:func:`parse_bundle` validates what came: every frame's header and CRC (:meth:`Frame.from_bytes`),
+its kind, step, key (known and allowed from that peer) and shape (from the key -> shape map the
+transport was built with). A bad peer yields a :class:`FrameError` on the receiving rank that
+names the peer and the step. The announced length is bounded before anything is allocated.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from lowbit.codec.frame import CRC_SIZE, HEADER_SIZE, Frame
+from lowbit.comm.transport import ByteCounter
+from lowbit.errors import FrameError, TransportError
+
+LEN_PREFIX = 8  # bytes of the int64 length sent before every bundle
+
+def message_bytes(bundle_len: int) -> int:
+    """Wire bytes of one bundle message: the 8-byte length prefix plus the bundle."""
+    return LEN_PREFIX + int(bundle_len)
+
+
+def max_frame_nbytes(shape: tuple[int, ...]) -> int:
+    """The largest frame any codec can make for ``shape``: raw fp32 payload (4 B/element) plus one
+    scale per row (no real frame has both, so this is a strict upper bound)."""
+    shape = tuple(shape)
+    rows = shape[0] if shape else 1
+    return HEADER_SIZE + 4 * len(shape) + 4 * max(rows, 1) + 4 * math.prod(shape) + CRC_SIZE
+
+
+def group_device(group=None) -> torch.device:
+    """Where point-to-point tensors must live for ``group``'s backend."""
+    backend = dist.get_backend(group)
+    if str(backend).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _as_uint8(bundle, device: torch.device) -> torch.Tensor:
+    if isinstance(bundle, torch.Tensor):
+        return bundle.to(device)
+    with warnings.catch_warnings():  # bytes are read-only; the send only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.frombuffer(bundle, dtype=torch.uint8)
+    return t if device.type == "cpu" else t.to(device)
+
+
+def _to_memoryview(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().cpu().numpy()).cast("B")
+
+
+@dataclass
+class P2P:
+    """Point-to-point bundle exchange within ``group`` (group ranks, translated to global ranks for
+    the calls), counting bytes into ``counter``."""
+
+    group: object = None
+    counter: ByteCounter | None = None
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.group is None:
+            self.group = dist.group.WORLD
+        if self.counter is None:
+            self.counter = ByteCounter()
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.device = group_device(self.group)
+
+    def _global(self, r: int) -> int:
+        if self.group is dist.group.WORLD or self.group is None:
+            return r
+        return dist.get_global_rank(self.group, r)
+
+    def _wait(self, works, what: list[tuple[str, int]], step: int) -> None:
+        td = timedelta(seconds=self.timeout)
+        for w, (verb, peer) in zip(works, what):
+            try:
+                ok = w.wait(timeout=td)
+            except Exception as e:  # gloo raises RuntimeError on timeout or a closed connection
+                raise TransportError(f"rank {self.rank}: {verb} peer {peer} at step {step} failed or timed out "
+                                     f"after {self.timeout:g}s: {str(e).splitlines()[0][:300]}") from e
+            if ok is False:
+                raise TransportError(f"rank {self.rank}: {verb} peer {peer} at step {step} did not complete "
+                                     f"within {self.timeout:g}s")
+
+    def _post(self, ops: list[dist.P2POp]):
+        if not ops:
+            return []
+        return dist.batch_isend_irecv(ops)
+
+    def exchange(self, step: int, sends: Mapping[int, object], recv_from: Iterable[int], *,
+                 direction: str, max_recv: Mapping[int, int] | int | None = None) -> dict[int, memoryview]:
+        """One round: send ``sends[peer]`` (a bundle) to each peer and receive one bundle from each
+        peer in ``recv_from``, all concurrently. ``direction`` ('up' or 'down') picks the counters.
+        ``max_recv`` bounds the length a peer may announce (per peer or for all); a larger one is a
+        :class:`FrameError`. Returns peer -> received bundle (a read-only memoryview)."""
+        if direction not in ("up", "down"):
+            raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+        recv_from = list(recv_from)
+        for p in list(sends) + recv_from:
+            if not 0 <= p < self.world_size or p == self.rank:
+                raise TransportError(f"rank {self.rank}: invalid peer {p} (world size {self.world_size})")
+        dev = self.device
+        # Round 1: lengths.
+        send_lens = {p: torch.tensor([len(memoryview(b).cast("B")) if not isinstance(b, torch.Tensor)
+                                      else b.numel()], dtype=torch.int64, device=dev)
+                     for p, b in sends.items()}
+        recv_lens = {p: torch.empty(1, dtype=torch.int64, device=dev) for p in recv_from}
+        ops = [dist.P2POp(dist.isend, t, self._global(p), self.group, tag=0) for p, t in send_lens.items()]
+        ops += [dist.P2POp(dist.irecv, t, self._global(p), self.group, tag=0) for p, t in recv_lens.items()]
+        what = [("sending the length to", p) for p in send_lens] + [("awaiting the length from", p)
+                                                                    for p in recv_lens]
+        self._wait(self._post(ops), what, step)
+        lens = {p: int(t.item()) for p, t in recv_lens.items()}
+        for p, n in lens.items():
+            bound = max_recv.get(p) if isinstance(max_recv, Mapping) else max_recv
+            if n < 0 or (bound is not None and n > bound):
+                raise FrameError(f"rank {self.rank}: peer {p} announced a bundle of {n} bytes at step {step}; "
+                                 f"at most {bound} bytes are possible for the frames it may send")
+        # Round 2: payloads (nothing is sent for an empty bundle).
+        send_bufs = {p: _as_uint8(b, dev) for p, b in sends.items() if int(send_lens[p].item()) > 0}
+        recv_bufs = {p: torch.empty(n, dtype=torch.uint8, device=dev) for p, n in lens.items() if n > 0}
+        ops = [dist.P2POp(dist.isend, t, self._global(p), self.group, tag=1) for p, t in send_bufs.items()]
+        ops += [dist.P2POp(dist.irecv, t, self._global(p), self.group, tag=1) for p, t in recv_bufs.items()]
+        what = [("sending the bundle to", p) for p in send_bufs] + [("awaiting the bundle from", p)
+                                                                    for p in recv_bufs]
+        self._wait(self._post(ops), what, step)
+        c = self.counter
+        sent = sum(message_bytes(int(t.item())) for t in send_lens.values())
+        got = sum(message_bytes(n) for n in lens.values())
+        if direction == "up":
+            c.up_sent += sent
+            c.up_recv += got
+        else:
+            c.down_sent += sent
+            c.down_recv += got
+        c.messages += len(sends)
+        return {p: (_to_memoryview(recv_bufs[p]) if p in recv_bufs else memoryview(b"")) for p in recv_from}
+
+
+@dataclass
+class ParsedFrame:
+    """A validated frame and the exact bytes it came in (for forwarding unchanged)."""
+
+    frame: Frame
+    raw: memoryview
+
+
+def parse_bundle(buf, *, peer: int, step: int, kind: str, shapes: Mapping[int, tuple],
+                 allowed_keys: Iterable[int] | None = None, required_keys: Iterable[int] | None = None,
+                 max_per_key: int = 1, rank: int | None = None) -> list[ParsedFrame]:
+    """Split and validate a received bundle. Every frame must be of ``kind``, carry ``step``, a key
+    in ``allowed_keys`` (default: any key of ``shapes``) with the shape ``shapes[key]``; a key may
+    occur at most ``max_per_key`` times, and each of ``required_keys`` at least once.
+    Raises :class:`FrameError` naming the peer and the step."""
+    where = f"{'rank %d: ' % rank if rank is not None else ''}bundle from peer {peer} at step {step}"
+    allowed = set(shapes) if allowed_keys is None else set(allowed_keys)
+    mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
+    out: list[ParsedFrame] = []
+    seen: dict[int, int] = {}
+    off = 0
+    while off < len(mv):
+        try:
+            f = Frame.from_bytes(mv, off, expect_kind=kind)
+        except FrameError as e:
+            raise FrameError(f"{where}, frame #{len(out)} at byte {off}: {e}") from e
+        if f.key not in allowed:
+            raise FrameError(f"{where}: frame for key {f.key}, which this peer may not send here "
+                             f"(expected keys {sorted(allowed)[:16]}{'...' if len(allowed) > 16 else ''})")
+        if tuple(f.shape) != tuple(shapes[f.key]):
+            raise FrameError(f"{where}: frame for key {f.key} has shape {tuple(f.shape)}, "
+                             f"expected {tuple(shapes[f.key])}")
+        if f.step != step:
+            raise FrameError(f"{where}: frame for key {f.key} carries step {f.step}, expected {step}")
+        seen[f.key] = seen.get(f.key, 0) + 1
+        if seen[f.key] > max_per_key:
+            raise FrameError(f"{where}: key {f.key} occurs {seen[f.key]} times, at most {max_per_key} allowed")
+        out.append(ParsedFrame(f, mv[off:off + f.nbytes]))
+        off += f.nbytes
+    if required_keys is not None:
+        missing = sorted(set(required_keys) - set(seen))
+        if missing:
+            raise FrameError(f"{where}: missing frames for keys {missing[:16]}{'...' if len(missing) > 16 else ''}")
+    return out
+
+
+def bundle_bound(shapes: Mapping[int, tuple], keys: Iterable[int], copies: int = 1) -> int:
+    """Upper bound of the bundle a peer may send carrying ``copies`` frames of each of ``keys``."""
+    return copies * sum(max_frame_nbytes(shapes[k]) for k in keys)
+
+
+def join(parts: Iterable) -> bytes:
+    """Concatenate frames / bundles (bytes or memoryviews) into one bundle."""
+    return b"".join(parts)

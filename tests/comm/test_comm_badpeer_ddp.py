@@ -1,0 +1,211 @@
+"""Bad peers give a clear FrameError / TransportError on the receiving rank (never a hang); the DDP
+comm hook trains like plain DDP; partition balances by size."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings, strategies as st
+
+from comm_harness import run_ranks
+from lowbit.codec.codecs import RawCodec
+from lowbit.codec.frame import frame_nbytes
+from lowbit.comm.transport import partition
+
+SHAPES = {0: (4, 3), 1: (5,)}
+
+
+class _Owner:
+    def __init__(self, keys):
+        self.w = {k: torch.zeros(SHAPES[k]) for k in keys}
+
+    def owned_keys(self):
+        return list(self.w)
+
+    def apply(self, step, grads, counts):
+        for k, g in grads.items():
+            self.w[k] -= g
+
+    def weight_frames(self, step):
+        return {k: RawCodec(torch.float32, "weight").encode(w, key=k, step=step).to_bytes() for k, w in self.w.items()}
+
+
+def _good(k, step, kind="grad"):
+    return RawCodec(torch.float32, kind).encode(torch.ones(SHAPES[k]), key=k, step=step).to_bytes()
+
+
+def _bad_bundles(step):
+    """name -> bundle a bad worker sends for step ``step`` (both keys belong to server 0)."""
+    wrong_shape = RawCodec().encode(torch.ones(3, 4), key=0, step=step).to_bytes()
+    v2 = bytearray(_good(0, step))
+    v2[4] = 2  # version byte
+    corrupt = bytearray(_good(0, step))
+    corrupt[-6] ^= 0x55  # payload byte, CRC no longer matches
+    return {
+        "shape": wrong_shape + _good(1, step),
+        "version": bytes(v2) + _good(1, step),
+        "corrupt": bytes(corrupt) + _good(1, step),
+        "step": _good(0, step + 5) + _good(1, step),
+        "kind": _good(0, step, "weight") + _good(1, step),
+        "truncated": (_good(0, step) + _good(1, step))[:-3],
+        "unknown_key": _good(0, step) + RawCodec().encode(torch.ones(5), key=9, step=step).to_bytes(),
+    }
+
+
+def _badpeer_body(rank, world):
+    from lowbit.comm.ps import ParameterServerTransport
+    from lowbit.errors import FrameError, TransportError
+    t = ParameterServerTransport(SHAPES, 1, timeout=20)
+    out = {}
+    names = list(_bad_bundles(0))
+    owner = _Owner(t.owned_keys()) if rank == 0 else None
+    for i, name in enumerate(names):
+        step = 10 + i
+        if rank == 1:  # the bad worker: push a crafted bundle with the transport's own protocol
+            t.p2p.exchange(step, {0: _bad_bundles(step)[name]}, [], direction="up")
+        else:
+            try:
+                t.step(step, None, owner)
+                out[name] = "no error"
+            except FrameError as e:
+                out[name] = str(e)
+        dist.barrier()
+    # A length nobody could fill: rejected before any allocation.
+    if rank == 1:
+        dist.send(torch.tensor([1 << 50], dtype=torch.int64), 0, tag=0)
+    else:
+        try:
+            t.step(50, None, owner)
+            out["huge"] = "no error"
+        except FrameError as e:
+            out["huge"] = str(e)
+    dist.barrier()
+    # Down-link: a server that leaves out a key -> FrameError on the worker.
+    if rank == 0:
+        t.p2p.exchange(51, {1: _good(0, 51, "weight")}, [], direction="down")
+    else:
+        try:
+            t.fetch_weights(51, None)
+            out["missing"] = "no error"
+        except FrameError as e:
+            out["missing"] = str(e)
+    dist.barrier()
+    # A good round still works after all that.
+    if rank == 0:
+        t.step(52, None, owner)
+    else:
+        got = t.step(52, {k: _good(k, 52) for k in SHAPES}, None)
+        out["good"] = all(torch.equal(got[k], -torch.ones(SHAPES[k])) for k in SHAPES)
+    dist.barrier()
+    return out
+
+
+def _silent_server(rank, world):
+    """A silent server: the worker times out with TransportError naming peer and step (no hang)."""
+    from lowbit.comm.ps import ParameterServerTransport
+    from lowbit.errors import TransportError
+    out = {}
+    if rank == 1:
+        t2 = ParameterServerTransport(SHAPES, 1, timeout=1.5)
+        try:
+            t2.fetch_weights(60, None)
+            out["silent"] = "no error"
+        except TransportError as e:
+            out["silent"] = str(e)
+    return out
+
+
+def _two_rank_body(rank, world, steps):
+    out = {"bad": _badpeer_body(rank, world), "ddp": _ddp_body(rank, world, steps)}
+    dist.barrier()
+    out["bad"].update(_silent_server(rank, world))  # last: it leaves a timed-out receive behind
+    return out
+
+
+DDP_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """One 2-rank gloo group for the bad-peer and DDP checks (one spawn saves ~10 s)."""
+    return run_ranks(_two_rank_body, 2, DDP_STEPS, timeout=110)
+
+
+@pytest.mark.timeout(120)
+def test_bad_peer_gives_clear_errors_on_the_receiving_rank(two_ranks):
+    srv, wrk = two_ranks[0]["bad"], two_ranks[1]["bad"]
+    expect = {"shape": "has shape (3, 4), expected (4, 3)", "version": "unsupported frame version 2",
+              "corrupt": "CRC32 mismatch", "step": "carries step 18, expected 13",
+              "kind": "expected a grad frame, got weight", "truncated": "truncated frame",
+              "unknown_key": "key 9", "huge": "announced a bundle of 1125899906842624 bytes"}
+    for name, text in expect.items():
+        assert text in srv[name], (name, srv[name])
+        assert "peer 1" in srv[name], (name, srv[name])
+    assert "missing frames for keys [1]" in wrk["missing"] and "peer 0" in wrk["missing"]
+    assert wrk["good"] is True
+    assert "peer 0" in wrk["silent"] and "step 60" in wrk["silent"], wrk["silent"]
+
+
+def _ddp_body(rank, world, steps):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lowbit.comm.hooks import LowbitHookState, lowbit_hook
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(32, 8, generator=g)
+    y = x[:, :1] * 0.5 - x[:, 1:2] + 0.1 * torch.randn(32, 1, generator=g)
+    models, losses = {}, {}
+    state = LowbitHookState(bits=8, clip=None, error_feedback=True, seed=0)
+    for name in ("plain", "lowbit"):
+        m = copy.deepcopy(base)
+        ddp = DDP(m)
+        if name == "lowbit":
+            ddp.register_comm_hook(state, lowbit_hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        losses[name] = []
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(ddp(x), y)
+            loss.backward()
+            opt.step()
+            losses[name].append(float(loss.detach()))
+        models[name] = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    n = sum(p.numel() for p in base.parameters())
+    return {"diff": float((models["plain"] - models["lowbit"]).abs().max()),
+            "moved": float((models["plain"] - torch.cat([p.detach().reshape(-1) for p in base.parameters()])).abs().max()),
+            "losses": losses, "up_sent": state.counter.up_sent, "up_recv": state.counter.up_recv,
+            "frame": frame_nbytes("sym", 8, (n,), 1), "iters": state.iteration,
+            "lowbit_params": models["lowbit"].tolist()}
+
+
+@pytest.mark.timeout(120)
+def test_ddp_hook_at_8_bits_tracks_plain_ddp(two_ranks):
+    steps = DDP_STEPS
+    res = {rank: out["ddp"] for rank, out in two_ranks.items()}
+    for rank, r in res.items():
+        lb, pl = r["losses"]["lowbit"], r["losses"]["plain"]
+        assert lb[-1] < lb[0] * 0.9, lb
+        assert r["diff"] < 0.05 * max(r["moved"], 1e-3) + 1e-3, r  # close to plain DDP relative to the distance moved
+        assert abs(lb[-1] - pl[-1]) < 0.05 * pl[0], (lb, pl)
+        assert r["iters"] == steps
+        # one bucket per step for this tiny model: sent F, received (p-1)F per step
+        assert r["up_sent"] == steps * r["frame"] and r["up_recv"] == steps * r["frame"], r
+    # both ranks end with identical lowbit models (same averaged gradient everywhere)
+    assert res[0]["lowbit_params"] == res[1]["lowbit_params"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.integers(0, 500), st.integers(1, 10_000), min_size=1, max_size=40),
+       st.integers(1, 8))
+def test_partition_balances_by_size(sizes, n):
+    own = partition(sizes, n)
+    assert set(own) == set(sizes) and all(0 <= o < n for o in own.values())
+    loads = [sum(s for k, s in sizes.items() if own[k] == o) for o in range(n)]
+    # LPT: every owner's load is within the largest item of the least loaded owner
+    assert max(loads) - min(loads) <= max(sizes.values())
+    assert partition(dict(reversed(list(sizes.items()))), n) == own  # deterministic, order-free
+    if len(sizes) >= n:
+        assert min(loads) > 0

@@ -1,0 +1,217 @@
+"""PS, ring and tree transports on real gloo groups: fp32 equivalence with dist.all_reduce, 3-bit
+error bounds, dropped contributions, byte counts against the formulas."""
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from comm_harness import run_ranks
+from lowbit.codec.codecs import RawCodec, StochasticGradCodec, WeightCodec
+from lowbit.codec.frame import Frame
+from lowbit.comm.collective import RingTransport, TreeTransport
+from lowbit.comm.ps import ParameterServerTransport, expected_bytes as ps_expected_bytes
+from lowbit.errors import ConfigError, FrameError, TransportError
+from lowbit.quant.grads import clip_sigma
+
+SHAPES = {0: (6, 5), 1: (7,), 2: (3, 4), 3: (10,), 4: (2, 2, 2), 5: (9, 3)}
+LR = 0.1
+
+
+def w0(k):
+    return torch.randn(SHAPES[k], generator=torch.Generator().manual_seed(1000 + k))
+
+
+def grad(rank, step, k):
+    return torch.randn(SHAPES[k], generator=torch.Generator().manual_seed(10_000 * step + 100 * rank + k))
+
+
+class SGDOwner:
+    """fp32 shard with plain SGD; weight frames from ``wcodec``."""
+
+    def __init__(self, keys, wcodec):
+        self.w = {k: w0(k) for k in keys}
+        self.wcodec = wcodec
+        self.counts = {}
+
+    def owned_keys(self):
+        return list(self.w)
+
+    def apply(self, step, grads, counts):
+        self.counts = dict(counts)
+        for k, g in grads.items():
+            self.w[k] -= LR * g
+
+    def weight_frames(self, step):
+        return {k: self.wcodec.encode(w, key=k, step=step).to_bytes() for k, w in self.w.items()}
+
+
+def _make(kind, rank, world):
+    if kind == "ps1":
+        return ParameterServerTransport(SHAPES, 1, timeout=30)
+    if kind == "ps2":
+        return ParameterServerTransport(SHAPES, 2, timeout=30)
+    if kind == "ring":
+        return RingTransport(SHAPES, timeout=30)
+    return TreeTransport(SHAPES, timeout=30)
+
+
+def _bcast_owner_truth(t, owner, decode):
+    """Every rank learns each owner's dequantized weights (sum of one-hot contributions)."""
+    out = {}
+    for k in sorted(SHAPES):
+        x = decode(owner, k) if owner is not None and k in owner.w else torch.zeros(SHAPES[k])
+        dist.all_reduce(x)
+        out[k] = x
+    return out
+
+
+def _one_config(rank, world, kind, mode, drop):
+    """Two steps of one transport. Returns the max errors and byte mismatches seen on this rank."""
+    t = _make(kind, rank, world)
+    is_worker = not (kind.startswith("ps") and rank < t.n_servers)
+    owns = t.owned_keys()
+    gcodec = RawCodec(torch.float32) if mode == "raw" else StochasticGradCodec(3, clip=3.0)
+    wcodec = RawCodec(torch.float32, "weight") if mode in ("raw", "3bit") else WeightCodec("laq-linear", 3)
+    owner = SGDOwner(owns, wcodec) if owns else None
+    ref = {k: w0(k) for k in SHAPES}
+    out = {"max_err": 0.0, "max_bound_ratio": 0.0, "bytes_bad": [], "counts_bad": [], "down_exact_err": 0.0}
+    gen = torch.Generator().manual_seed(rank)
+    bound = {k: 0.0 for k in SHAPES}  # accumulated over steps
+    for step in (1, 2):
+        grads = None
+        contrib = {k: is_worker and not (step == 1 and (rank, k) in drop) for k in SHAPES}
+        if is_worker:
+            grads = {k: (gcodec.encode(grad(rank, step, k), key=k, step=step, generator=gen).to_bytes()
+                         if contrib[k] else None) for k in SHAPES}
+        before = t.counter.snapshot()
+        got = t.step(step, grads, owner)
+        delta = t.counter.delta(before)
+        # Reference: all_reduce of the (clipped) fp32 gradients of the contributing ranks.
+        for k in SHAPES:
+            g = grad(rank, step, k)
+            if mode != "raw":
+                g = clip_sigma(g, 3.0)
+            s = torch.stack([g.abs().max() / 3.0]) if mode != "raw" else torch.zeros(1)  # s/k, k = 3 at 3 bits
+            on = torch.tensor([1.0 if contrib[k] else 0.0])
+            g = g if contrib[k] else torch.zeros_like(g)
+            s = s * on
+            dist.all_reduce(g)
+            dist.all_reduce(on)
+            dist.all_reduce(s)
+            ref[k] = ref[k] - LR * g / on
+            bound[k] += float(LR * s / on)
+            if owner is not None and k in owner.w and owner.counts.get(k) != int(on):
+                out["counts_bad"].append((step, k, owner.counts.get(k), int(on)))
+        if owner is not None:
+            for k in owner.w:
+                err = float((owner.w[k] - ref[k]).abs().max())
+                out["max_err"] = max(out["max_err"], err)
+                if mode != "raw":
+                    out["max_bound_ratio"] = max(out["max_bound_ratio"], (err - 1e-6) / max(bound[k], 1e-12))
+        if mode == "laq":  # workers' weights are exactly what the owners quantized
+            truth = _bcast_owner_truth(t, owner, lambda o, k: wcodec.decode(
+                Frame.from_bytes(o.weight_frames(step)[k])))
+            if got is not None:
+                out["down_exact_err"] = max(out["down_exact_err"],
+                                            max(float((got[k] - truth[k]).abs().max()) for k in SHAPES))
+        elif got is not None:
+            assert sorted(got) == sorted(SHAPES)
+            for k in SHAPES:
+                err = float((got[k] - ref[k]).abs().max())
+                out["max_err"] = max(out["max_err"], err)
+                if mode != "raw":
+                    out["max_bound_ratio"] = max(out["max_bound_ratio"], (err - 1e-6) / max(bound[k], 1e-12))
+        if not drop:
+            gsz = {k: gcodec.frame_nbytes(SHAPES[k]) for k in SHAPES}
+            wsz = {k: wcodec.frame_nbytes(SHAPES[k]) for k in SHAPES}
+            if kind.startswith("ps"):
+                exp = ps_expected_bytes(rank, world, t.n_servers, SHAPES, gsz, wsz)
+            else:
+                exp = t.expected_bytes(gsz, wsz)
+            for name, v in exp.items():
+                if delta[name] != v:
+                    out["bytes_bad"].append((step, name, delta[name], v))
+            out["up_sent"] = delta["up_sent"]
+    return out
+
+
+def _transports_body(rank, world, configs):
+    return {cfg: _one_config(rank, world, *cfg[:2], drop=set(cfg[2])) for cfg in configs}
+
+
+CONFIGS_4 = [(kind, mode, ()) for kind in ("ps1", "ps2", "ring", "tree") for mode in ("raw", "3bit", "laq")]
+# Dropped contributions at step 1 (a worker's nonfinite policy skipped these keys).
+CONFIGS_4 += [("ps1", "raw", ((1, 0), (2, 0), (3, 5))), ("ps2", "raw", ((2, 1), (3, 4))),
+              ("ring", "raw", ((0, 2), (1, 2), (3, 0))), ("tree", "raw", ((2, 3),))]
+
+
+@pytest.mark.timeout(120)
+def test_four_ranks_ps_ring_tree_against_all_reduce():
+    res = run_ranks(_transports_body, 4, CONFIGS_4)
+    for rank, per in res.items():
+        for cfg, out in per.items():
+            kind, mode, drop = cfg
+            assert out["bytes_bad"] == [], (rank, cfg, out["bytes_bad"])
+            assert out["counts_bad"] == [], (rank, cfg, out["counts_bad"])
+            if mode == "raw":
+                assert out["max_err"] <= 1e-6, (rank, cfg, out["max_err"])
+            elif mode == "3bit":
+                # stochastic 3-bit: |ĝ − g_clipped| ≤ s/k per element and rank, averaged over ranks
+                assert out["max_bound_ratio"] <= 1.0, (rank, cfg, out)
+                assert out["max_err"] > 0  # the codec really quantized
+            else:
+                assert out["down_exact_err"] == 0.0, (rank, cfg, out)
+    # Ring sends (p-1)/p of the payload, tree L/2 = 1 of it at p = 4 (8-byte prefixes aside).
+    for rank in res:
+        ring = res[rank][("ring", "raw", ())]["up_sent"]
+        tree = res[rank][("tree", "raw", ())]["up_sent"]
+        assert ring < tree
+
+
+def _three_ranks_body(rank, world):
+    out = {}
+    try:
+        TreeTransport(SHAPES)
+    except ConfigError as e:
+        out["tree_error"] = str(e)
+    for cfg in [("ring", "raw", ()), ("ring", "3bit", ()), ("ps1", "raw", ((2, 1),))]:
+        out[cfg] = _one_config(rank, world, *cfg[:2], drop=set(cfg[2]))
+    # fetch_weights alone (PS, 1 server): workers get the server's initial weights.
+    t = ParameterServerTransport(SHAPES, 1, timeout=30)
+    got = t.fetch_weights(7, SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if rank == 0 else None)
+    out["fetch_ok"] = got is None if rank == 0 else all(torch.equal(got[k], w0(k)) for k in SHAPES)
+    # A bad peer mid-ring: rank 2 corrupts its frame for rank 0; rank 0 must raise FrameError, the
+    # others must fail fast with a TransportError/FrameError instead of hanging.
+    t = RingTransport(SHAPES, timeout=5)
+    owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight"))
+    grads = {k: bytearray(RawCodec().encode(grad(rank, 9, k), key=k, step=9).to_bytes()) for k in SHAPES}
+    if rank == 2:
+        for k in t.owned_keys(0):
+            grads[k][-10] ^= 0xFF
+    try:
+        t.step(9, {k: bytes(v) for k, v in grads.items()}, owner)
+        out["bad_ring"] = "no error"
+    except (FrameError, TransportError) as e:
+        out["bad_ring"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_three_ranks_ring_ps_fetch_and_bad_ring_peer():
+    res = run_ranks(_three_ranks_body, 3)
+    for rank, out in res.items():
+        assert "power-of-two" in out["tree_error"]
+        for cfg in [("ring", "raw", ()), ("ring", "3bit", ()), ("ps1", "raw", ((2, 1),))]:
+            o = out[cfg]
+            assert o["bytes_bad"] == [] and o["counts_bad"] == [], (rank, cfg, o)
+            if cfg[1] == "raw":
+                assert o["max_err"] <= 1e-6, (rank, cfg, o)
+            else:
+                assert 0 < o["max_err"] and o["max_bound_ratio"] <= 1.0, (rank, cfg, o)
+        assert out["fetch_ok"] is True
+    assert res[0]["bad_ring"].startswith("FrameError") and "CRC32" in res[0]["bad_ring"] \
+        and "peer 2" in res[0]["bad_ring"], res[0]["bad_ring"]
+    for rank in (1, 2):
+        assert res[rank]["bad_ring"] != "no error", res[rank]
