@@ -1,0 +1,32 @@
+import os
+
+import pytest
+
+from lowbit.errors import ConfigError
+from lowbit.models import load_preset
+
+
+def test_presets_offline(tiny, tiny_roberta):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    model, tok = tiny
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (128, 2, 2, 256)
+    assert cfg.vocab_size == tok.vocab_size == 30522
+    assert tiny_roberta[0].config.model_type == "roberta"
+
+
+def test_tiny_is_deterministic_and_config_class_names():
+    a, _ = load_preset("tiny-bert")
+    b, _ = load_preset("BertConfig")
+    assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters()))
+    m, _ = load_preset("RobertaConfig", num_labels=3)
+    assert m.config.model_type == "roberta" and m.config.num_labels == 3
+
+
+def test_local_directory_and_unknown(tmp_path, tiny):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    loaded, tok2 = load_preset(str(tmp_path / "m"))
+    assert loaded.config.hidden_size == 128 and tok2.vocab_size == tok.vocab_size
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        load_preset("no-such-model")
