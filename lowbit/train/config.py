@@ -64,6 +64,7 @@ class TransportConfig:
     addr: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port
     timeout_s: float = 300.0
+    ray_address: str = ""  # ray only: "" = $LOWBIT_RAY_ADDRESS or a local cluster; "auto" or host:port
 
     def validate(self) -> None:
         if self.kind not in TRANSPORTS:

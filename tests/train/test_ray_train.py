@@ -1,0 +1,114 @@
+"""Training through Ray actors (run_ray) on a local Ray cluster, tiny-bert on small SST-2 subsets."""
+import json
+import math
+import os
+from pathlib import Path
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+ray = pytest.importorskip("ray")
+
+from lowbit.comm.ray import init_local  # noqa: E402
+from lowbit.train.config import Config  # noqa: E402
+from lowbit.train.loop import launch_local  # noqa: E402
+from lowbit.train.ray_launch import REPO, run_ray  # noqa: E402
+
+
+def tiny_cfg(tmp_path, name, **over):
+    cfg = Config()
+    cfg.override("transport", {"kind": "ray", "workers": 2, "servers": 1, "timeout_s": 120})
+    cfg.override("codec", {"w_bits": 32, "g_bits": 32, "embed_bits": 32, "head_bits": 32})
+    cfg.override("optim", {"name": "adam", "lr": 1e-3})
+    cfg.override("run", {"model": "tiny-bert", "steps": 4, "batch_size": 4, "max_len": 16,
+                         "train_subset": 64, "eval_subset": 32, "seed": 0, "dropout": 0.0,
+                         "threads_per_rank": 1, "progress": False, "out": str(tmp_path / name)})
+    for section, values in over.items():
+        cfg.override(section, values)
+    return cfg.validate()
+
+
+def final_weights(out: Path, steps: int) -> dict[int, torch.Tensor]:
+    w = {}
+    for f in sorted((out / "ckpt" / f"step_{steps}").glob("shard_*.safetensors")):
+        for k, v in load_file(str(f)).items():
+            if k.startswith("w."):
+                w[int(k[2:])] = v
+    return w
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = init_local(num_cpus=2, temp_dir=str(REPO / ".ray_tmp"))
+    yield
+    if started:
+        ray.shutdown()
+
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def fp32_ray(cluster, tmp_path_factory):
+    """Full precision on both links, 2 workers and 1 server (several servers: tests/comm/test_ray.py);
+    worker actor 1 is killed after step 2 (Ray replaces it, the replacement re-fetches the weights)."""
+    root = tmp_path_factory.mktemp("fp32")
+    cfg = tiny_cfg(root, "ray", run={"fault": "kill-worker:1@2"})
+    return root, run_ray(cfg)
+
+
+@pytest.mark.timeout(240)
+def test_killed_worker_actor_is_replaced_and_the_run_finishes(fp32_ray):
+    root, s = fp32_ray
+    out = root / "ray"
+    assert s["weight_refetches"] >= 1 and s["workers_alive"] == 2
+    m = metrics(out)
+    assert [r["step"] for r in m] == list(range(1, STEPS + 1))
+    assert all(r["workers"] == 2 for r in m)
+    # bytes are the frames only (Ray frames the call: no length prefix)
+    per_step = 2 * s["grad_frame_bytes"]
+    assert [r["bytes_up"] for r in m] == [per_step] * STEPS
+    assert s["bytes_up"] == STEPS * per_step
+    assert json.loads((out / "summary.json").read_text())["bytes_up"] == STEPS * per_step
+    assert json.loads((out / "ckpt" / "latest.json").read_text())["step"] == STEPS
+
+
+@pytest.mark.timeout(240)
+def test_fp32_ray_equals_ring(fp32_ray):
+    root, s_ray = fp32_ray
+    s_ring = launch_local(tiny_cfg(root, "ring", transport={"kind": "ring"}))
+    w_ray, w_ring = final_weights(root / "ray", STEPS), final_weights(root / "ring", STEPS)
+    assert sorted(w_ray) == sorted(w_ring) and w_ray
+    worst = max(float((w_ray[k] - w_ring[k]).abs().max()) for k in w_ring)
+    assert worst < 1e-5
+    assert abs(s_ray["eval_loss"] - s_ring["eval_loss"]) < 1e-5
+    assert s_ray["accuracy"] == s_ring["accuracy"]
+    for a, b in zip(metrics(root / "ray"), metrics(root / "ring"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+        assert a["lr"] == pytest.approx(b["lr"])
+
+
+@pytest.mark.timeout(240)
+def test_laq_ray_run_writes_metrics_and_counts_bytes(cluster, tmp_path):
+    """2-bit LAQ weights (8-bit embeddings/head) and 3-bit clipped gradients, one server."""
+    steps = 3
+    cfg = tiny_cfg(tmp_path, "laq", run={"steps": steps},
+                   codec={"w_bits": 2, "g_bits": 3, "embed_bits": 8, "head_bits": 8})
+    s = run_ray(cfg)
+    out = tmp_path / "laq"
+    m = metrics(out)
+    assert [r["step"] for r in m] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in m)
+    assert [r["bytes_up"] for r in m] == [2 * s["grad_frame_bytes"]] * steps
+    assert [r["bytes_down"] for r in m] == [2 * s["weight_frame_bytes"]] * steps
+    assert s["compression"] > 4  # most bytes are 2/3/8-bit frames
+    assert 0.0 <= s["accuracy"] <= 1.0 and s["eval_n"] == 32 and s["servers"] == 1
+    assert json.loads((out / "summary.json").read_text())["bytes_down"] == s["bytes_down"]
+    assert len(list((out / "ckpt" / f"step_{steps}").glob("shard_*.safetensors"))) == 1
