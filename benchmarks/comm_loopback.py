@@ -211,7 +211,7 @@ def main(argv=None) -> None:
     recs = []
     t0 = time.time()
     for m in a.models:
-        recs += run_model(m, a.bits, a.reps)
+        recs += [dict(r, reps=a.reps) for r in run_model(m, a.bits, a.reps)]
         print(table([r for r in recs if r["model"] == m]), flush=True)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     meta = {"ranks": RANKS, "backend": "gloo", "host": "loopback 127.0.0.1", "reps": a.reps,
@@ -221,7 +221,8 @@ def main(argv=None) -> None:
         try:
             old = json.loads(path.read_text())
             recs = [r for r in old.get("records", []) if r["model"] not in a.models] + recs
-            meta["runs"] = old.get("meta", {}).get("runs", []) + [{"models": a.models, "reps": a.reps}]
+            meta["runs"] = old.get("meta", {}).get("runs", []) + [{"models": a.models, "reps": a.reps,
+                                                                   "wall_s": meta["wall_s"]}]
         except (ValueError, KeyError):
             pass
     path.write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
