@@ -13,11 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.codec.frame import Frame, frame_nbytes
-from lowbit.codec.pack import pack_bits, unpack_bits
-from lowbit.errors import ConfigError, FrameError
-from lowbit.quant.grads import check_finite, qsgd, quantize_grad_stochastic, terngrad
-from lowbit.quant.qtensor import QTensor
-from lowbit.quant.weights import quantize_weight
+from lowbit.codec.pack import pack_bits, pack_into, packed_nbytes, unpack_bits, unpack_words_into
+from lowbit.errors import ConfigError, FrameError, NonFiniteGradientError
+from lowbit.quant.grads import _clip_scale, check_finite, qsgd, stochastic_code_chunks, terngrad
+from lowbit.quant.qtensor import QTensor, grid_k, levels
+from lowbit.quant.weights import laq_project, quantize_weight
+
+CHUNK = 1 << 15  # payload bytes per chunk when decoding on CPU (1-bit..8-bit: 256K..32K values)
 
 
 def frame_from_qtensor(q: QTensor, *, kind: str, key: int = 0, step: int = 0,
@@ -49,11 +51,108 @@ def qtensor_from_frame(f: Frame, device: torch.device | str | None = None) -> QT
 
 
 def decode_frame(f: Frame, device: torch.device | str | None = None) -> torch.Tensor:
-    """Any frame back to a float tensor of its declared dtype."""
+    """Any frame back to a float tensor of its declared dtype.
+
+    Grid frames are dequantized straight from the packed bytes (bit-identical to
+    ``qtensor_from_frame(f).dequantize(f.dtype)``): for b ∈ {1, 2, 4, 8} a 256-entry table maps
+    each payload byte to its 8/b output values (levels[code]·scale, cast to the dtype) and one
+    ``index_select`` per chunk writes them; for b ∈ {3, 5, 6, 7} the codes are unpacked per chunk
+    and looked up in the 2^b-entry table. Codes outside the grid raise FrameError as before.
+    """
     if f.encoding == "raw":
         payload = f.payload if device is None else f.payload.to(device)
         return payload.view(f.dtype).reshape(f.shape).clone()
-    return qtensor_from_frame(f, device).dequantize(f.dtype)
+    return _dequantize_payload(f, device)
+
+
+_WIDE = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+
+
+def _grid_error(f: Frame, code: int) -> FrameError:
+    k = grid_k(f.bits)
+    name = "symmetric" if f.encoding == "sym" else "log"
+    return FrameError(f"code {code} outside the {f.bits}-bit {name} grid (max {2 * k})")
+
+
+def _has_all_ones_code(pb: torch.Tensor, bits: int) -> bool:
+    """Whether any b-bit field (b = 2, 4, 8) of the byte chunk ``pb`` is all ones (code 2^b − 1)."""
+    if bits == 8:
+        return bool(pb.numel()) and int(pb.max()) == 255
+    if pb.numel() % 8:
+        pad = pb.new_zeros(pb.numel() + (-pb.numel()) % 8)
+        pad[: pb.numel()] = pb
+        pb = pad
+    x = pb.view(torch.int64)
+    t = x & (x >> 1)
+    if bits == 4:
+        t &= t >> 2
+    return bool((t & (0x5555555555555555 if bits == 2 else 0x1111111111111111)).any())
+
+
+def _dequantize_payload(f: Frame, device) -> torch.Tensor:
+    payload = f.payload if device is None else f.payload.to(device)
+    dev = payload.device
+    bits, numel = f.bits, math.prod(f.shape)
+    per_row = f.scales.numel() != 1
+    scales = f.scales.to(dev, torch.float32)
+    lv = levels(f.encoding, bits, dev)
+    vals = lv if per_row else lv * scales.reshape(())
+    out_dtype = torch.float32 if per_row else f.dtype
+    vals = vals.to(out_dtype)
+    check = f.encoding in ("sym", "log")  # the one invalid code is 2k+1 = 2^b − 1
+    table = torch.zeros(1 << bits, dtype=out_dtype, device=dev)
+    table[: vals.numel()] = vals
+    step = CHUNK if dev.type == "cpu" else 1 << 62
+    nbytes = payload.numel()
+    if 8 % bits == 0:
+        per = 8 // bits
+        byte = torch.arange(256, device=dev)
+        shifts = torch.arange(0, 8, bits, device=dev)
+        btab = table[(byte.unsqueeze(1) >> shifts) & ((1 << bits) - 1)]  # (256, per)
+        width = per * btab.element_size()
+        wide = _WIDE.get(width, torch.complex128)
+        rows = 1 if width in _WIDE else width // 16
+        btab = btab.contiguous().view(wide).reshape(256, rows) if rows > 1 else btab.contiguous().view(wide).reshape(256)
+        out = torch.empty(nbytes * per, dtype=out_dtype, device=dev)
+        owide = out.view(wide).reshape(nbytes, rows) if rows > 1 else out.view(wide)
+        idx = torch.empty(min(step, nbytes), dtype=torch.int32, device=dev)
+        for a in range(0, nbytes, step):
+            pb = payload[a:a + step]
+            m = pb.numel()
+            if check and _has_all_ones_code(pb, bits):
+                raise _grid_error(f, (1 << bits) - 1)
+            ic = idx[:m]
+            ic.copy_(pb)
+            torch.index_select(btab, 0, ic, out=owide[a:a + m])
+    else:
+        out = torch.empty(numel, dtype=out_dtype, device=dev)
+        cstep = min(4 * step, numel - numel % 8) or 8
+        codes = torch.empty(cstep, dtype=torch.uint8, device=dev)
+        idx = torch.empty(cstep, dtype=torch.int32, device=dev)
+        full = numel - numel % 8
+        spans = [(a, min(a + cstep, full)) for a in range(0, full, cstep)]
+        for a, e in spans + ([(full, numel)] if full < numel else []):
+            m = e - a
+            pb = payload[a * bits // 8: (e * bits + 7) // 8]
+            if m % 8:  # the tail: pad to one whole group of 8 codes
+                tmp = pb.new_zeros(bits)
+                tmp[: pb.numel()] = pb
+                c8 = torch.empty(8, dtype=torch.uint8, device=dev)
+                unpack_words_into(tmp, bits, c8)
+                cc = c8[:m]
+            else:
+                cc = codes[:m]
+                unpack_words_into(pb, bits, cc)
+            if check and int(cc.max()) == (1 << bits) - 1:
+                raise _grid_error(f, (1 << bits) - 1)
+            ic = idx[:m]
+            ic.copy_(cc)
+            torch.index_select(table, 0, ic, out=out[a:e])
+    out = out[:numel]
+    if per_row:
+        out.view(scales.numel(), -1).mul_(scales.unsqueeze(1))
+        out = out.to(f.dtype)
+    return out.reshape(f.shape)
 
 
 @dataclass(frozen=True)
@@ -101,11 +200,24 @@ class StochasticGradCodec:
             raise ConfigError(f"nonfinite policy must be error|skip|zero, got {self.nonfinite!r}")
 
     def encode(self, x: torch.Tensor, *, key: int = 0, step: int = 0, generator=None) -> Frame | None:
-        g = check_finite(x.detach(), name=f"gradient[{key}]", policy=self.nonfinite)
-        if g is None:
-            return None
-        q = quantize_grad_stochastic(g, self.bits, clip=self.clip, generator=generator)
-        return frame_from_qtensor(q, kind=self.kind, key=key, step=step)
+        """Same frame as ``frame_from_qtensor(quantize_grad_stochastic(g, ...))``, fused: the codes of
+        each cache-sized chunk are packed straight into the payload (no full-size code tensor)."""
+        g = x.detach()
+        try:
+            gf, s = _clip_scale(g, self.clip)
+        except NonFiniteGradientError:  # the finite screen costs a pass: only run it when needed
+            g = check_finite(g, name=f"gradient[{key}]", policy=self.nonfinite)
+            if g is None:
+                return None
+            gf, s = _clip_scale(g, self.clip)
+        bits, n = self.bits, gf.numel()
+        payload = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=gf.device)
+        if n:
+            for a, c in stochastic_code_chunks(gf, grid_k(bits), s, generator):
+                pack_into(c, bits, payload[a * bits // 8: ((a + c.numel()) * bits + 7) // 8])
+        scale = torch.tensor([s], dtype=torch.float32)
+        return Frame(kind=self.kind, encoding="sym", dtype=torch.float32, bits=bits, shape=tuple(x.shape),
+                     scales=scale, payload=payload, key=key, step=step)
 
     def decode(self, f: Frame, device=None) -> torch.Tensor:
         return decode_frame(f, device).float()
@@ -169,13 +281,19 @@ class WeightCodec:
             return "bin"
         return "log" if self.scheme == "laq-log" else "sym"
 
-    def quantize(self, w: torch.Tensor, d: torch.Tensor | None = None) -> QTensor:
+    def quantize(self, w: torch.Tensor, d: torch.Tensor | None = None,
+                 alpha: torch.Tensor | float | None = None) -> QTensor:
+        """Quantize ``w``. ``alpha`` (LAQ schemes only; ignored by the others) warm-starts the
+        alternating minimisation, e.g. with last step's scale: one phase of rounds instead of two."""
         per_row = self.per_row and w.dim() >= 2
+        if alpha is not None and self.scheme in ("laq-linear", "laq-log"):
+            return laq_project(w.detach(), d=d, bits=self.bits, scheme=self.scheme[4:], per_row=per_row,
+                               alpha=alpha)
         return quantize_weight(w.detach(), self.scheme, self.bits, d=d, per_row=per_row)
 
     def encode(self, x: torch.Tensor, *, key: int = 0, step: int = 0, generator=None,
-               d: torch.Tensor | None = None) -> Frame:
-        return frame_from_qtensor(self.quantize(x, d), kind=self.kind, key=key, step=step)
+               d: torch.Tensor | None = None, alpha: torch.Tensor | float | None = None) -> Frame:
+        return frame_from_qtensor(self.quantize(x, d, alpha), kind=self.kind, key=key, step=step)
 
     def decode(self, f: Frame, device=None) -> torch.Tensor:
         return decode_frame(f, device).float()

@@ -27,6 +27,7 @@ frame's size is known from its header. Decoding validates every field and bounds
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -89,7 +90,7 @@ class Frame:
     nbytes: int = field(default=0, compare=False)  # size on the wire, filled by to_bytes/from_bytes
 
     def to_bytes(self) -> bytes:
-        """Serialize (one copy of the payload) and append the CRC32."""
+        """Serialize (one copy of the payload, CRC32 computed over the parts before the join)."""
         if self.kind not in KINDS:
             raise FrameError(f"unknown frame kind {self.kind!r}")
         if self.encoding not in ENCODINGS:
@@ -107,9 +108,14 @@ class Frame:
         head = HEADER.pack(MAGIC, VERSION, KINDS[self.kind], ENCODINGS[self.encoding],
                            DTYPES[self.dtype], self.bits, len(self.shape), 0, self.key & 0xFFFFFFFF,
                            self.step, scales.numel(), payload.numel())
-        body = b"".join([head, struct.pack(f"<{len(self.shape)}I", *self.shape),
-                         scales.numpy().tobytes(), payload.numpy().tobytes()])
-        out = body + struct.pack("<I", zlib.crc32(body))
+        # CRC over the parts as they are, then one join: the payload is copied exactly once.
+        parts = [head, struct.pack(f"<{len(self.shape)}I", *self.shape), memoryview(scales.numpy()).cast("B"),
+                 memoryview(payload.numpy())]
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        parts.append(struct.pack("<I", crc))
+        out = b"".join(parts)
         self.nbytes = len(out)
         return out
 
@@ -182,10 +188,20 @@ class Frame:
         pos += 4 * n_scales
         if n_scales and not bool(torch.isfinite(scales).all()):
             raise FrameError("frame scales hold NaN/Inf")
-        payload = torch.frombuffer(bytearray(mv[pos:pos + plen]), dtype=torch.uint8) if plen \
-            else torch.empty(0, dtype=torch.uint8)
+        payload = _payload_tensor(mv[pos:pos + plen]) if plen else torch.empty(0, dtype=torch.uint8)
         return cls(_KIND_NAMES[kind], encoding, dtype, bits, tuple(shape), scales, payload,
                    key=key, step=step, nbytes=total)
+
+
+def _payload_tensor(mv: memoryview) -> torch.Tensor:
+    """The payload bytes as a uint8 tensor: a zero-copy view when the buffer is immutable (``bytes``,
+    a read-only memoryview), else a private copy (the caller may reuse a mutable buffer). The
+    view must not be written to; every decoder here only reads it."""
+    if not mv.readonly:
+        return torch.frombuffer(bytearray(mv), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write
+        return torch.frombuffer(mv, dtype=torch.uint8)
 
 
 def _as_memoryview(buf) -> memoryview:

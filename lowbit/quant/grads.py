@@ -43,6 +43,53 @@ def _check_grad_bits(bits: int) -> None:
         raise ConfigError(f"gradient bits must be in 2..8, got {bits!r}")
 
 
+CHUNK = 1 << 17  # elements per chunk on CPU: a few 512 KiB buffers (L2/L3-resident); fewer Python calls
+
+
+def _chunk(device: torch.device) -> int:
+    return CHUNK if device.type == "cpu" else 1 << 62
+
+
+def _all_finite(g: torch.Tensor) -> bool:
+    """True when ``g`` holds no NaN/Inf: min and max are finite (NaN propagates through both), one
+    cheap pass instead of materialising an ``isfinite`` mask."""
+    if g.numel() == 0 or not g.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(g)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _stats(gf: torch.Tensor) -> tuple[float, float, float]:
+    """(min, max, population std) of a float32 tensor in one read of it.
+
+    Per chunk: aminmax, the sum and the sum of squared deviations from the chunk mean (two passes
+    over a cache-resident chunk); chunks are merged with Chan's parallel formula in float64, so
+    the std is as accurate as a two-pass computation with no cancellation."""
+    flat = gf.reshape(-1)
+    n = flat.numel()
+    step = _chunk(flat.device)
+    if step >= n:
+        lo, hi = torch.aminmax(flat)
+        var, mean = torch.var_mean(flat, correction=0)
+        return float(lo), float(hi), float(var) ** 0.5
+    tmp = torch.empty(min(step, n), dtype=torch.float32, device=flat.device)
+    lo, hi, cnt, mean, m2 = float("inf"), float("-inf"), 0, 0.0, 0.0
+    for a in range(0, n, step):
+        c = flat[a:a + step]
+        m = c.numel()
+        clo, chi = torch.aminmax(c)
+        lo, hi = min(lo, float(clo)), max(hi, float(chi))
+        cmean = float(c.sum()) / m
+        t = torch.sub(c, cmean, out=tmp[:m])
+        cm2 = float(torch.dot(t, t))
+        delta = cmean - mean
+        tot = cnt + m
+        mean += delta * m / tot
+        m2 += cm2 + delta * delta * cnt * m / tot
+        cnt = tot
+    return lo, hi, (m2 / n) ** 0.5
+
+
 def _require_finite(g: torch.Tensor, name: str = "gradient") -> None:
     if not bool(torch.isfinite(g).all()):
         bad = int((~torch.isfinite(g)).sum())
@@ -65,9 +112,16 @@ def clip_sigma(g: torch.Tensor, c: float = 3.0) -> torch.Tensor:
     if math.isinf(c) or g.numel() < 2:
         return g
     gf = g.to(torch.float32)
-    sigma = gf.std(unbiased=False)
-    bound = torch.where(sigma > 0, c * sigma, torch.full_like(sigma, math.inf))
-    return torch.maximum(torch.minimum(gf, bound), -bound).to(g.dtype)
+    sigma = _stats(gf)[2]
+    if not sigma > 0:
+        return g
+    bound = _f32(c * sigma)
+    return gf.clamp(-bound, bound).to(g.dtype)
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (the bound every float32 op actually uses)."""
+    return float(torch.tensor(x, dtype=torch.float32))
 
 
 def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -81,6 +135,80 @@ def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) 
     return torch.floor(xf + u)
 
 
+def _clip_scale(g: torch.Tensor, clip: float | None) -> tuple[torch.Tensor, float]:
+    """(float32 view of g, s) where s = max|clip_sigma(g, clip)| (1.0 when that is 0). Raises
+    NonFiniteGradientError on NaN/Inf. One read of g (min, max and σ together)."""
+    if clip is not None and not (isinstance(clip, float) and math.isinf(clip)) and g.dtype != torch.float32:
+        g = clip_sigma(g, clip)  # keeps the half-precision rounding of the clipped values
+        clip = None
+    gf = g.to(torch.float32)
+    if gf.numel() == 0:
+        return gf, 1.0
+    if clip is None or (isinstance(clip, float) and math.isinf(clip)) or gf.numel() < 2:
+        lo, hi = torch.aminmax(gf)
+        lo, hi, sigma = float(lo), float(hi), 0.0
+    else:
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or math.isnan(clip) or clip <= 0:
+            raise ConfigError(f"clip factor c must be > 0, got {clip!r}")
+        lo, hi, sigma = _stats(gf)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        _require_finite(gf)
+    s = max(-lo, hi)
+    if sigma > 0:
+        s = min(s, _f32(clip * sigma))  # max|clamp(g, ±cσ)| = min(max|g|, cσ), exactly
+    return gf, (s if s > 0 else 1.0)
+
+
+def _numpy_rng(generator: torch.Generator | None):
+    """A numpy SFC64 stream seeded by one draw from ``generator`` (torch's default CPU generator
+    when None), so a seeded torch.Generator still makes every draw reproducible."""
+    import numpy as np
+
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    return np.random.Generator(np.random.SFC64(seed))
+
+
+NUMPY_RNG_MIN = 1 << 15  # below this many elements the torch.rand path is cheaper than seeding
+
+
+def stochastic_code_chunks(gf: torch.Tensor, k: int, s: float, generator: torch.Generator | None = None):
+    """Yield (start, codes) for consecutive chunks of the flattened float32 ``gf``:
+
+        codes = floor(clamp(gf·k/s + U, −k, k)) + k,   U ~ U[0, 1)  (uint8, in [0, 2k])
+
+    i.e. unbiased stochastic rounding of clamp(gf·k/s, −k, k) shifted to codes (clamping after adding
+    U gives the same floor as clamping before). On CPU the work runs over L2-sized chunks (the
+    yielded buffer is reused: consume it before the next step); on other devices one chunk.
+    Chunk starts are multiples of 8. Large CPU tensors draw U (24 random bits, the resolution of
+    torch.rand's float32) from a numpy SFC64 stream seeded from ``generator``; the rest use torch.rand.
+    """
+    flat = gf.reshape(-1)
+    n = flat.numel()
+    alpha = k / s
+    if flat.device.type != "cpu" or n < NUMPY_RNG_MIN:
+        u = torch.rand(n, generator=generator, device=flat.device, dtype=torch.float32)
+        u.add_(flat, alpha=alpha).clamp_(-k, k).add_(k)
+        yield 0, u.to(torch.int32).to(torch.uint8)
+        return
+    bitgen = _numpy_rng(generator).bit_generator
+    step = CHUNK
+    u = torch.empty(step, dtype=torch.float32)
+    i32 = torch.empty(step, dtype=torch.int32)
+    c8 = torch.empty(step, dtype=torch.uint8)
+    one = float(1 << 24)
+    for a in range(0, n, step):
+        m = min(step, n - a)
+        uc, ic, cc = u[:m], i32[:m], c8[:m]
+        # 24 random bits per element: U·2^24 as an exact integer-valued float32 (as torch.rand)
+        r = torch.from_numpy(bitgen.random_raw((m + 1) // 2)).view(torch.int32)[:m]
+        uc.copy_(r.bitwise_and_(0xFFFFFF))
+        # in units of 2^-24 levels: U + v, then clamp, back to levels, shift to codes, floor
+        uc.add_(flat[a:a + m], alpha=alpha * one).clamp_(-k * one, k * one).mul_(1.0 / one).add_(k)
+        ic.copy_(uc)  # truncation = floor: the value is >= 0
+        cc.copy_(ic)
+        yield a, cc
+
+
 def quantize_grad_stochastic(g: torch.Tensor, bits: int, clip: float | None = 3.0,
                              generator: torch.Generator | None = None) -> QTensor:
     """LAQ clipped stochastic m-bit gradient quantization (m = ``bits`` in 2..8), k = 2^(m−1) − 1:
@@ -91,17 +219,19 @@ def quantize_grad_stochastic(g: torch.Tensor, bits: int, clip: float | None = 3.
 
     E[dequantize] = gc (unbiased given the clip). Raises :class:`NonFiniteGradientError` on NaN/Inf
     (screen with :func:`check_finite` first to choose another policy).
+
+    Fused implementation: one read of g for (min, max, σ) — s = min(max|g|, cσ) needs no clipped
+    copy — and one more for the rounding (see :func:`stochastic_code_chunks`).
     """
     _check_grad_bits(bits)
-    _require_finite(g)
     k = grid_k(bits)
-    gc = g if clip is None or (isinstance(clip, float) and math.isinf(clip)) else clip_sigma(g, clip)
-    gc = gc.to(torch.float32)
-    s = _max_abs(gc)
-    s_safe = torch.where(s > 0, s, torch.ones_like(s))
-    level = torch.clamp(stochastic_round(gc / s_safe * k, generator), -k, k)
-    codes = (level + k).to(torch.uint8)
-    return QTensor(codes=codes, scale=s_safe.to(torch.float32), bits=bits, grid="sym")
+    gf, s = _clip_scale(g, clip)
+    codes = torch.empty(gf.numel(), dtype=torch.uint8, device=gf.device)
+    if gf.numel():
+        for a, c in stochastic_code_chunks(gf, k, s, generator):
+            codes[a:a + c.numel()].copy_(c)
+    scale = torch.tensor(s, dtype=torch.float32, device=gf.device)
+    return QTensor(codes=codes.reshape(g.shape), scale=scale, bits=bits, grid="sym")
 
 
 def check_finite(g: torch.Tensor, name: str = "gradient", policy: str = "error") -> torch.Tensor | None:
@@ -110,9 +240,9 @@ def check_finite(g: torch.Tensor, name: str = "gradient", policy: str = "error")
     ``"zero"`` returns zeros like ``g``. A finite ``g`` is returned as is."""
     if policy not in FINITE_POLICIES:
         raise ConfigError(f"non-finite policy must be one of {FINITE_POLICIES}, got {policy!r}")
-    finite = torch.isfinite(g)
-    if bool(finite.all()):
+    if _all_finite(g):
         return g
+    finite = torch.isfinite(g)
     if policy == "error":
         bad = int((~finite).sum())
         raise NonFiniteGradientError(f"{name} holds {bad} NaN/Inf entries out of {g.numel()}")

@@ -47,17 +47,23 @@ def _check_inputs(w: torch.Tensor, d: torch.Tensor | None, per_row: bool) -> Non
         raise ConfigError(f"weight tensor is empty (shape {tuple(w.shape)})")
     if per_row and w.dim() < 2:
         raise ConfigError(f"per_row=True needs a tensor with >= 2 dims, got shape {tuple(w.shape)}")
-    if not bool(torch.isfinite(w).all()):
+    if not _finite(w):
         raise ConfigError("weight tensor holds NaN/Inf")
     if d is not None:
         if not isinstance(d, torch.Tensor):
             raise ConfigError(f"d must be a torch.Tensor or None, got {type(d).__name__}")
         if d.shape != w.shape:
             raise ConfigError(f"d must have the weight's shape {tuple(w.shape)}, got {tuple(d.shape)}")
-        if not bool(torch.isfinite(d).all()):
+        lo, hi = torch.aminmax(d)  # one pass: NaN propagates, so finite min/max means finite d
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
             raise ConfigError("d (diag of D) holds NaN/Inf")
-        if not bool((d > 0).all()):
-            raise ConfigError(f"d (diag of D) must be > 0 everywhere, got min {float(d.min())}")
+        if not float(lo) > 0:
+            raise ConfigError(f"d (diag of D) must be > 0 everywhere, got min {float(lo)}")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def _rows(t: torch.Tensor, per_row: bool) -> torch.Tensor:
@@ -207,6 +213,53 @@ def _project(w2: torch.Tensor, alpha: torch.Tensor, k: int, grid: str,
     return b, codes
 
 
+CHUNK = 1 << 17  # elements per chunk on CPU
+
+
+def _laq_alternate_fused(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tensor, k: int,
+                         iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_laq_alternate` for one row on the linear grid, without full-size temporaries: a round
+    is q = round(clamp(w·k/α, −k, k)) per cache-sized chunk, reduced at once into
+    Σ d w q / k and Σ d q² / k² (float64 across chunks); the codes q + k are materialised once,
+    for the α the last round projected with."""
+    w = w2.reshape(-1)
+    d = None if d2 is None else d2.reshape(-1)
+    n = w.numel()
+    step = CHUNK if w.device.type == "cpu" else n
+    tmp = torch.empty(min(step, n), dtype=torch.float32, device=w.device)
+    tmp2 = torch.empty_like(tmp) if d is not None else None
+    a = float(alpha.reshape(()))
+    used = a
+    for _ in range(iters):
+        used = a
+        num = den = 0.0
+        for s in range(0, n, step):
+            wc = w[s:s + step]
+            m = wc.numel()
+            q = torch.mul(wc, k / a, out=tmp[:m]).clamp_(-k, k).round_()
+            if d is None:
+                num += float(torch.dot(wc, q))
+                den += float(torch.dot(q, q))
+            else:
+                dq = torch.mul(d[s:s + step], q, out=tmp2[:m])
+                num += float(torch.dot(wc, dq))
+                den += float(torch.dot(dq, q))
+        num, den = num / k, den / (k * k)
+        new = num / den if (den > 0 and num > 0) else a
+        new = float(torch.tensor(new, dtype=torch.float32))
+        done = abs(new - a) <= 1e-6 * a
+        a = new
+        if done:
+            break
+    codes = torch.empty(n, dtype=torch.uint8, device=w.device)
+    for s in range(0, n, step):
+        wc = w[s:s + step]
+        m = wc.numel()
+        q = torch.mul(wc, k / used, out=tmp[:m]).clamp_(-k, k).round_().add_(k)
+        codes[s:s + m].copy_(q)
+    return torch.tensor([a], dtype=torch.float32, device=w.device), codes.reshape(1, -1)
+
+
 def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tensor, k: int, grid: str,
                    iters: int, tables) -> tuple[torch.Tensor, torch.Tensor]:
     """``iters`` rounds of b ← Π_Q(w/α), α ← Σ d w b / Σ d b²; returns (α, codes) of the last round.
@@ -215,6 +268,8 @@ def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tenso
     depend on d_i), so the objective never increases. Stops early once no row's α moves by more
     than 1e-6 relatively.
     """
+    if grid == "sym" and w2.shape[0] == 1:
+        return _laq_alternate_fused(w2, d2, alpha, k, iters)
     codes = None
     for _ in range(iters):
         b, codes = _project(w2, alpha, k, grid, tables)
