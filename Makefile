@@ -12,6 +12,8 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# Every spawned rank imports transformers: let Python cache bytecode, or each one recompiles it.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test bench venv clean
 
@@ -20,8 +22,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 ifneq ($(UV),)
 	[ -x $(VPY) ] || $(UV) venv --python $(PY) $(VENV)
-	$(UV) pip install --python $(VPY) --find-links $(TORCH_WHEELS) "$(TORCH_SPEC)"
-	$(UV) pip install --python $(VPY) --find-links $(TORCH_WHEELS) -e ".[$(EXTRAS)]"
+	$(UV) pip install --python $(VPY) --compile-bytecode --find-links $(TORCH_WHEELS) "$(TORCH_SPEC)"
+	$(UV) pip install --python $(VPY) --compile-bytecode --find-links $(TORCH_WHEELS) -e ".[$(EXTRAS)]"
 else
 	[ -x $(VPY) ] || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip

@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     if world - servers < 1:
         raise ConfigError(f"WORLD_SIZE={world} leaves no worker with {servers} servers")
     cfg.transport.workers = world - servers
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        cfg.run.resume = True  # torchrun --max-restarts restarted the group: continue from the checkpoint
+        cfg.run.fault = ""  # injected faults fire on the first attempt only
     cfg.validate()
     from lowbit.train.loop import run_rank
 

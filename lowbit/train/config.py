@@ -17,6 +17,20 @@ GRAD_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 
 
+def parse_fault(spec: str) -> tuple[str, int, int] | None:
+    """``kill-worker:R@S`` / ``kill-server:R@S`` / ``kill-rank:R@S``: rank R dies abruptly (os._exit,
+    no cleanup, like a SIGKILL) in the middle of step S (1-based), after computing its gradients and
+    before sending anything."""
+    if not spec:
+        return None
+    kind, _, where = spec.partition(":")
+    who, _, at = where.partition("@")
+    if kind not in ("kill-rank", "kill-worker", "kill-server") or not who.isdigit() or not at.isdigit():
+        raise ConfigError(f"fault spec must look like kill-worker:RANK@STEP, got {spec!r}")
+    return kind, int(who), int(at)
+
+
+
 @dataclass
 class CodecConfig:
     """What goes on the wire. ``w_bits`` applies to Transformer weight matrices, ``embed_bits`` to
@@ -133,6 +147,8 @@ class RunConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_len < 8:
             raise ConfigError(f"max_len must be >= 8, got {self.max_len}")
+        if self.fault:
+            parse_fault(self.fault)
 
 
 @dataclass

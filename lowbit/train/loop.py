@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from lowbit.errors import ConfigError
-from lowbit.train.config import Config
+from lowbit.train.config import Config, parse_fault
 from lowbit.train.plan import make_plan, plan_bytes
 from lowbit.train.server import ShardServer
 from lowbit.train.worker import Worker
@@ -232,6 +232,7 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
             idx = batch_indices(n_train, r.batch_size, step, r.seed + worker_index)
             loss = worker.forward_backward({k: v[idx] for k, v in train.items()}, step)
             frames = worker.encode_gradients(step)
+        _maybe_fault(cfg, rank, step + 1)  # mid-step: gradients computed, nothing sent yet
         weights = transport.step(step, frames, owner)
         if worker is not None:
             worker.load_weights(weights)
@@ -263,7 +264,6 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
                 bar.update(1)
         if (r.checkpoint_every and (step + 1) % r.checkpoint_every == 0) or step + 1 == r.steps:
             _checkpoint(ck, step + 1, rank, owner, worker, leader)
-        _maybe_fault(cfg, rank, step + 1)
     summary = None
     if leader:
         if bar is not None:
@@ -296,14 +296,9 @@ def _checkpoint(ck: Checkpointer, step: int, rank: int, owner, worker, leader: b
         ck.commit(step)
 
 
-def _maybe_fault(cfg: Config, rank: int, step_done: int) -> None:
-    """Fault injection for reliability tests: ``kill-rank:R@S`` ends rank R abruptly after step S."""
-    spec = cfg.run.fault
-    if not spec:
-        return
-    kind, _, where = spec.partition(":")
-    who, _, at = where.partition("@")
-    if kind in ("kill-rank", "kill-worker", "kill-server") and int(who) == rank and int(at) == step_done:
+def _maybe_fault(cfg: Config, rank: int, step: int) -> None:
+    f = parse_fault(cfg.run.fault)
+    if f is not None and f[1] == rank and f[2] == step:
         os._exit(17)
 
 
@@ -335,32 +330,38 @@ def launch_local(cfg: Config) -> dict:
     for p in procs:
         p.start()
     deadline = time.time() + cfg.transport.timeout_s * 4 + 600
-    results, errors = {}, []
-    while len(results) + len(errors) < world:
-        if not q.empty():
+    results, errors = {}, {}
+    while len(results) < world:
+        while not q.empty():
             rank, status, payload = q.get()
-            (results.__setitem__(rank, payload) if status == "ok" else errors.append((rank, payload)))
-            if errors:
-                break
-            continue
-        if any(p.exitcode not in (None, 0) for p in procs) and q.empty():
-            time.sleep(0.5)
-            if q.empty():
-                dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                errors.append((dead[0][0], f"rank {dead[0][0]} exited with code {dead[0][1]}"))
-                break
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors[rank] = payload.splitlines()[0]
+        dead = {i: p.exitcode for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in errors}
+        if errors or dead:
+            time.sleep(1.0)  # let the other ranks notice and report, then tell the whole story
+            while not q.empty():
+                rank, status, payload = q.get()
+                if status != "ok":
+                    errors[rank] = payload.splitlines()[0]
+            dead = {i: p.exitcode for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in errors}
+            break
         if time.time() > deadline:
-            errors.append((-1, "timed out waiting for ranks"))
+            errors[-1] = "timed out waiting for ranks"
             break
         time.sleep(0.05)
-    if errors:
+    if errors or dead:
         for p in procs:
             if p.is_alive():
                 p.terminate()
         for p in procs:
             p.join(5)
-        rank, msg = errors[0]
-        raise RuntimeError(f"training failed on rank {rank}: {msg}")
+        parts = [f"rank {i} exited with code {c} without reporting (killed or crashed)" for i, c in sorted(dead.items())]
+        parts += [f"rank {i}: {m}" for i, m in sorted(errors.items())]
+        first = min(list(dead) + list(errors))
+        raise RuntimeError(f"training failed on rank {first}: " + "; ".join(parts) +
+                           f". Checkpoints under {cfg.run.out}/ckpt are intact; rerun with --resume to continue.")
     for p in procs:
         p.join(60)
     leader = cfg.transport.servers if cfg.transport.kind == "ps" else 0

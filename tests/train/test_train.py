@@ -105,20 +105,26 @@ def test_laq_training_reduces_loss_and_compresses(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_resume_after_crash_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("kind,fault,who", [("ring", "kill-worker:1@4", "rank 1 exited"),
+                                            ("ps", "kill-server:0@4", "rank 0 exited")])
+def test_resume_after_crash_equals_uninterrupted(tmp_path, kind, fault, who):
+    """A rank killed mid-step (SIGKILL-like) stops the run cleanly with a message naming it; the
+    last complete checkpoint is intact and --resume reproduces the uninterrupted trajectory."""
     over = dict(codec={"w_bits": 2, "g_bits": 3, "embed_bits": 8, "head_bits": 8, "error_feedback": True},
-                run={"steps": 6, "checkpoint_every": 3})
+                run={"steps": 6, "checkpoint_every": 3}, transport={"kind": kind, "servers": 1})
     a = tiny_cfg(tmp_path, "a", **over)
     launch_local(a)
     b = tiny_cfg(tmp_path, "b", **over)
-    b.run.fault = "kill-rank:1@4"  # dies after step 4: the step-3 checkpoint is the last complete one
-    with pytest.raises(RuntimeError, match="rank 1"):
+    b.run.fault = fault  # dies in the middle of step 4: the step-3 checkpoint is the last complete one
+    with pytest.raises(RuntimeError, match=who):
         launch_local(b)
     assert json.loads((Path(b.run.out) / "ckpt" / "latest.json").read_text())["step"] == 3
     b.run.fault = ""
     b.run.resume = True
-    launch_local(b)
+    s = launch_local(b)
+    assert s["start_step"] == 3
     wa, wb = final_weights(Path(a.run.out), 6), final_weights(Path(b.run.out), 6)
+    assert sorted(wa) == sorted(wb) and wa
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=0, rtol=0)
     la, lb = read_losses(Path(a.run.out)), read_losses(Path(b.run.out))
