@@ -1,0 +1,253 @@
+"""Communication per training step over real shaped links: 4 ranks, each in its own network
+namespace behind a tc-tbf-shaped veth (lowbit.net.netns.Testbed), gloo over those interfaces.
+
+    python benchmarks/comm_bandwidth.py                      # full default run (~20 min on 2 cores)
+    python benchmarks/comm_bandwidth.py --quick              # MiniLM, 100 Mbit/s + 1 Gbit/s, w2/g3
+    lowbit bench comm --models minilm --rates 1000 --methods 'fp32_allreduce,lowbit_*_w2g3'
+
+Methods: fp32_allreduce (dist.all_reduce of 25 MB fp32 buckets), ddp_fp16 / ddp_powersgd4 (DDP
+with PyTorch's fp16-compress / PowerSGD rank-4 hooks; ddp_fp32 on request) and
+lowbit_{ps,ring,tree}_w{2,4,8}g{3,8} (gradient frames up, weight frames down). Exactly what is
+timed for each is in benchmarks/_comm_common.py. One testbed per link rate; the ranks are started
+once per rate and run every model and method in sequence.
+
+Shaping: tbf rate R in each direction on every host link (bridge with unlimited backplane); this
+kernel has no sch_netem, so no delay is emulated: latency is that of veth + bridge (tens of µs),
+and the latency-bound regime of real Ethernet (50-500 µs per hop, more across racks) is absent.
+
+Output: a table per rate on stdout, progress on stderr, --json (records: method, bandwidth, model,
+step_s, step_total_s, bytes_per_rank, recv_per_rank, wire_bytes_per_rank, speedup_vs_fp32, ideal_s,
+efficiency, ...; the table's wire_ratio = interface bytes / payload bytes of the busiest
+direction), a log-log plot of step time against bandwidth (one line per method, a panel per model),
+then the cost model fit (benchmarks/comm_costmodel.py) unless --no-costmodel. ``--from-json PATH``
+re-prints the tables and the plot of an earlier run without measuring.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from _comm_common import DEFAULT_METHODS, model_shapes, parse_method, select_methods  # noqa: E402
+from _common import RESULTS, print_table, write_json  # noqa: E402
+
+QUICK = {"models": "minilm", "rates": "100,1000", "methods": "fp32_allreduce,ddp_fp16,ddp_powersgd4,lowbit_*_w2g3",
+         "reps": 2}
+
+
+def bandwidth_label(rate_mbit: float | None) -> str:
+    if rate_mbit is None:
+        return "unshaped"
+    return f"{rate_mbit / 1000:g}Gbit" if rate_mbit >= 1000 else f"{rate_mbit:g}Mbit"
+
+
+def parse_rates(s: str) -> list[float | None]:
+    out = []
+    for x in s.split(","):
+        x = x.strip().lower()
+        if not x:
+            continue
+        out.append(None if x in ("none", "unshaped", "inf", "0") else float(x))
+    return out
+
+
+def run_rate(rate_mbit: float | None, models: list[dict], methods: list[str], *, ranks: int = 4, reps: int = 3,
+             budget_s: float = 20.0, warmup_max_s: float = 5.0, ps_servers: int = 2, timeout_s: float = 600.0,
+             prefix: str = "lbcb", port: int = 29500) -> list[dict]:
+    """Build one testbed at ``rate_mbit`` (None = unshaped), run ``ranks`` rank processes in it over
+    every (model, method), tear everything down, return rank 0's records (speedups filled in).
+
+    ``models``: ``[{"name", "shapes", "n"}]``. Raises RuntimeError when a rank fails (the records
+    measured before the failure are attached as ``err.records``)."""
+    from lowbit.net.netns import LinkSpec, Testbed
+
+    label = bandwidth_label(rate_mbit)
+    with tempfile.TemporaryDirectory(prefix="lbcomm") as tmp:
+        out = Path(tmp) / "records.json"
+        spec = {"bandwidth": label, "rate_mbit": rate_mbit, "models": models, "methods": methods, "reps": reps,
+                "budget_s": budget_s, "warmup_max_s": warmup_max_s, "ps_servers": ps_servers,
+                "timeout_s": timeout_s, "out": str(out)}
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        t_start = time.monotonic()
+        with Testbed(ranks, LinkSpec(rate_mbit), prefix=prefix) as tb:
+            procs = []
+            for i in range(ranks):
+                env = dict(os.environ, RANK=str(i), WORLD_SIZE=str(ranks), MASTER_ADDR=tb.addr(0),
+                           MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=tb.ifname(i), OMP_NUM_THREADS="1",
+                           PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+                procs.append(tb.run(i, [sys.executable, str(HERE / "_comm_common.py"), "--rank-spec", str(spec_path)],
+                                    env=env, stdout=subprocess.DEVNULL))
+            failed = None
+            deadline = t_start + timeout_s * max(4, 3 * len(models) * len(methods))
+            while True:
+                codes = [p.poll() for p in procs]
+                if any(c not in (None, 0) for c in codes):
+                    failed = f"rank exit codes {codes}"
+                    break
+                if all(c == 0 for c in codes):
+                    break
+                if time.monotonic() > deadline:
+                    failed = f"timed out after {time.monotonic() - t_start:.0f}s"
+                    break
+                time.sleep(0.2)
+        records = json.loads(out.read_text()) if out.exists() else []
+    add_speedups(records)
+    if failed:
+        err = RuntimeError(f"{label}: {failed}")
+        err.records = records
+        raise err
+    return records
+
+
+def add_speedups(records: list[dict]) -> None:
+    """speedup_vs_fp32 = fp32 all_reduce step / step (same model and link); also on step_total_s."""
+    ref = {(r["model"], r["bandwidth"]): r for r in records if r["method"] == "fp32_allreduce"}
+    for r in records:
+        f = ref.get((r["model"], r["bandwidth"]))
+        r["speedup_vs_fp32"] = f["step_s"] / r["step_s"] if f and r["step_s"] > 0 else None
+        r["speedup_total_vs_fp32"] = f["step_s"] / r["step_total_s"] if f and r["step_total_s"] > 0 else None
+
+
+COLS = ["model", "bandwidth", "method", "reps", "step_s", "step_total_s", "bytes_per_rank", "wire_ratio",
+        "speedup_vs_fp32", "speedup_total_vs_fp32", "ideal_s", "efficiency", "decode_est_s", "grad_encode_s",
+        "weight_quant_s"]
+FMT = {"step_s": "{:.4f}", "step_total_s": "{:.4f}", "bytes_per_rank": "{:.3e}", "wire_ratio": "{:.3f}",
+       "speedup_vs_fp32": "{:.2f}", "speedup_total_vs_fp32": "{:.2f}", "ideal_s": "{:.4f}", "efficiency": "{:.2f}",
+       "decode_est_s": "{:.3f}", "grad_encode_s": "{:.3f}", "weight_quant_s": "{:.3f}"}
+
+
+def table(records: list[dict]) -> str:
+    rows = []
+    for r in records:
+        row = dict(r)
+        busiest = max(r.get("bytes_per_rank") or 0, r.get("recv_per_rank") or 0)
+        row["wire_ratio"] = r["wire_bytes_per_rank"] / busiest if busiest else None
+        rows.append(row)
+    return print_table(rows, COLS, FMT)
+
+
+def plot(records: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not available: no plot", file=sys.stderr)
+        return None
+    models = sorted({r["model"] for r in records}, key=lambda m: min(r["n_params"] for r in records if r["model"] == m))
+    rates = [r["rate_mbit"] for r in records if r["rate_mbit"]]
+    unshaped_x = max(rates) * 4 if rates else 40000
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        recs = [r for r in records if r["model"] == model]
+        for m in [m for m in DEFAULT_METHODS + ("ddp_fp32",) if any(r["method"] == m for r in recs)]:
+            pts = sorted(((r["rate_mbit"] or unshaped_x), r["step_s"]) for r in recs if r["method"] == m)
+            info = parse_method(m)
+            style = "-" if info["family"] != "lowbit" else {"ring": "--", "tree": ":", "ps": "-."}[info["transport"]]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", ms=3, label=m,
+                    lw=2.2 if m in ("fp32_allreduce", "ddp_powersgd4", "lowbit_ring_w2g3") else 1.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"link rate, Mbit/s (unshaped plotted at {unshaped_x:g})")
+        ax.set_ylabel("communication per step, s (median)")
+        ax.set_title(f"{model}: {recs[0]['n_params'] / 1e6:.1f}M params, {recs[0]['p']} ranks, netns + tc tbf")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="minilm,bert-base", help="minilm, bert-base, or tiny:AxB+C")
+    ap.add_argument("--rates", default="100,1000,10000,none", help="Mbit/s per direction; none = unshaped")
+    ap.add_argument("--methods", default="default", help="names or patterns, e.g. 'fp32_allreduce,lowbit_*_w2g3'; "
+                                                          "'all' adds ddp_fp32")
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per method (at most; see --budget-s)")
+    ap.add_argument("--budget-s", type=float, default=20.0,
+                    help="fewer reps (>= 1) when reps x the ideal step time exceeds this")
+    ap.add_argument("--warmup-max-s", type=float, default=5.0,
+                    help="one untimed warm-up step when the ideal step time is at most this")
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--ps-servers", type=int, default=2, help="PS: ranks [0,S) serve, the others are workers")
+    ap.add_argument("--timeout-s", type=float, default=600.0, help="per point-to-point wait")
+    ap.add_argument("--quick", action="store_true", help=f"subset: {QUICK}")
+    ap.add_argument("--json", default=str(RESULTS / "comm_bandwidth.json"))
+    ap.add_argument("--plot", default=str(RESULTS / "comm_bandwidth.png"))
+    ap.add_argument("--no-costmodel", action="store_true", help="skip the cost-model fit afterwards")
+    ap.add_argument("--from-json", metavar="PATH", help="measure nothing: print the tables and plot from PATH")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        records = json.loads(Path(args.from_json).read_text())["records"]
+        for bw in dict.fromkeys(r["bandwidth"] for r in records):
+            print(f"\n## {bw}")
+            table([r for r in records if r["bandwidth"] == bw])
+        plot(records, Path(args.plot))
+        return 0
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+
+    from lowbit.net.netns import cleanup_stale, netns_available
+
+    ok, why = netns_available()
+    if not ok:
+        print(f"comm_bandwidth: skipped: netns testbed not available: {why}")
+        return 0
+    cleanup_stale("lbcb")
+    methods = select_methods(args.methods)
+    if args.ranks & (args.ranks - 1) and any(parse_method(m)["transport"] == "tree" for m in methods):
+        raise SystemExit("the tree transport needs a power-of-two --ranks")
+    models = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        shapes = model_shapes(name)
+        models.append({"name": name, "shapes": [list(s) for s in shapes], "n": sum(math.prod(s) for s in shapes)})
+    load = os.getloadavg()
+    print(f"comm_bandwidth: {args.ranks} ranks, models {[(m['name'], m['n']) for m in models]}, "
+          f"methods {methods}, load average {load[0]:.1f} on {os.cpu_count()} cores", file=sys.stderr)
+    records: list[dict] = []
+    meta = {"models": {m["name"]: m["shapes"] for m in models}, "ranks": args.ranks, "ps_servers": args.ps_servers, "reps": args.reps, "budget_s": args.budget_s,
+            "argv": sys.argv[1:] if argv is None else list(argv), "load_before": load,
+            "shaping": "tc tbf both directions per host link, burst max(256kbit, 1ms at rate), latency 50ms; "
+                       "no netem on this kernel: no delay emulated"}
+    failures = []
+    t0 = time.monotonic()
+    for rate in parse_rates(args.rates):
+        tr = time.monotonic()
+        try:
+            recs = run_rate(rate, models, methods, ranks=args.ranks, reps=args.reps, budget_s=args.budget_s,
+                            warmup_max_s=args.warmup_max_s, ps_servers=args.ps_servers, timeout_s=args.timeout_s)
+        except RuntimeError as e:
+            recs = getattr(e, "records", [])
+            failures.append(str(e))
+            print(f"comm_bandwidth: {e}", file=sys.stderr)
+        records += recs
+        print(f"\n## {bandwidth_label(rate)} ({time.monotonic() - tr:.0f}s, load {os.getloadavg()[0]:.1f})")
+        if recs:
+            table(recs)
+        meta.update(load_after=os.getloadavg(), wall_s=time.monotonic() - t0, failures=failures)
+        write_json(args.json, records, meta)
+    plot(records, Path(args.plot))
+    if not args.no_costmodel and records:
+        import comm_costmodel
+        comm_costmodel.main(["--measured", args.json])
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Smoke run of the shaped-link communication benchmark machinery (benchmarks/comm_bandwidth.py):
+2 ranks in their own namespaces, 2 small tensors, one 50 Mbit/s link, fp32 all_reduce and lowbit
+ring w2/g3, one timed step each."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowbit.net.netns import list_namespaces, netns_available
+
+OK, WHY = netns_available()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(not OK, reason=f"netns testbed not available: {WHY}")]
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+SHAPES = [(512, 512), (256, 1024)]
+FIELDS = ("method", "bandwidth", "model", "step_s", "bytes_per_rank", "speedup_vs_fp32", "ideal_s", "efficiency",
+          "wire_bytes_per_rank", "step_total_s")
+
+
+@pytest.mark.timeout(180)
+def test_comm_bandwidth_smoke_two_ranks_50mbit():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import comm_bandwidth
+        from _comm_common import frame_sizes
+    finally:
+        sys.path.remove(str(BENCH))
+    from lowbit.comm.collective import ring_expected_bytes
+
+    n = sum(math.prod(s) for s in SHAPES)
+    models = [{"name": "tiny", "shapes": [list(s) for s in SHAPES], "n": n}]
+    recs = comm_bandwidth.run_rate(50, models, ["fp32_allreduce", "lowbit_ring_w2g3"], ranks=2, reps=1,
+                                   prefix="lbct", timeout_s=60)
+    assert [n for n in list_namespaces() if n.startswith("lbct")] == []
+    by = {r["method"]: r for r in recs}
+    assert set(by) == {"fp32_allreduce", "lowbit_ring_w2g3"}
+    for r in recs:
+        for f in FIELDS:
+            assert f in r and r[f] is not None, (r["method"], f)
+        assert r["bandwidth"] == "50Mbit" and r["model"] == "tiny" and r["reps"] == 1
+        assert r["ideal_s"] == pytest.approx(max(r["bytes_per_rank"], r["recv_per_rank"]) * 8 / 50e6)
+        # the interface carried at least the payload, plus TCP/IP headers of a few percent
+        assert r["bytes_per_rank"] <= r["wire_bytes_per_rank"] <= 1.25 * r["bytes_per_rank"] + 20_000
+
+    fp32, low = by["fp32_allreduce"], by["lowbit_ring_w2g3"]
+    assert fp32["bytes_per_rank"] == pytest.approx(2 * (2 - 1) / 2 * 4 * n)  # ring all-reduce formula
+    shapes = {k: s for k, s in enumerate(SHAPES)}
+    g, w = frame_sizes(SHAPES, 3), frame_sizes(SHAPES, 2)
+    for rank, counted in enumerate(low["counters"]):
+        expected = ring_expected_bytes(rank, 2, shapes, g, w)
+        assert {k: counted[k] for k in expected} == expected
+    assert low["bytes_per_rank"] == max(c["sent"] for c in low["counters"])
+    assert low["speedup_vs_fp32"] == pytest.approx(fp32["step_s"] / low["step_s"])
+    assert fp32["speedup_vs_fp32"] == pytest.approx(1.0)
+    # 2 MB of fp32 per rank at 50 Mbit/s against ~0.16 MB of frames: the shaped link decides
+    assert fp32["step_s"] > low["step_s"]
+    assert fp32["step_s"] > 0.5 * fp32["ideal_s"]
