@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit.codec.codecs import WeightCodec
+from lowbit.codec.codecs import WeightCodec, frame_from_qtensor
 from lowbit.errors import ConfigError
 from lowbit.train.config import OptimConfig
 from lowbit.train.plan import ParamSpec
@@ -56,6 +56,8 @@ class ShardServer:
                       if self.opt else None)
         self.step_done = 0  # number of optimizer steps applied
         self.frames: dict = {}  # key -> Frame of the current quantized weights
+        self.alpha: dict[int, torch.Tensor] = {}  # LAQ warm start: last step's scale per key
+        self.warm: dict[int, torch.Tensor] = {}   # the warm starts behind the current frames (checkpointed)
         self._quantize_all()
 
     # -- Owner protocol ---------------------------------------------------------------------------
@@ -96,10 +98,20 @@ class ShardServer:
         return v_hat.sqrt().add_(self.cfg.laq_eps)
 
     def _quantize_all(self) -> None:
+        """Re-quantize every owned weight. LAQ's alternating minimisation starts from last step's α
+        (the weights moved by one optimizer step, so α barely changes and a few rounds suffice)."""
         for k, p in self.params.items():
             codec = self.specs[k].w_codec
             if isinstance(codec, WeightCodec):
-                f = codec.encode(p.data, key=k, step=self.step_done, d=self.curvature(k))
+                warm = self.alpha.get(k)
+                if warm is None:
+                    self.warm.pop(k, None)
+                else:
+                    self.warm[k] = warm
+                q = codec.quantize(p.data, self.curvature(k), alpha=warm)
+                if codec.scheme in ("laq-linear", "laq-log") and bool((q.scale > 0).all()):
+                    self.alpha[k] = q.scale
+                f = frame_from_qtensor(q, kind=codec.kind, key=k, step=self.step_done)
             else:
                 f = codec.encode(p.data, key=k, step=self.step_done)
             self.frames[k] = f
@@ -113,6 +125,8 @@ class ShardServer:
         meta: dict = {"step_done": self.step_done, "opt_scalars": {}}
         for k, p in self.params.items():
             tensors[f"w.{k}"] = p.data.detach().cpu().contiguous()
+            if k in self.warm:  # so a resumed server re-derives exactly the same quantized weights
+                tensors[f"alpha.{k}"] = self.warm[k].detach().cpu().reshape(-1).contiguous()
             st = self.opt.state.get(p, {}) if self.opt else {}
             for name, v in st.items():
                 if torch.is_tensor(v) and v.dim() > 0:
@@ -140,10 +154,14 @@ class ShardServer:
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads(fh.metadata()["lowbit"])
         tensors = load_file(str(path))
+        self.alpha = {}
         for k, p in self.params.items():
             if f"w.{k}" not in tensors:
                 raise ConfigError(f"checkpoint {path} lacks weights for key {k} ({self.specs[k].name})")
             p.data.copy_(tensors[f"w.{k}"])
+            if f"alpha.{k}" in tensors:
+                a = tensors[f"alpha.{k}"].to(self.device)
+                self.alpha[k] = a.reshape(()) if a.numel() == 1 and not self.specs[k].w_codec.per_row else a
             if self.opt is not None:
                 st = {}
                 for name in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
