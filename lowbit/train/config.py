@@ -49,6 +49,7 @@ class CodecConfig:
     clip: float = 3.0
     error_feedback: bool = False
     nonfinite: str = "error"  # error | skip | zero
+    max_piece_numel: int = 2_097_152  # larger matrices travel (and are owned) as blocks of rows; 0 = never
 
     def validate(self) -> None:
         for name in ("w_bits", "embed_bits", "head_bits", "small_bits"):
@@ -67,6 +68,8 @@ class CodecConfig:
             raise ConfigError(f"clip must be > 0, got {self.clip!r}")
         if self.nonfinite not in ("error", "skip", "zero"):
             raise ConfigError(f"nonfinite must be error|skip|zero, got {self.nonfinite!r}")
+        if self.max_piece_numel < 0:
+            raise ConfigError(f"max_piece_numel must be >= 0, got {self.max_piece_numel}")
 
 
 @dataclass

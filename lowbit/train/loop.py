@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from lowbit.errors import ConfigError
 from lowbit.train.config import Config, parse_fault
-from lowbit.train.plan import make_plan, plan_bytes
+from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
 from lowbit.train.server import ShardServer
 from lowbit.train.worker import Worker
 
@@ -181,7 +181,7 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
     n_workers = world_size - n_servers
     leader = rank == n_servers
     owned = transport.owned_keys() if (not is_worker or t.kind != "ps") else []
-    params = dict(enumerate(p.detach() for _, p in model.named_parameters()))
+    params = piece_tensors(model, plan)
     owner = None
     if owned:
         owner = ShardServer([plan[k] for k in owned], {k: params[k] for k in owned}, cfg.optim,

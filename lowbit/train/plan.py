@@ -1,5 +1,10 @@
-"""Which codec each parameter travels with. Keys are positions in ``model.named_parameters()``,
-identical on every rank because every rank builds the same architecture."""
+"""Which codec each parameter travels with, and how parameters are cut into pieces.
+
+A *piece* is the unit that travels and is owned: a whole parameter, or a block of rows of a large
+one (``CodecConfig.max_piece_numel``), so that one huge tensor (a 30522-row word embedding is half
+of MiniLM) does not land on a single owner. Keys number the pieces in ``model.named_parameters()``
+order; they are identical on every rank because every rank builds the same architecture. Each
+piece has its own scale(s) and its own clipping σ."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,11 +19,17 @@ from lowbit.train.config import CodecConfig
 @dataclass(frozen=True)
 class ParamSpec:
     key: int
-    name: str
-    shape: tuple[int, ...]
+    name: str  # parameter name, with [start:stop] when the piece is a block of rows
+    shape: tuple[int, ...]  # the piece's shape
     group: str  # transformer | embedding | head | small
     w_codec: object
     g_codec: object
+    param: int = 0  # index of the parameter in model.named_parameters()
+    rows: tuple[int, int] | None = None  # the block of rows, None for the whole parameter
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """This piece of a full parameter (or gradient) tensor: a view, no copy."""
+        return t if self.rows is None else t[self.rows[0]:self.rows[1]]
 
     @property
     def numel(self) -> int:
@@ -44,8 +55,8 @@ def param_group(name: str, p: torch.Tensor) -> str:
 def make_plan(model: nn.Module, cfg: CodecConfig) -> list[ParamSpec]:
     bits_for = {"transformer": cfg.w_bits, "embedding": cfg.embed_bits, "head": cfg.head_bits,
                 "small": cfg.small_bits}
-    plan = []
-    for key, (name, p) in enumerate(model.named_parameters()):
+    plan: list[ParamSpec] = []
+    for index, (name, p) in enumerate(model.named_parameters()):
         group = param_group(name, p)
         wb = bits_for[group]
         scheme = cfg.w_scheme if group == "transformer" else "laq-linear"
@@ -54,8 +65,39 @@ def make_plan(model: nn.Module, cfg: CodecConfig) -> list[ParamSpec]:
         wc = weight_codec(wb, scheme=scheme, per_row=cfg.per_row)
         gb = cfg.small_g_bits if group == "small" else cfg.g_bits
         gc = grad_codec(gb, clip=cfg.clip, nonfinite=cfg.nonfinite)
-        plan.append(ParamSpec(key, name, tuple(p.shape), group, wc, gc))
+        for rows in _row_blocks(tuple(p.shape), cfg.max_piece_numel):
+            shape = tuple(p.shape) if rows is None else (rows[1] - rows[0],) + tuple(p.shape[1:])
+            piece_name = name if rows is None else f"{name}[{rows[0]}:{rows[1]}]"
+            plan.append(ParamSpec(len(plan), piece_name, shape, group, wc, gc, index, rows))
     return plan
+
+
+def _row_blocks(shape: tuple[int, ...], max_numel: int) -> list[tuple[int, int] | None]:
+    """Equal blocks of rows, each at most ``max_numel`` elements (0 = never split, 1-D never split)."""
+    n = 1
+    for s in shape:
+        n *= s
+    if not max_numel or len(shape) < 2 or n <= max_numel:
+        return [None]
+    pieces = -(-n // max_numel)
+    rows = shape[0]
+    bounds = [rows * i // pieces for i in range(pieces + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def piece_tensors(model: nn.Module, plan: list[ParamSpec]) -> dict[int, torch.Tensor]:
+    """key -> the (detached) piece of the model's current parameters."""
+    params = [p.detach() for _, p in model.named_parameters()]
+    return {s.key: s.view(params[s.param]) for s in plan}
+
+
+def assemble(plan: list[ParamSpec], pieces: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Pieces back to whole parameters: param index -> tensor."""
+    by_param: dict[int, list[ParamSpec]] = {}
+    for s in plan:
+        by_param.setdefault(s.param, []).append(s)
+    return {i: pieces[ss[0].key] if ss[0].rows is None else torch.cat([pieces[s.key] for s in ss])
+            for i, ss in by_param.items()}
 
 
 def plan_bytes(plan: list[ParamSpec]) -> dict[str, int]:

@@ -29,7 +29,7 @@ import torch
 from lowbit.errors import ConfigError
 from lowbit.train.config import Config
 from lowbit.train.loop import Checkpointer, _batches, _load_worker, _save_worker, batch_indices, load_data
-from lowbit.train.plan import make_plan, plan_bytes
+from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,7 +63,7 @@ class ShardFactory:
 
         model, _ = build_model(self.cfg)
         plan = make_plan(model, self.cfg.codec)
-        params = dict(enumerate(p.detach() for _, p in model.named_parameters()))
+        params = piece_tensors(model, plan)
         owner = ShardServer([plan[k] for k in self.keys], {k: params[k] for k in self.keys}, self.cfg.optim,
                             total_steps=self.cfg.run.steps)
         if self.resume_path:

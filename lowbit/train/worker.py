@@ -41,7 +41,8 @@ class Worker:
         """Overwrite the model's parameters with the dequantized low-bit weights received."""
         with torch.no_grad():
             for k, w in weights.items():
-                self.params[k].copy_(w.reshape(self.params[k].shape))
+                spec = self.plan[k]
+                spec.view(self.params[spec.param]).copy_(w.reshape(spec.shape))
 
     def forward_backward(self, batch: dict[str, torch.Tensor], step: int) -> float:
         self.model.train()
@@ -57,8 +58,9 @@ class Worker:
         non-finite policy skips is left out (its owner averages over those that came)."""
         gen = step_generator(self.seed, self.rank, step, self.device)
         frames: dict[int, bytes] = {}
-        for spec, p in zip(self.plan, self.params):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
+        for spec in self.plan:
+            p = self.params[spec.param]
+            g = spec.view(p.grad) if p.grad is not None else torch.zeros(spec.shape, device=p.device)
             g = check_finite(g, name=f"{spec.name} (step {step})", policy=self.nonfinite)
             if g is None:
                 self.skipped += 1

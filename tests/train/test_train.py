@@ -8,14 +8,15 @@ from safetensors.torch import load_file
 
 from lowbit.train.config import Config
 from lowbit.train.loop import batch_indices, launch_local, load_data
-from lowbit.train.plan import make_plan
+from lowbit.train.plan import assemble, make_plan
 from lowbit.train.server import lr_lambda
 
 
 def tiny_cfg(tmp_path, name, **over):
     cfg = Config()
     cfg.override("transport", {"kind": "ring", "workers": 2, "timeout_s": 60})
-    cfg.override("codec", {"w_bits": 32, "g_bits": 32, "embed_bits": 32, "head_bits": 32})
+    cfg.override("codec", {"w_bits": 32, "g_bits": 32, "embed_bits": 32, "head_bits": 32,
+                           "max_piece_numel": 1_000_000})
     cfg.override("optim", {"name": "adam", "lr": 1e-3})
     cfg.override("run", {"model": "tiny-bert", "steps": 3, "batch_size": 4, "max_len": 16,
                          "train_subset": 64, "eval_subset": 32, "seed": 0, "dropout": 0.0,
@@ -68,7 +69,7 @@ def reference_run(cfg: Config):
         opt.step()
         sched.step()
         losses.append(tot / W)
-    return {k: p.detach() for k, p in enumerate(params)}, losses
+    return {k: p.detach() for k, p in enumerate(params)}, losses, make_plan(model, cfg.codec)
 
 
 def read_losses(out: Path):
@@ -80,8 +81,9 @@ def read_losses(out: Path):
 def test_full_precision_equals_single_process(tmp_path, kind, over):
     cfg = tiny_cfg(tmp_path, kind, transport={"kind": kind, **over})
     summary = launch_local(cfg)
-    ref_w, ref_losses = reference_run(cfg)
-    got = final_weights(Path(cfg.run.out), cfg.run.steps)
+    ref_w, ref_losses, plan = reference_run(cfg)
+    assert len(plan) > len(ref_w)  # the word embedding travels as several pieces
+    got = assemble(plan, final_weights(Path(cfg.run.out), cfg.run.steps))
     assert sorted(got) == sorted(ref_w)
     for k in ref_w:
         torch.testing.assert_close(got[k], ref_w[k], atol=2e-5, rtol=1e-4)
