@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--transports", default="ring,ps")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--backend", default="auto", help="auto | gloo | nccl (gloo keeps the ranks on CPU cores)")
     ap.add_argument("--out", default="runs/bench_sst2")
     ap.add_argument("--json", default=str(RESULTS / "train_sst2.json"))
     args = ap.parse_args(argv)
@@ -41,7 +42,8 @@ def main(argv=None) -> int:
         for name in args.configs.split(","):
             wb, gb = CONFIGS[name]
             cfg = Config()
-            cfg.override("transport", {"kind": transport, "workers": args.workers, "servers": 1, "timeout_s": 900})
+            cfg.override("transport", {"kind": transport, "workers": args.workers, "servers": 1, "timeout_s": 900,
+                                       "backend": args.backend})
             cfg.override("codec", {"w_bits": wb, "g_bits": gb, "embed_bits": max(wb, 8) if wb < 32 else 32,
                                    "head_bits": max(wb, 8) if wb < 32 else 32})
             cfg.override("optim", {"name": "adam", "lr": args.lr, "warmup_steps": args.steps // 10})
@@ -55,10 +57,14 @@ def main(argv=None) -> int:
                          "bytes_total": s["bytes_up"] + s["bytes_down"],
                          "fp32_bytes_total": s["fp32_bytes_up"] + s["fp32_bytes_down"],
                          "compression": s["compression"], "wall_s": s["wall_s"], "steps": args.steps,
-                         "model": args.model})
+                         "model": args.model, "batch_per_worker": args.batch_size, "max_len": args.max_len,
+                         "train_subset": args.train_subset})
+            write_json(args.json, recs, {"command": "python benchmarks/train_sst2.py " + " ".join(argv or sys.argv[1:]),
+                                         "partial": True})
     base = {r["transport"]: r["accuracy"] for r in recs if r["config"] == "fp32"}
+    base.setdefault("ps", base.get("ring"))
     for r in recs:
-        r["acc_drop_vs_fp32"] = (base[r["transport"]] - r["accuracy"]) if r["transport"] in base else None
+        r["acc_drop_vs_fp32"] = (base[r["transport"]] - r["accuracy"]) if base.get(r["transport"]) is not None else None
     print_table(recs, ["transport", "config", "accuracy", "acc_drop_vs_fp32", "bytes_total", "compression", "wall_s"],
                 {"accuracy": "{:.4f}", "acc_drop_vs_fp32": "{:+.4f}", "bytes_total": "{:,}",
                  "compression": "{:.1f}x", "wall_s": "{:.0f}"})

@@ -20,7 +20,7 @@ def demo_config(w_bits: int, g_bits: int, steps: int, out: str) -> Config:
     cfg.override("codec", {"w_bits": w_bits, "g_bits": g_bits, "w_scheme": "laq-linear",
                            "embed_bits": 8 if w_bits < 32 else 32, "head_bits": 8 if w_bits < 32 else 32})
     cfg.override("optim", {"name": "adam", "lr": 1e-4, "warmup_steps": steps // 10})
-    cfg.override("run", {"model": "minilm", "task": "SST-2", "steps": steps, "batch_size": 8, "max_len": 48,
+    cfg.override("run", {"model": "minilm", "task": "SST-2", "steps": steps, "batch_size": 8, "max_len": 32,
                          "train_subset": 8000, "eval_subset": 0, "seed": 0, "out": out})
     return cfg.validate()
 
@@ -30,7 +30,7 @@ def fmt_mb(b: float) -> str:
 
 
 def main(args=None) -> int:
-    steps = getattr(args, "steps", None) or 150
+    steps = getattr(args, "steps", None) or 80
     out = getattr(args, "out", None) or "runs/demo"
     results = {}
     for name, (wb, gb) in {"LAQ w2/g3": (2, 3), "fp32": (32, 32)}.items():
