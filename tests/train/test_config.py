@@ -47,3 +47,19 @@ def test_yaml_and_cli_overrides(tmp_path):
 def test_cli_rejects_bad_bits_with_message(capsys):
     with pytest.raises(ConfigError, match="g_bits"):
         main(["train", "--g-bits", "9", "--steps", "1"])
+
+
+def test_cli_export_writes_a_packed_checkpoint_that_loads(tmp_path):
+    import os
+
+    import torch
+
+    from lowbit.models import load_packed
+    out = tmp_path / "tb.safetensors"
+    assert main(["export", "--model", "tiny-bert", "--scheme", "ternarybert", "--out", str(out)]) == 0
+    fp32_bytes = 4 * sum(p.numel() for p in load_packed(out).parameters())
+    assert 0 < os.path.getsize(out) < fp32_bytes / 3
+    m = load_packed(out).eval()
+    with torch.no_grad():
+        logits = m(input_ids=torch.tensor([[101, 2023, 102]])).logits
+    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
