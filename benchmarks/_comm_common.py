@@ -119,8 +119,23 @@ def frame_sizes(shapes: list[tuple], bits: int) -> dict[int, int]:
     return {k: frame_nbytes("sym", bits, tuple(s), 1) for k, s in enumerate(shapes)}
 
 
+MAX_PIECE_NUMEL = 2_097_152  # as lowbit.train's default: large matrices travel as blocks of rows
+
+
+def lowbit_pieces(shapes: list[tuple]) -> list[tuple]:
+    """The shapes lowbit actually moves: training splits matrices above MAX_PIECE_NUMEL into row
+    blocks (lowbit.train.plan.row_blocks) so no single owner gets a whole embedding table."""
+    from lowbit.train.plan import row_blocks
+    out = []
+    for s in shapes:
+        for rows in row_blocks(tuple(s), MAX_PIECE_NUMEL):
+            out.append(tuple(s) if rows is None else (rows[1] - rows[0],) + tuple(s[1:]))
+    return out
+
+
 def lowbit_expected(method: str, shapes: list[tuple], p: int, ps_servers: int) -> list[dict]:
     """Per-rank byte counts of one step from the transports' frame formulas."""
+    shapes = lowbit_pieces(shapes)
     from lowbit.comm.collective import ring_expected_bytes, tree_expected_bytes
     from lowbit.comm.ps import expected_bytes as ps_expected_bytes
     m = parse_method(method)
@@ -382,7 +397,7 @@ class RankBench:
         from lowbit.comm.collective import RingTransport, TreeTransport
         from lowbit.comm.ps import ParameterServerTransport
 
-        shapes = {k: tuple(s) for k, s in enumerate(model["shapes"])}
+        shapes = {k: tuple(s) for k, s in enumerate(lowbit_pieces(model["shapes"]))}
         offs, a = {}, 0
         for k, s in shapes.items():
             offs[k] = (a, a + math.prod(s))

@@ -65,14 +65,14 @@ def make_plan(model: nn.Module, cfg: CodecConfig) -> list[ParamSpec]:
         wc = weight_codec(wb, scheme=scheme, per_row=cfg.per_row)
         gb = cfg.small_g_bits if group == "small" else cfg.g_bits
         gc = grad_codec(gb, clip=cfg.clip, nonfinite=cfg.nonfinite)
-        for rows in _row_blocks(tuple(p.shape), cfg.max_piece_numel):
+        for rows in row_blocks(tuple(p.shape), cfg.max_piece_numel):
             shape = tuple(p.shape) if rows is None else (rows[1] - rows[0],) + tuple(p.shape[1:])
             piece_name = name if rows is None else f"{name}[{rows[0]}:{rows[1]}]"
             plan.append(ParamSpec(len(plan), piece_name, shape, group, wc, gc, index, rows))
     return plan
 
 
-def _row_blocks(shape: tuple[int, ...], max_numel: int) -> list[tuple[int, int] | None]:
+def row_blocks(shape: tuple[int, ...], max_numel: int) -> list[tuple[int, int] | None]:
     """Equal blocks of rows, each at most ``max_numel`` elements (0 = never split, 1-D never split)."""
     n = 1
     for s in shape:
