@@ -16,20 +16,16 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, print_table, write_json  # noqa: E402
 
 from lowbit.train.config import Config  # noqa: E402
-from lowbit.train.loop import launch_local  # noqa: E402
+from lowbit.train.loop import Checkpointer, launch_local  # noqa: E402
 
 
-def final_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    w = {}
-    for f in sorted((out / "ckpt" / f"step_{step}").glob("shard_*.safetensors")):
-        w.update({k: v for k, v in load_file(str(f)).items() if k.startswith("w.")})
-    return w
+def final_weights(out: Path, step: int) -> dict[int, torch.Tensor]:
+    return Checkpointer(out).weights(step)
 
 
 def config(args, out: str) -> Config:

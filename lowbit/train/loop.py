@@ -95,6 +95,17 @@ class Checkpointer:
     def worker_path(self, step: int, rank: int) -> Path:
         return self.root / f"step_{step}" / f"worker_{rank}.safetensors"
 
+    def weights(self, step: int) -> dict[int, torch.Tensor]:
+        """The fp32 weights of every piece saved at ``step`` (key -> tensor), gathered from all shards."""
+        from safetensors.torch import load_file
+        files = sorted((self.root / f"step_{step}").glob("shard_*.safetensors"))
+        if not files:
+            raise ConfigError(f"no checkpoint shards under {self.root / f'step_{step}'}")
+        out: dict[int, torch.Tensor] = {}
+        for f in files:
+            out.update({int(k[2:]): v for k, v in load_file(str(f)).items() if k.startswith("w.")})
+        return out
+
     def commit(self, step: int) -> None:
         p = self.root / "latest.json"
         tmp = p.with_suffix(f".tmp{os.getpid()}")

@@ -8,13 +8,12 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 ray = pytest.importorskip("ray")
 
 from lowbit.comm.ray import init_local  # noqa: E402
 from lowbit.train.config import Config  # noqa: E402
-from lowbit.train.loop import launch_local  # noqa: E402
+from lowbit.train.loop import Checkpointer, launch_local  # noqa: E402
 from lowbit.train.ray_launch import REPO, run_ray  # noqa: E402
 
 
@@ -32,12 +31,7 @@ def tiny_cfg(tmp_path, name, **over):
 
 
 def final_weights(out: Path, steps: int) -> dict[int, torch.Tensor]:
-    w = {}
-    for f in sorted((out / "ckpt" / f"step_{steps}").glob("shard_*.safetensors")):
-        for k, v in load_file(str(f)).items():
-            if k.startswith("w."):
-                w[int(k[2:])] = v
-    return w
+    return Checkpointer(out).weights(steps)
 
 
 def metrics(out: Path) -> list[dict]:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from lowbit.train.loop import free_port
+from lowbit.train.loop import Checkpointer, free_port
 
 ARGS = ["--model", "tiny-bert", "--transport", "ring", "--w-bits", "2", "--g-bits", "3", "--steps", "4",
         "--batch-size", "4", "--max-len", "16", "--train-subset", "32", "--eval-subset", "16",
@@ -27,10 +26,7 @@ def torchrun(out, *extra, restarts=0):
 
 
 def weights(out):
-    w = {}
-    for f in sorted((Path(out) / "ckpt" / "step_4").glob("shard_*.safetensors")):
-        w.update({k: v for k, v in load_file(str(f)).items() if k.startswith("w.")})
-    return w
+    return Checkpointer(out).weights(4)
 
 
 @pytest.mark.timeout(600)

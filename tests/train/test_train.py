@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lowbit.train.config import Config
-from lowbit.train.loop import batch_indices, launch_local, load_data
+from lowbit.train.loop import Checkpointer, batch_indices, launch_local, load_data
 from lowbit.train.plan import assemble, make_plan
 from lowbit.train.server import lr_lambda
 
@@ -27,12 +26,7 @@ def tiny_cfg(tmp_path, name, **over):
 
 
 def final_weights(out: Path, steps: int) -> dict[int, torch.Tensor]:
-    w = {}
-    for f in sorted((out / "ckpt" / f"step_{steps}").glob("shard_*.safetensors")):
-        for k, v in load_file(str(f)).items():
-            if k.startswith("w."):
-                w[int(k[2:])] = v
-    return w
+    return Checkpointer(out).weights(steps)
 
 
 def reference_run(cfg: Config):
