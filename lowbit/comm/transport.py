@@ -26,7 +26,7 @@ import torch
 
 from lowbit.codec.codecs import decode_frame
 from lowbit.codec.frame import Frame
-from lowbit.errors import ConfigError
+from lowbit.errors import ConfigError, FrameError
 
 
 class Owner(Protocol):
@@ -83,7 +83,6 @@ class GradAccumulator:
         k = frame.key
         if k in self.sums:
             if self.sums[k].shape != g.shape:
-                from lowbit.errors import FrameError
                 raise FrameError(f"gradient for key {k} has shape {tuple(g.shape)}, "
                                  f"earlier contributions had {tuple(self.sums[k].shape)}")
             self.sums[k].add_(g)

@@ -241,7 +241,6 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
             from tqdm import tqdm
             bar = tqdm(total=r.steps, initial=start, desc=f"{t.kind} w{cfg.codec.w_bits}/g{cfg.codec.g_bits}",
                        unit="step", file=sys.stderr, dynamic_ncols=True)
-    stat_dev = device
     totals = torch.zeros(4, dtype=torch.float64)  # up, down, fp32_up, fp32_down
     t_start = time.time()
     evals = []
@@ -263,7 +262,7 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
         # control plane (not counted as payload): aggregate the step's numbers across ranks
         stats = torch.tensor([loss if is_worker else 0.0, float(is_worker), d["up_sent"], d["down_sent"],
                               float(worker.skipped if worker else 0), dt], dtype=torch.float64)
-        stats = stats.to(stat_dev)
+        stats = stats.to(device)
         dist.all_reduce(stats)
         stats = stats.cpu()
         up, down = stats[2].item(), stats[3].item()
@@ -301,7 +300,7 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
             "compression": float((totals[2] + totals[3]) / max(1.0, float(totals[0] + totals[1]))),
             "wall_s": time.time() - t_start, "model": r.model, "task": r.task,
             "numel": pb["numel"], "grad_frame_bytes": pb["grad_frames"], "weight_frame_bytes": pb["weight_frames"],
-            "fp32_frame_bytes": pb["fp32_frames"], "final_train_loss": None,
+            "fp32_frame_bytes": pb["fp32_frames"],
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     transport.close()

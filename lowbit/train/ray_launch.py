@@ -224,7 +224,7 @@ def run_ray(cfg: Config) -> dict:
             "compression": float((totals[2] + totals[3]) / max(1.0, totals[0] + totals[1])),
             "wall_s": time.time() - t_start, "model": r.model, "task": r.task,
             "numel": pb["numel"], "grad_frame_bytes": pb["grad_frames"], "weight_frame_bytes": pb["weight_frames"],
-            "fp32_frame_bytes": pb["fp32_frames"], "final_train_loss": None,
+            "fp32_frame_bytes": pb["fp32_frames"],
             "workers_alive": len(ps.alive), "weight_refetches": refetches[0],
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
