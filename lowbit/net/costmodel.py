@@ -75,6 +75,7 @@ __all__ = [
     "bytes_per_rank",
     "extrapolate",
     "fit",
+    "holdout",
     "measure_gamma",
     "measure_gamma_numpy",
     "predict",
@@ -228,7 +229,13 @@ def bytes_per_rank(method: Method, p: int, n: int, header_bytes_per_msg: int = D
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class FitResult:
-    """α, η (and γ, t0 when fitted) from :func:`fit`, with goodness of fit on the records used."""
+    """α, η (and γ, t0 when fitted) from :func:`fit`, with goodness of fit on the records used.
+
+    ``stderr``: standard errors of the fitted coefficients (``alpha_s``, ``inv_efficiency``, and
+    ``gamma_s_per_byte`` / ``t0_s`` when fitted) from the weighted least-squares covariance
+    ``s²·(AᵀA)⁻¹``, ``s² = RSS/(N − k)``; empty when N = k (no residual degrees of freedom) or the
+    design is singular. A standard error as large as the value means the data do not determine it.
+    """
 
     alpha_s: float
     efficiency: float
@@ -238,6 +245,7 @@ class FitResult:
     r2: float
     rel_err: list[float] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
+    stderr: dict[str, float] = field(default_factory=dict)
 
     def predict(self, method: Method | str, p: int, n: int, rate_bps: float) -> float:
         return predict(_method(method), p, n, rate_bps, self.alpha_s, self.gamma_s_per_byte,
@@ -289,13 +297,21 @@ def fit(measurements: Sequence[dict], gamma_s_per_byte: float | None = 0.0, inte
     if len(y) < A.shape[1]:
         raise ConfigError(f"fit needs at least {A.shape[1]} measurements, got {len(y)}")
     coef, *_ = np.linalg.lstsq(A, b, rcond=None)
+    names = ["alpha_s", "inv_efficiency"] + (["gamma_s_per_byte"] if gamma_fixed is None else []) + (
+        ["t0_s"] if intercept else [])
+    stderr: dict[str, float] = {}
+    dof = len(y) - A.shape[1]
+    if dof > 0 and np.linalg.matrix_rank(A) == A.shape[1]:
+        s2 = float(np.sum((A @ coef - b) ** 2)) / dof
+        cov = s2 * np.linalg.inv(A.T @ A)
+        stderr = {k: float(math.sqrt(max(cov[i, i], 0.0))) for i, k in enumerate(names)}
     alpha, inv_eta = float(coef[0]), float(coef[1])
     i = 2
     gamma = gamma_fixed if gamma_fixed is not None else float(coef[i])
     i += gamma_fixed is None
     t0 = float(coef[i]) if intercept else 0.0
     eta = 1.0 / inv_eta if inv_eta > 0 else float("inf")
-    res = FitResult(alpha, eta, gamma, t0, header_bytes_per_msg, r2=0.0, records=list(measurements))
+    res = FitResult(alpha, eta, gamma, t0, header_bytes_per_msg, r2=0.0, records=list(measurements), stderr=stderr)
     pred = np.array([res.predict(r["method"], int(r["p"]), int(r["n"]), float(r["rate_bps"])) for r in measurements])
     obs = np.array([float(r["step_s"]) for r in measurements])
     ss_res = float(np.sum((obs - pred) ** 2))
@@ -303,6 +319,34 @@ def fit(measurements: Sequence[dict], gamma_s_per_byte: float | None = 0.0, inte
     res.r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
     res.rel_err = [float((pr - ob) / ob) for pr, ob in zip(pred, obs)]
     return res
+
+
+def holdout(measurements: Sequence[dict], group: Callable[[dict], object] = lambda rec: rec["rate_bps"],
+            **fit_kwargs) -> list[dict]:
+    """Leave-one-group-out check of :func:`fit`: for every value ``g`` of ``group(rec)`` (by default
+    the link rate), fit on the records of the other groups and predict the records of ``g``.
+
+    Returns one dict per measurement, in input order: ``{"group", "measured_s", "predicted_s",
+    "rel_err", "alpha_s", "efficiency"}`` (the last two from the fit that did not see the record).
+    ``fit_kwargs`` go to :func:`fit` (``gamma_s_per_byte``, ``intercept``, ``header_bytes_per_msg``).
+    Needs at least two groups; a fold with fewer records than coefficients raises ConfigError.
+    """
+    keys = [group(rec) for rec in measurements]
+    groups = list(dict.fromkeys(keys))
+    if len(groups) < 2:
+        raise ConfigError(f"holdout needs at least 2 groups, got {groups}")
+    out: list[dict | None] = [None] * len(measurements)
+    for g in groups:
+        train = [rec for rec, k in zip(measurements, keys) if k != g]
+        res = fit(train, **fit_kwargs)
+        for i, (rec, k) in enumerate(zip(measurements, keys)):
+            if k != g:
+                continue
+            pred = res.predict(rec["method"], int(rec["p"]), int(rec["n"]), float(rec["rate_bps"]))
+            obs = float(rec["step_s"])
+            out[i] = {"group": g, "measured_s": obs, "predicted_s": pred, "rel_err": (pred - obs) / obs,
+                      "alpha_s": res.alpha_s, "efficiency": res.efficiency}
+    return [o for o in out if o is not None]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from lowbit.net.costmodel import (
     bytes_per_rank,
     extrapolate,
     fit,
+    holdout,
     predict,
     terms,
 )
@@ -110,3 +111,47 @@ def test_extrapolation_records():
     assert by[("lowbit_ring", 256, 1e9)] < by[("fp32", 256, 1e9)]
     assert 105e6 < BERT_BASE_N < 115e6
     assert len(bert_param_shapes(layers=1)) < len(bert_param_shapes())
+
+
+def _synthetic(alpha, eta, rates, noise=None):
+    recs = []
+    for i, (name, rate) in enumerate((nm, r) for nm in ("fp32", "lowbit_ps", "lowbit_ring", "lowbit_tree") for r in rates):
+        step = predict(METHODS[name], 4, 5_000_000, rate, alpha, efficiency=eta)
+        f = 1.0 if noise is None else 1.0 + noise * (1 if i % 2 else -1) * (1 + i % 3) / 3
+        recs.append({"method": name, "p": 4, "n": 5_000_000, "rate_bps": rate, "step_s": step * f})
+    return recs
+
+
+@pytest.mark.timeout(10)
+def test_holdout_predicts_unseen_rate_from_the_others():
+    alpha, eta = 3e-3, 0.9
+    recs = _synthetic(alpha, eta, (1e8, 1e9, 1e10))
+    out = holdout(recs)
+    assert [o["measured_s"] for o in out] == [r["step_s"] for r in recs]
+    assert {o["group"] for o in out} == {1e8, 1e9, 1e10}
+    for o, r in zip(out, recs):
+        assert o["group"] == r["rate_bps"]
+        assert abs(o["rel_err"]) < 1e-6
+        assert o["alpha_s"] == pytest.approx(alpha, rel=1e-6) and o["efficiency"] == pytest.approx(eta, rel=1e-6)
+    # a model that misses a per-step overhead is caught on the held-out rate, not hidden by the fit
+    biased = [dict(r, step_s=r["step_s"] + (0.5 if r["method"] == "fp32" else 0.0)) for r in recs]
+    assert max(abs(o["rel_err"]) for o in holdout(biased)) > 0.05
+    with pytest.raises(ConfigError):
+        holdout([r for r in recs if r["rate_bps"] == 1e9])
+
+
+@pytest.mark.timeout(10)
+def test_fit_standard_errors():
+    alpha, eta = 3e-3, 0.9
+    exact = fit(_synthetic(alpha, eta, (1e8, 1e9)))
+    assert set(exact.stderr) == {"alpha_s", "inv_efficiency"}
+    assert exact.stderr["alpha_s"] < 1e-9 * alpha + 1e-15
+    noisy = fit(_synthetic(alpha, eta, (1e8, 1e9), noise=0.05))
+    assert noisy.stderr["alpha_s"] > 0 and noisy.stderr["inv_efficiency"] > 0
+    assert abs(noisy.alpha_s - alpha) < 5 * noisy.stderr["alpha_s"]
+    assert abs(1 / noisy.efficiency - 1 / eta) < 5 * noisy.stderr["inv_efficiency"]
+    with_t0 = fit(_synthetic(alpha, eta, (1e8, 1e9), noise=0.05), intercept=True)
+    assert set(with_t0.stderr) == {"alpha_s", "inv_efficiency", "t0_s"}
+    # as many records as coefficients: no residual degrees of freedom, no standard errors
+    two = _synthetic(alpha, eta, (1e8, 1e9))[:2]
+    assert fit(two).stderr == {}
