@@ -25,6 +25,8 @@ names the peer and the step. The announced length is bounded before anything is 
 from __future__ import annotations
 
 import math
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -118,7 +120,8 @@ class P2P:
         """One round: send ``sends[peer]`` (a bundle) to each peer and receive one bundle from each
         peer in ``recv_from``, all concurrently. ``direction`` ('up' or 'down') picks the counters.
         ``max_recv`` bounds the length a peer may announce (per peer or for all); a larger one is a
-        :class:`FrameError`. Returns peer -> received bundle (a read-only memoryview)."""
+        :class:`FrameError`. Returns peer -> received bundle (a read-only memoryview). Any peer
+        that fails is a :class:`TransportError`."""
         if direction not in ("up", "down"):
             raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
         recv_from = list(recv_from)
@@ -131,11 +134,8 @@ class P2P:
                                       else b.numel()], dtype=torch.int64, device=dev)
                      for p, b in sends.items()}
         recv_lens = {p: torch.empty(1, dtype=torch.int64, device=dev) for p in recv_from}
-        ops = [dist.P2POp(dist.isend, t, self._global(p), self.group, tag=0) for p, t in send_lens.items()]
-        ops += [dist.P2POp(dist.irecv, t, self._global(p), self.group, tag=0) for p, t in recv_lens.items()]
-        what = [("sending the length to", p) for p in send_lens] + [("awaiting the length from", p)
-                                                                    for p in recv_lens]
-        self._wait(self._post(ops), what, step)
+        self._post_all([("send", p, t, 0) for p, t in send_lens.items()] +
+                       [("recv", p, t, 0) for p, t in recv_lens.items()], step)
         lens = {p: int(t.item()) for p, t in recv_lens.items()}
         for p, n in lens.items():
             bound = max_recv.get(p) if isinstance(max_recv, Mapping) else max_recv
@@ -145,11 +145,8 @@ class P2P:
         # Round 2: payloads (nothing is sent for an empty bundle).
         send_bufs = {p: _as_uint8(b, dev) for p, b in sends.items() if int(send_lens[p].item()) > 0}
         recv_bufs = {p: torch.empty(n, dtype=torch.uint8, device=dev) for p, n in lens.items() if n > 0}
-        ops = [dist.P2POp(dist.isend, t, self._global(p), self.group, tag=1) for p, t in send_bufs.items()]
-        ops += [dist.P2POp(dist.irecv, t, self._global(p), self.group, tag=1) for p, t in recv_bufs.items()]
-        what = [("sending the bundle to", p) for p in send_bufs] + [("awaiting the bundle from", p)
-                                                                    for p in recv_bufs]
-        self._wait(self._post(ops), what, step)
+        self._post_all([("send", p, t, 1) for p, t in send_bufs.items()] +
+                       [("recv", p, t, 1) for p, t in recv_bufs.items()], step)
         c = self.counter
         sent = sum(message_bytes(int(t.item())) for t in send_lens.values())
         got = sum(message_bytes(n) for n in lens.values())
@@ -161,6 +158,102 @@ class P2P:
             c.down_recv += got
         c.messages += len(sends)
         return {p: (_to_memoryview(recv_bufs[p]) if p in recv_bufs else memoryview(b"")) for p in recv_from}
+
+    def exchange_tolerant(self, step: int, sends: Mapping[int, object], recv_from: Iterable[int], *,
+                          direction: str, max_recv: Mapping[int, int] | int | None = None
+                          ) -> tuple[dict[int, memoryview], dict[int, str]]:
+        """Like :meth:`exchange`, but a peer whose send or receive fails (its process died: the
+        connection closed; or it did not answer within the timeout) is dropped from the round
+        instead of failing it. Returns (peer -> bundle for the peers that answered, failed peer ->
+        reason). Only messages that completed are counted.
+
+        Each peer is served by its own daemon thread (length, then bundle): gloo's point-to-point
+        works cannot be polled, and a silent peer must not hold up the others' bundles. The timeout
+        is enforced here, on the threads, not by gloo: a gloo wait that times out closes *every*
+        pair of the process group ("Application timeout caused pair closure"), which would take
+        the live peers down with the silent one. A silent peer's thread is left blocked; the peer
+        is never addressed again. A bundle that arrives but is too long is still a
+        :class:`FrameError`: a live peer sending garbage is a bug, not a failure to ride out."""
+        if direction not in ("up", "down"):
+            raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+        recv_from = list(recv_from)
+        for p in list(sends) + recv_from:
+            if not 0 <= p < self.world_size or p == self.rank:
+                raise TransportError(f"rank {self.rank}: invalid peer {p} (world size {self.world_size})")
+        dev, forever = self.device, timedelta(days=365)
+
+        def wait(work) -> None:
+            work.wait(timeout=forever)
+
+        def send_one(p):
+            buf = _as_uint8(sends[p], dev)
+            wait(dist.isend(torch.tensor([buf.numel()], dtype=torch.int64, device=dev), self._global(p),
+                            self.group, tag=0))
+            if buf.numel():
+                wait(dist.isend(buf, self._global(p), self.group, tag=1))
+            return buf.numel()
+
+        def recv_one(p):
+            n_t = torch.empty(1, dtype=torch.int64, device=dev)
+            wait(dist.irecv(n_t, self._global(p), self.group, tag=0))
+            n = int(n_t.item())
+            bound = max_recv.get(p) if isinstance(max_recv, Mapping) else max_recv
+            if n < 0 or (bound is not None and n > bound):
+                raise FrameError(f"rank {self.rank}: peer {p} announced a bundle of {n} bytes at step {step}; "
+                                 f"at most {bound} bytes are possible for the frames it may send")
+            buf = torch.empty(n, dtype=torch.uint8, device=dev)
+            if n:
+                wait(dist.irecv(buf, self._global(p), self.group, tag=1))
+            return buf
+
+        jobs = [("send", p) for p in sends] + [("recv", p) for p in recv_from]
+        results: dict[tuple[str, int], tuple[bool, object]] = {}
+
+        def run(verb, p):
+            try:
+                results[(verb, p)] = (True, (send_one if verb == "send" else recv_one)(p))
+            except BaseException as e:  # noqa: BLE001 - reported to the caller below
+                results[(verb, p)] = (False, e)
+
+        threads = [(verb, p, threading.Thread(target=run, args=(verb, p), daemon=True,
+                                               name=f"lowbit-p2p-{verb}-{p}")) for verb, p in jobs]
+        for *_, th in threads:
+            th.start()
+        deadline = time.monotonic() + self.timeout
+        failed: dict[int, str] = {}
+        got: dict[int, torch.Tensor] = {}
+        sent_lens: dict[int, int] = {}
+        for verb, p, th in threads:
+            th.join(max(0.0, deadline - time.monotonic()))
+            if th.is_alive():
+                failed[p] = f"no answer within {self.timeout:g}s"
+                continue
+            ok, v = results[(verb, p)]
+            if not ok:
+                if isinstance(v, FrameError):
+                    raise v
+                failed[p] = (str(v).splitlines()[0][:200] if str(v) else type(v).__name__)
+                continue
+            (sent_lens if verb == "send" else got)[p] = v
+        c = self.counter
+        sent = sum(message_bytes(n) for p, n in sent_lens.items() if p not in failed)
+        recvd = sum(message_bytes(t.numel()) for p, t in got.items() if p not in failed)
+        if direction == "up":
+            c.up_sent += sent
+            c.up_recv += recvd
+        else:
+            c.down_sent += sent
+            c.down_recv += recvd
+        c.messages += sum(1 for p in sent_lens if p not in failed)
+        return {p: _to_memoryview(t) for p, t in got.items() if p not in failed}, failed
+
+    def _post_all(self, ops: list[tuple[str, int, torch.Tensor, int]], step: int) -> None:
+        """Post ``(verb, peer, tensor, tag)`` operations batched and wait for each (first failure raises)."""
+        p2p = [dist.P2POp(dist.isend if v == "send" else dist.irecv, t, self._global(p), self.group, tag=tag)
+               for v, p, t, tag in ops]
+        what = [((f"sending the {'length' if tag == 0 else 'bundle'} to" if v == "send" else
+                  f"awaiting the {'length' if tag == 0 else 'bundle'} from"), p) for v, p, _, tag in ops]
+        self._wait(self._post(p2p), what, step)
 
 
 @dataclass

@@ -17,6 +17,18 @@ skipped that gradient. The server then averages over the contributions that came
 (``counts[key]`` < W); a key nobody sent is absent from both ``grads`` and ``counts`` given to
 ``Owner.apply``.
 
+Worker failures (``on_worker_failure``): ``"stop"`` (default) makes any failed peer a
+:class:`TransportError` on every rank that talks to it, so the run stops and resumes from its last
+checkpoint. ``"continue"`` lets servers ride out dead workers: each server receives from and sends
+to every live worker on its own (:meth:`P2P.exchange_tolerant`); a worker whose connection closed
+or that did not answer within the timeout is dropped (workers then wait up to 4x the timeout for
+the servers, who may have spent it waiting on a silent peer). With several servers, they agree on the
+dropped set (an all-reduce of a rank mask within the server group) after each half, so every
+server serves the same workers. The step completes with the contributions that came (the
+accumulator averages over them); server 0 then publishes the live workers of the step in the c10d
+store (``lowbit/live/<step>``, control plane, not counted as payload), which workers read after
+pulling their weights. A server failure still stops the run (its shard exists nowhere else).
+
 Bytes per step (one message = 8-byte length prefix + bundle, see :mod:`lowbit.comm.p2p`)::
 
     worker w:  up_sent   = Σ_s (8 + |G_{w,s}|)          down_recv = Σ_s (8 + |V_s|)
@@ -26,7 +38,9 @@ Bytes per step (one message = 8-byte length prefix + bundle, see :mod:`lowbit.co
 """
 from __future__ import annotations
 
+import json
 import math
+from datetime import timedelta
 from typing import Mapping
 
 import torch
@@ -35,7 +49,9 @@ import torch.distributed as dist
 from lowbit.codec.codecs import decode_frame
 from lowbit.comm.p2p import LEN_PREFIX, P2P, bundle_bound, join, parse_bundle
 from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, partition
-from lowbit.errors import ConfigError, FrameError
+from lowbit.errors import ConfigError, FrameError, TransportError
+
+FAILURE_MODES = ("stop", "continue")
 
 
 def _sizes(shapes: Mapping[int, tuple]) -> dict[int, int]:
@@ -73,10 +89,14 @@ class ParameterServerTransport(Transport):
         group: the process group (default WORLD); ranks are group ranks.
         timeout: seconds to wait for any peer before :class:`TransportError`.
         device: where decoded tensors are returned / accumulated (default CPU).
+        on_worker_failure: ``"stop"`` or ``"continue"`` (see the module docstring).
+        store: the c10d store for the live-worker list in ``"continue"`` mode (default: the
+            default process group's store).
     """
 
     def __init__(self, shapes: Mapping[int, tuple], n_servers: int = 1, group=None, *,
-                 timeout: float = 300.0, device: torch.device | str = "cpu") -> None:
+                 timeout: float = 300.0, device: torch.device | str = "cpu",
+                 on_worker_failure: str = "stop", store=None) -> None:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -94,6 +114,31 @@ class ParameterServerTransport(Transport):
         self.device = torch.device(device)
         self.counter = ByteCounter()
         self.p2p = P2P(self.group, self.counter, timeout)
+        if on_worker_failure not in FAILURE_MODES:
+            raise ConfigError(f"on_worker_failure must be one of {FAILURE_MODES}, got {on_worker_failure!r}")
+        self.tolerant = on_worker_failure == "continue"
+        if self.tolerant and not self.is_server:
+            # A server may wait ``timeout`` for a silent worker's length, again for its bundle and
+            # once more sending its weights before it answers the others: workers wait longer.
+            self.p2p.timeout = 4 * timeout
+        self.timeout = timeout
+        self._live = list(self.workers)
+        self.lost: dict[int, tuple[int, str]] = {}  # worker rank -> (step, reason); known to servers
+        self.store = None
+        self.server_group = None
+        if self.tolerant:
+            self.store = store if store is not None else dist.distributed_c10d._get_default_store()
+            if n_servers > 1:  # every rank must take part in creating a group
+                self.server_group = dist.new_group([self.p2p._global(s) for s in self.servers])
+
+    @property
+    def owners(self) -> list[int]:
+        return list(self.servers)
+
+    @property
+    def live_workers(self) -> list[int]:
+        """Worker ranks still taking part (all of them unless ``"continue"`` dropped some)."""
+        return list(self._live)
 
     @property
     def is_server(self) -> bool:
@@ -116,12 +161,15 @@ class ParameterServerTransport(Transport):
         if grads is None:
             raise ConfigError(f"worker rank {self.rank} must pass its gradient frames to step()")
         self._push_grads(step, grads)
-        return self._pull_weights(step)
+        out = self._pull_weights(step)
+        if self.tolerant:
+            self._read_live(step)
+        return out
 
     def fetch_weights(self, step: int, owner: Owner | None) -> dict[int, torch.Tensor] | None:
         if self.is_server:
             self._check_owner(owner)
-            self._send_weights(step, owner)
+            self._send_weights(step, owner, publish=False)
             return None
         return self._pull_weights(step)
 
@@ -142,12 +190,64 @@ class ParameterServerTransport(Transport):
         bundles = {s: join(grads[k] for k in self.keys_of[s] if grads.get(k)) for s in self.servers}
         self.p2p.exchange(step, bundles, [], direction="up")
 
+    def _drop(self, step: int, failed: Mapping[int, str], half: str) -> None:
+        """Agree with the other servers on the workers lost in this half and stop serving them."""
+        mask = torch.zeros(self.world_size, dtype=torch.int64)
+        for w in failed:
+            mask[w] = 1
+        if self.server_group is not None:
+            dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=self.server_group)
+        gone = [w for w in self._live if mask[w]]
+        for w in gone:
+            self.lost[w] = (step, failed.get(w, f"lost by another server during the {half}"))
+            self._live.remove(w)
+        if not self._live:
+            raise TransportError(f"rank {self.rank}: every worker is lost at step {step} "
+                                 f"({ {w: r for w, (_, r) in self.lost.items()} })")
+
+    def _publish_live(self, step: int) -> None:
+        if self.rank == self.servers[0]:
+            self.store.set(f"lowbit/live/{step}", json.dumps(self._live))
+            if step >= 2:  # every live worker read it before sending the gradients of step + 1
+                try:
+                    self.store.delete_key(f"lowbit/live/{step - 2}")
+                except Exception:  # noqa: BLE001 - cleanup only; some stores cannot delete
+                    pass
+
+    def _read_live(self, step: int) -> None:
+        key = f"lowbit/live/{step}"
+        try:
+            self.store.wait([key], timedelta(seconds=self.timeout))
+        except Exception as e:
+            raise TransportError(f"rank {self.rank}: the servers did not publish the live workers of step "
+                                 f"{step} within {self.timeout:g}s: {str(e).splitlines()[0][:200]}") from e
+        self._live = [int(w) for w in json.loads(self.store.get(key))]
+
+    def close(self) -> None:
+        """In ``"continue"`` mode the live-worker lists live in the store, which the rank that
+        hosts it (rank 0, a server, for ``tcp://`` rendezvous) must not take away while workers still
+        read it: workers say goodbye, and server 0 waits (at most the timeout) for the live ones."""
+        if not self.tolerant:
+            return
+        if not self.is_server:
+            self.store.set(f"lowbit/bye/{self.rank}", "1")
+        elif self.rank == self.servers[0]:
+            try:
+                self.store.wait([f"lowbit/bye/{w}" for w in self._live], timedelta(seconds=self.timeout))
+            except Exception:  # noqa: BLE001 - a worker lost at the very end; nothing left to serve
+                pass
+
     def _serve_grads(self, step: int, owner: Owner) -> None:
         mine = self.keys_of[self.rank]
-        got = self.p2p.exchange(step, {}, self.workers, direction="up",
-                                max_recv=bundle_bound(self.shapes, mine))
+        if self.tolerant:
+            got, failed = self.p2p.exchange_tolerant(step, {}, self._live, direction="up",
+                                                     max_recv=bundle_bound(self.shapes, mine))
+            self._drop(step, failed, "gradient upload")
+        else:
+            got = self.p2p.exchange(step, {}, self.workers, direction="up",
+                                    max_recv=bundle_bound(self.shapes, mine))
         acc = GradAccumulator(self.device)
-        for w in self.workers:
+        for w in got:
             for pf in parse_bundle(got[w], peer=w, step=step, kind="grad", shapes=self.shapes,
                                    allowed_keys=mine, rank=self.rank):
                 try:
@@ -156,14 +256,20 @@ class ParameterServerTransport(Transport):
                     raise FrameError(f"rank {self.rank}: bundle from peer {w} at step {step}: {e}") from e
         owner.apply(step, acc.averages(), dict(acc.counts))
 
-    def _send_weights(self, step: int, owner: Owner) -> None:
+    def _send_weights(self, step: int, owner: Owner, publish: bool = True) -> None:
         mine = self.keys_of[self.rank]
         frames = owner.weight_frames(step)
         if sorted(int(k) for k in frames) != mine:
             raise ConfigError(f"server rank {self.rank}: Owner.weight_frames gave keys {sorted(frames)}, "
                               f"expected {mine}")
         bundle = join(frames[k] for k in mine)  # encoded once, sent W times
-        self.p2p.exchange(step, {w: bundle for w in self.workers}, [], direction="down")
+        if self.tolerant:
+            _, failed = self.p2p.exchange_tolerant(step, {w: bundle for w in self._live}, [], direction="down")
+            self._drop(step, failed, "weight download")
+            if publish:
+                self._publish_live(step)
+        else:
+            self.p2p.exchange(step, {w: bundle for w in self.workers}, [], direction="down")
 
     def _pull_weights(self, step: int) -> dict[int, torch.Tensor]:
         got = self.p2p.exchange(step, {}, self.servers, direction="down",

@@ -128,5 +128,16 @@ class Transport(ABC):
         """The down-link half alone: owners send their current weight frames, workers receive
         all of them (start of training, resume, a rejoining worker)."""
 
+    @property
+    def owners(self) -> list[int]:
+        """Ranks that own keys (apply updates, send weights). Default: every rank."""
+        return list(range(self.world_size))
+
+    @property
+    def live_workers(self) -> list[int]:
+        """Ranks that compute gradients and are still taking part. Default: every rank, always
+        (a transport that can lose workers overrides this)."""
+        return list(range(self.world_size))
+
     def close(self) -> None:  # pragma: no cover - trivial default
         pass

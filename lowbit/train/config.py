@@ -82,6 +82,7 @@ class TransportConfig:
     port: int = 0  # 0 = pick a free port
     timeout_s: float = 300.0
     ray_address: str = ""  # ray only: "" = $LOWBIT_RAY_ADDRESS or a local cluster; "auto" or host:port
+    on_worker_failure: str = "stop"  # stop | continue (ps: servers drop a dead worker and go on)
 
     def validate(self) -> None:
         if self.kind not in TRANSPORTS:
@@ -97,6 +98,11 @@ class TransportConfig:
             raise ConfigError(f"backend must be auto|gloo|nccl, got {self.backend!r}")
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.on_worker_failure not in ("stop", "continue"):
+            raise ConfigError(f"on_worker_failure must be stop|continue, got {self.on_worker_failure!r}")
+        if self.on_worker_failure == "continue" and self.kind in ("ring", "tree"):
+            raise ConfigError(f"on_worker_failure=continue needs the ps transport (or ray): in {self.kind} every "
+                              "rank owns a shard, so a lost rank loses weights; use stop and --resume")
 
     @property
     def world_size(self) -> int:

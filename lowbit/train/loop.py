@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lowbit.errors import ConfigError
+from lowbit.errors import ConfigError, TransportError
 from lowbit.train.config import Config, parse_fault
+from lowbit.train.control import Control
 from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
 from lowbit.train.server import ShardServer
 from lowbit.train.worker import Worker
@@ -53,7 +54,8 @@ def build_transport(cfg: Config, shapes: dict[int, tuple[int, ...]], device: tor
     kw = {"timeout": t.timeout_s, "device": device}
     if t.kind == "ps":
         from lowbit.comm.ps import ParameterServerTransport
-        return ParameterServerTransport(shapes=shapes, n_servers=t.servers, **kw)
+        return ParameterServerTransport(shapes=shapes, n_servers=t.servers, on_worker_failure=t.on_worker_failure,
+                                        **kw)
     if t.kind == "ring":
         from lowbit.comm.collective import RingTransport
         return RingTransport(shapes=shapes, **kw)
@@ -140,13 +142,17 @@ def load_data(cfg: Config, tokenizer, worker_index: int, n_workers: int, leader:
     # each worker reads its own shard
     sents, labels = sents[worker_index::n_workers], labels[worker_index::n_workers]
     train = encode(tokenizer, sents, labels, max_len=r.max_len)
-    dev = None
-    if leader:
-        ds, dl = load_glue_tsv(r.task, "dev")
-        if r.eval_subset:
-            ds, dl = ds[: r.eval_subset], dl[: r.eval_subset]
-        dev = encode(tokenizer, ds, dl, max_len=r.max_len)
-    return train, dev
+    return train, (load_dev(cfg, tokenizer) if leader else None)
+
+
+def load_dev(cfg: Config, tokenizer) -> dict[str, torch.Tensor]:
+    from lowbit.train.data import encode, load_glue_tsv
+
+    r = cfg.run
+    ds, dl = load_glue_tsv(r.task, "dev")
+    if r.eval_subset:
+        ds, dl = ds[: r.eval_subset], dl[: r.eval_subset]
+    return encode(tokenizer, ds, dl, max_len=r.max_len)
 
 
 def _batches(data: dict[str, torch.Tensor], bs: int):
@@ -231,89 +237,129 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
         worker.load_weights(weights)
 
     pb = plan_bytes(plan)
-    metrics_fh = None
-    bar = None
-    if leader:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-        metrics_fh = open(out / "metrics.jsonl", "a" if r.resume else "w")
-        if r.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=r.steps, initial=start, desc=f"{t.kind} w{cfg.codec.w_bits}/g{cfg.codec.g_bits}",
-                       unit="step", file=sys.stderr, dynamic_ncols=True)
-    totals = torch.zeros(4, dtype=torch.float64)  # up, down, fp32_up, fp32_down
+    ctl = Control(dist.distributed_c10d._get_default_store(), rank, t.timeout_s)
+    log: _LeaderLog | None = None
+    base = transport.counter.snapshot()
+    cum = [0.0, 0.0]  # bytes up / down since this launch's first step (as the leader last saw them)
     t_start = time.time()
-    evals = []
     for step in range(start, r.steps):
         t0 = time.perf_counter()
         before = transport.counter.snapshot()
         frames = None
-        loss = 0.0
         if worker is not None:
             idx = batch_indices(n_train, r.batch_size, step, r.seed + worker_index)
             loss = worker.forward_backward({k: v[idx] for k, v in train.items()}, step)
             frames = worker.encode_gradients(step)
+            ctl.publish("w", step, [loss, float(worker.skipped)])  # before sending: counted => reported
         _maybe_fault(cfg, rank, step + 1)  # mid-step: gradients computed, nothing sent yet
         weights = transport.step(step, frames, owner)
         if worker is not None:
             worker.load_weights(weights)
         dt = time.perf_counter() - t0
-        d = transport.counter.delta(before)
-        # control plane (not counted as payload): aggregate the step's numbers across ranks
-        stats = torch.tensor([loss if is_worker else 0.0, float(is_worker), d["up_sent"], d["down_sent"],
-                              float(worker.skipped if worker else 0), dt], dtype=torch.float64)
-        stats = stats.to(device)
-        dist.all_reduce(stats)
-        stats = stats.cpu()
-        up, down = stats[2].item(), stats[3].item()
-        fp32_up = up * pb["fp32_frames"] / pb["grad_frames"]
-        fp32_down = down * pb["fp32_frames"] / pb["weight_frames"]
-        totals += torch.tensor([up, down, fp32_up, fp32_down], dtype=torch.float64)
-        lr = owner.lr() if owner is not None else None
-        if leader:
-            rec = {"step": step + 1, "loss": stats[0].item() / stats[1].item(), "lr": lr,
-                   "bytes_up": int(up), "bytes_down": int(down), "fp32_bytes_up": int(fp32_up),
-                   "fp32_bytes_down": int(fp32_down), "step_s": dt, "skipped_grads": int(stats[4].item())}
-            if (r.eval_every and (step + 1) % r.eval_every == 0 and step + 1 < r.steps):
-                rec.update({f"eval_{k}": v for k, v in worker.evaluate(_batches(dev, 64)).items()})
-                evals.append(rec)
-            if (step + 1) % max(1, r.log_every) == 0 or step + 1 == r.steps:
-                metrics_fh.write(json.dumps(rec) + "\n")
-                metrics_fh.flush()
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", MB=f"{(up + down) / 1e6:.2f}")
-                bar.update(1)
+        if owner is not None:
+            d, c = transport.counter.delta(before), transport.counter.delta(base)
+            ctl.publish("o", step, [d["up_recv"], d["down_sent"], c["up_recv"], c["down_sent"]])
+        live = transport.live_workers
+        leading = worker is not None and rank == min(live)
+        if leading:
+            if log is None:  # first step, or the previous leader is gone
+                log = _LeaderLog(cfg, out, step, start, worker, dev if dev is not None else load_dev(cfg, tokenizer))
+            ws = ctl.gather("w", step, live)
+            os_ = ctl.gather("o", step, transport.owners)
+            up, down = (sum(v[i] for v in os_.values()) for i in (0, 1))
+            cum = [sum(v[i] for v in os_.values()) for i in (2, 3)]
+            rec = {"step": step + 1, "loss": sum(v[0] for v in ws.values()) / len(ws),
+                   "lr": owner.lr() if owner is not None else None,
+                   "bytes_up": int(up), "bytes_down": int(down),
+                   "fp32_bytes_up": int(up * pb["fp32_frames"] / pb["grad_frames"]),
+                   "fp32_bytes_down": int(down * pb["fp32_frames"] / pb["weight_frames"]),
+                   "step_s": dt, "skipped_grads": int(sum(v[1] for v in ws.values())), "workers": len(live)}
+            log.step(rec, last=step + 1 == r.steps)
         if (r.checkpoint_every and (step + 1) % r.checkpoint_every == 0) or step + 1 == r.steps:
-            _checkpoint(ck, step + 1, rank, owner, worker, leader)
+            _checkpoint(ck, ctl, step + 1, rank, owner, worker, leading,
+                        sorted(set(transport.owners) | set(live)))
     summary = None
-    if leader:
-        if bar is not None:
-            bar.close()
-        metrics_fh.close()
-        ev = worker.evaluate(_batches(dev, 64))
+    if log is not None:
+        ev = log.close()
+        fp32 = [cum[0] * pb["fp32_frames"] / pb["grad_frames"], cum[1] * pb["fp32_frames"] / pb["weight_frames"]]
+        lost = sorted(set(range(n_servers, world_size)) - set(transport.live_workers))
         summary = {
             "accuracy": ev["accuracy"], "eval_loss": ev["eval_loss"], "eval_n": ev["n"],
             "steps": r.steps, "start_step": start, "transport": t.kind, "workers": n_workers,
-            "servers": n_servers, "w_bits": cfg.codec.w_bits, "g_bits": cfg.codec.g_bits,
-            "bytes_up": int(totals[0]), "bytes_down": int(totals[1]),
-            "fp32_bytes_up": int(totals[2]), "fp32_bytes_down": int(totals[3]),
-            "compression": float((totals[2] + totals[3]) / max(1.0, float(totals[0] + totals[1]))),
+            "workers_lost": lost, "servers": n_servers, "w_bits": cfg.codec.w_bits, "g_bits": cfg.codec.g_bits,
+            "bytes_up": int(cum[0]), "bytes_down": int(cum[1]),
+            "fp32_bytes_up": int(fp32[0]), "fp32_bytes_down": int(fp32[1]),
+            "compression": float(sum(fp32) / max(1.0, sum(cum))),
             "wall_s": time.time() - t_start, "model": r.model, "task": r.task,
             "numel": pb["numel"], "grad_frame_bytes": pb["grad_frames"], "weight_frame_bytes": pb["weight_frames"],
             "fp32_frame_bytes": pb["fp32_frames"],
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    # The store lives in rank 0's process (tcp:// rendezvous): it leaves only after everyone is done with it.
+    ctl.publish("end", None)
+    if rank == 0:
+        try:
+            ctl.gather("end", None, [q for q in sorted(set(transport.owners) | set(transport.live_workers)) if q != 0],
+                       delete=False)
+        except TransportError as e:
+            print(f"lowbit: {e}", file=sys.stderr, flush=True)
     transport.close()
     return summary
 
 
-def _checkpoint(ck: Checkpointer, step: int, rank: int, owner, worker, leader: bool) -> None:
+class _LeaderLog:
+    """What the leading worker keeps: metrics.jsonl, the progress bar, periodic evaluation. A worker
+    that takes the lead mid-run (the previous leader died) appends to the same file."""
+
+    def __init__(self, cfg: Config, out: Path, step: int, start: int, worker: Worker, dev) -> None:
+        self.cfg, self.worker, self.dev = cfg, worker, dev
+        out.mkdir(parents=True, exist_ok=True)
+        if step == start:
+            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+        fresh = step == start and not cfg.run.resume
+        self.fh = open(out / "metrics.jsonl", "w" if fresh else "a")
+        self.bar = None
+        if cfg.run.progress:
+            from tqdm import tqdm
+            c = cfg.codec
+            self.bar = tqdm(total=cfg.run.steps, initial=step, desc=f"{cfg.transport.kind} w{c.w_bits}/g{c.g_bits}",
+                            unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, rec: dict, last: bool) -> None:
+        r = self.cfg.run
+        if r.eval_every and rec["step"] % r.eval_every == 0 and not last:
+            rec.update({f"eval_{k}": v for k, v in self.worker.evaluate(_batches(self.dev, 64)).items()})
+        if rec["step"] % max(1, r.log_every) == 0 or last:
+            self.fh.write(json.dumps(rec) + "\n")
+            self.fh.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", MB=f"{(rec['bytes_up'] + rec['bytes_down']) / 1e6:.2f}",
+                                 workers=rec["workers"])
+            self.bar.update(1)
+
+    def close(self) -> dict:
+        if self.bar is not None:
+            self.bar.close()
+        self.fh.close()
+        return self.worker.evaluate(_batches(self.dev, 64))
+
+
+def _checkpoint(ck: Checkpointer, ctl: Control, step: int, rank: int, owner, worker, leading: bool,
+                ranks: list[int]) -> None:
+    """Every rank writes its part, then marks it in the store; the leader commits ``latest.json``
+    once all ``ranks`` (owners and live workers) have marked theirs. If one of them dies while
+    saving, the step is not committed and the previous checkpoint stays the latest."""
     if owner is not None:
         owner.save(ck.shard_path(step, rank))
     if worker is not None and worker.ef is not None:
         _save_worker(worker, ck.worker_path(step, rank))
-    dist.barrier()
-    if leader:
+    ctl.publish("ck", step)
+    if leading:
+        try:
+            ctl.gather("ck", step, ranks)
+        except TransportError as e:
+            print(f"lowbit: checkpoint of step {step} not committed: {e}", file=sys.stderr, flush=True)
+            return
         ck.commit(step)
 
 
@@ -351,22 +397,38 @@ def launch_local(cfg: Config) -> dict:
     for p in procs:
         p.start()
     deadline = time.time() + cfg.transport.timeout_s * 4 + 600
-    results, errors = {}, {}
-    while len(results) < world:
+    # In ps "continue" mode a worker rank may die: the servers go on without it.
+    n_servers = cfg.transport.servers if cfg.transport.kind == "ps" else 0
+    may_lose = set(range(n_servers, world)) if cfg.transport.on_worker_failure == "continue" else set()
+    results, errors, lost = {}, {}, {}
+
+    def drain() -> None:
         while not q.empty():
             rank, status, payload = q.get()
             if status == "ok":
                 results[rank] = payload
+            elif rank in may_lose:
+                lost[rank] = payload.splitlines()[0]
             else:
                 errors[rank] = payload.splitlines()[0]
-        dead = {i: p.exitcode for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in errors}
+
+    def exited() -> dict[int, int]:
+        return {i: p.exitcode for i, p in enumerate(procs)
+                if p.exitcode not in (None, 0) and i not in errors and i not in lost and i not in results}
+
+    dead: dict[int, int] = {}
+    while len(results) + len(lost) < world:
+        drain()
+        for i, c in exited().items():
+            if i in may_lose:
+                lost[i] = f"exited with code {c}"
+        if len(lost) == len(may_lose) and may_lose:
+            errors.setdefault(-1, "every worker was lost")
+        dead = {i: c for i, c in exited().items() if i not in may_lose}
         if errors or dead:
             time.sleep(1.0)  # let the other ranks notice and report, then tell the whole story
-            while not q.empty():
-                rank, status, payload = q.get()
-                if status != "ok":
-                    errors[rank] = payload.splitlines()[0]
-            dead = {i: p.exitcode for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in errors}
+            drain()
+            dead = {i: c for i, c in exited().items() if i not in may_lose}
             break
         if time.time() > deadline:
             errors[-1] = "timed out waiting for ranks"
@@ -380,10 +442,16 @@ def launch_local(cfg: Config) -> dict:
             p.join(5)
         parts = [f"rank {i} exited with code {c} without reporting (killed or crashed)" for i, c in sorted(dead.items())]
         parts += [f"rank {i}: {m}" for i, m in sorted(errors.items())]
+        parts += [f"worker rank {i} lost earlier: {m}" for i, m in sorted(lost.items())]
         first = min(list(dead) + list(errors))
         raise RuntimeError(f"training failed on rank {first}: " + "; ".join(parts) +
                            f". Checkpoints under {cfg.run.out}/ckpt are intact; rerun with --resume to continue.")
     for p in procs:
         p.join(60)
-    leader = cfg.transport.servers if cfg.transport.kind == "ps" else 0
-    return results[leader]
+    summaries = [res for res in results.values() if res is not None]
+    if not summaries:
+        raise RuntimeError("training finished but no rank wrote a summary")
+    if lost:
+        print("lowbit: continued without worker ranks " +
+              "; ".join(f"{i} ({m})" for i, m in sorted(lost.items())), file=sys.stderr, flush=True)
+    return summaries[0]

@@ -35,9 +35,11 @@ def _entry(rank: int, world: int, port: int, fn, args, q) -> None:
     os._exit(0)
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 90.0) -> dict[int, object]:
+def run_ranks(fn, world: int, *args, timeout: float = 90.0, may_fail: frozenset = frozenset()) -> dict[int, object]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return rank -> result. A child that
-    raised makes this raise AssertionError with its traceback. Results must be plain picklable data."""
+    raised makes this raise AssertionError with its traceback. Results must be plain picklable data.
+    Ranks in ``may_fail`` may raise or exit without reporting (fault-injection tests): their result
+    is ``{"failed": <first line of the error or the exit code>}``."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
@@ -48,6 +50,15 @@ def run_ranks(fn, world: int, *args, timeout: float = 90.0) -> dict[int, object]
     deadline = time.monotonic() + timeout
     try:
         while len(results) + len(errors) < world:
+            for r in may_fail:
+                if r not in results and r not in errors and procs[r].exitcode not in (None, 0):
+                    try:  # it may still have reported just before exiting
+                        rank, status, val = q.get(timeout=0.2)
+                        (results if status == "ok" else errors)[rank] = val
+                    except _queue.Empty:
+                        results[r] = {"failed": f"exit code {procs[r].exitcode}"}
+            if len(results) + len(errors) >= world:
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"ranks {sorted(set(range(world)) - set(results) - set(errors))} "
@@ -63,6 +74,9 @@ def run_ranks(fn, world: int, *args, timeout: float = 90.0) -> dict[int, object]
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+    for r in may_fail:
+        if r in errors:
+            results[r] = {"failed": errors.pop(r).splitlines()[0]}
     if errors:
         raise AssertionError("\n".join(f"rank {r}: {e}" for r, e in sorted(errors.items())))
     return results

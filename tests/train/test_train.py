@@ -29,9 +29,10 @@ def final_weights(out: Path, steps: int) -> dict[int, torch.Tensor]:
     return Checkpointer(out).weights(steps)
 
 
-def reference_run(cfg: Config):
+def reference_run(cfg: Config, alive=None):
     """Single-process data-parallel training on the same data and seeds: the average of the
-    workers' gradients, one Adam step, the same schedule."""
+    workers' gradients, one Adam step, the same schedule. ``alive(step)`` (0-based step) gives the
+    worker indices taking part in that step (default: all)."""
     from lowbit.models.presets import load_preset
 
     r = cfg.run
@@ -49,7 +50,8 @@ def reference_run(cfg: Config):
     for step in range(r.steps):
         grads = [torch.zeros_like(p) for p in params]
         tot = 0.0
-        for w in range(W):
+        live = list(range(W)) if alive is None else alive(step)
+        for w in live:
             n = shards[w]["labels"].shape[0]
             idx = batch_indices(n, r.batch_size, step, r.seed + w)
             model.zero_grad()
@@ -57,12 +59,12 @@ def reference_run(cfg: Config):
             out.loss.backward()
             tot += float(out.loss.detach())
             for g, p in zip(grads, params):
-                g += p.grad / W
+                g += p.grad / len(live)
         for g, p in zip(grads, params):
             p.grad = g
         opt.step()
         sched.step()
-        losses.append(tot / W)
+        losses.append(tot / len(live))
     return {k: p.detach() for k, p in enumerate(params)}, losses, make_plan(model, cfg.codec)
 
 
@@ -125,3 +127,26 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, kind, fault, who):
         torch.testing.assert_close(wb[k], wa[k], atol=0, rtol=0)
     la, lb = read_losses(Path(a.run.out)), read_losses(Path(b.run.out))
     assert lb[-3:] == pytest.approx(la[-3:], abs=0)
+
+
+@pytest.mark.timeout(300)
+def test_ps_continues_without_a_killed_worker(tmp_path):
+    """--on-worker-failure continue: the first worker (the one logging) is killed in the middle of
+    step 3; the server completes that step with the other two, a surviving worker takes over the
+    log, the run finishes, and the weights equal data-parallel training on the workers that took
+    part in each step."""
+    cfg = tiny_cfg(tmp_path, "cont", transport={"kind": "ps", "workers": 3, "servers": 1,
+                                                "on_worker_failure": "continue"},
+                   run={"steps": 5, "fault": "kill-worker:1@3"})
+    s = launch_local(cfg)
+    assert s["workers_lost"] == [1] and s["steps"] == 5
+    recs = [json.loads(line) for line in (Path(cfg.run.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    assert [r["workers"] for r in recs] == [3, 3, 2, 2, 2]
+    assert recs[2]["bytes_up"] * 3 == recs[0]["bytes_up"] * 2  # two of three gradient uploads came
+    assert json.loads((Path(cfg.run.out) / "ckpt" / "latest.json").read_text())["step"] == 5
+    ref, losses, plan = reference_run(cfg, alive=lambda step: [0, 1, 2] if step < 2 else [1, 2])
+    got = assemble(plan, final_weights(Path(cfg.run.out), 5))
+    for k, w in ref.items():
+        torch.testing.assert_close(got[k], w, atol=2e-5, rtol=1e-4)
+    assert [r["loss"] for r in recs] == pytest.approx(losses, abs=1e-5)
