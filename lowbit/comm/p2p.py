@@ -122,12 +122,7 @@ class P2P:
         ``max_recv`` bounds the length a peer may announce (per peer or for all); a larger one is a
         :class:`FrameError`. Returns peer -> received bundle (a read-only memoryview). Any peer
         that fails is a :class:`TransportError`."""
-        if direction not in ("up", "down"):
-            raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
-        recv_from = list(recv_from)
-        for p in list(sends) + recv_from:
-            if not 0 <= p < self.world_size or p == self.rank:
-                raise TransportError(f"rank {self.rank}: invalid peer {p} (world size {self.world_size})")
+        recv_from = self._check_round(direction, sends, recv_from)
         dev = self.device
         # Round 1: lengths.
         send_lens = {p: torch.tensor([len(memoryview(b).cast("B")) if not isinstance(b, torch.Tensor)
@@ -138,25 +133,13 @@ class P2P:
                        [("recv", p, t, 0) for p, t in recv_lens.items()], step)
         lens = {p: int(t.item()) for p, t in recv_lens.items()}
         for p, n in lens.items():
-            bound = max_recv.get(p) if isinstance(max_recv, Mapping) else max_recv
-            if n < 0 or (bound is not None and n > bound):
-                raise FrameError(f"rank {self.rank}: peer {p} announced a bundle of {n} bytes at step {step}; "
-                                 f"at most {bound} bytes are possible for the frames it may send")
+            self._check_len(p, n, step, max_recv)
         # Round 2: payloads (nothing is sent for an empty bundle).
         send_bufs = {p: _as_uint8(b, dev) for p, b in sends.items() if int(send_lens[p].item()) > 0}
         recv_bufs = {p: torch.empty(n, dtype=torch.uint8, device=dev) for p, n in lens.items() if n > 0}
         self._post_all([("send", p, t, 1) for p, t in send_bufs.items()] +
                        [("recv", p, t, 1) for p, t in recv_bufs.items()], step)
-        c = self.counter
-        sent = sum(message_bytes(int(t.item())) for t in send_lens.values())
-        got = sum(message_bytes(n) for n in lens.values())
-        if direction == "up":
-            c.up_sent += sent
-            c.up_recv += got
-        else:
-            c.down_sent += sent
-            c.down_recv += got
-        c.messages += len(sends)
+        self._count(direction, [int(t.item()) for t in send_lens.values()], list(lens.values()))
         return {p: (_to_memoryview(recv_bufs[p]) if p in recv_bufs else memoryview(b"")) for p in recv_from}
 
     def exchange_tolerant(self, step: int, sends: Mapping[int, object], recv_from: Iterable[int], *,
@@ -174,12 +157,7 @@ class P2P:
         the live peers down with the silent one. A silent peer's thread is left blocked; the peer
         is never addressed again. A bundle that arrives but is too long is still a
         :class:`FrameError`: a live peer sending garbage is a bug, not a failure to ride out."""
-        if direction not in ("up", "down"):
-            raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
-        recv_from = list(recv_from)
-        for p in list(sends) + recv_from:
-            if not 0 <= p < self.world_size or p == self.rank:
-                raise TransportError(f"rank {self.rank}: invalid peer {p} (world size {self.world_size})")
+        recv_from = self._check_round(direction, sends, recv_from)
         dev, forever = self.device, timedelta(days=365)
 
         def wait(work) -> None:
@@ -197,10 +175,7 @@ class P2P:
             n_t = torch.empty(1, dtype=torch.int64, device=dev)
             wait(dist.irecv(n_t, self._global(p), self.group, tag=0))
             n = int(n_t.item())
-            bound = max_recv.get(p) if isinstance(max_recv, Mapping) else max_recv
-            if n < 0 or (bound is not None and n > bound):
-                raise FrameError(f"rank {self.rank}: peer {p} announced a bundle of {n} bytes at step {step}; "
-                                 f"at most {bound} bytes are possible for the frames it may send")
+            self._check_len(p, n, step, max_recv)
             buf = torch.empty(n, dtype=torch.uint8, device=dev)
             if n:
                 wait(dist.irecv(buf, self._global(p), self.group, tag=1))
@@ -235,17 +210,36 @@ class P2P:
                 failed[p] = (str(v).splitlines()[0][:200] if str(v) else type(v).__name__)
                 continue
             (sent_lens if verb == "send" else got)[p] = v
+        self._count(direction, list(sent_lens.values()), [t.numel() for t in got.values()])
+        return {p: _to_memoryview(t) for p, t in got.items() if p not in failed}, failed
+
+    def _check_round(self, direction: str, sends: Mapping[int, object], recv_from: Iterable[int]) -> list[int]:
+        if direction not in ("up", "down"):
+            raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+        recv_from = list(recv_from)
+        for p in list(sends) + recv_from:
+            if not 0 <= p < self.world_size or p == self.rank:
+                raise TransportError(f"rank {self.rank}: invalid peer {p} (world size {self.world_size})")
+        return recv_from
+
+    def _check_len(self, peer: int, n: int, step: int, max_recv) -> None:
+        bound = max_recv.get(peer) if isinstance(max_recv, Mapping) else max_recv
+        if n < 0 or (bound is not None and n > bound):
+            raise FrameError(f"rank {self.rank}: peer {peer} announced a bundle of {n} bytes at step {step}; "
+                             f"at most {bound} bytes are possible for the frames it may send")
+
+    def _count(self, direction: str, sent_lens: list[int], recv_lens: list[int]) -> None:
+        """Count completed messages (one per bundle, :func:`message_bytes` each)."""
         c = self.counter
-        sent = sum(message_bytes(n) for p, n in sent_lens.items() if p not in failed)
-        recvd = sum(message_bytes(t.numel()) for p, t in got.items() if p not in failed)
+        sent = sum(message_bytes(n) for n in sent_lens)
+        got = sum(message_bytes(n) for n in recv_lens)
         if direction == "up":
             c.up_sent += sent
-            c.up_recv += recvd
+            c.up_recv += got
         else:
             c.down_sent += sent
-            c.down_recv += recvd
-        c.messages += sum(1 for p in sent_lens if p not in failed)
-        return {p: _to_memoryview(t) for p, t in got.items() if p not in failed}, failed
+            c.down_recv += got
+        c.messages += len(sent_lens)
 
     def _post_all(self, ops: list[tuple[str, int, torch.Tensor, int]], step: int) -> None:
         """Post ``(verb, peer, tensor, tag)`` operations batched and wait for each (first failure raises)."""
