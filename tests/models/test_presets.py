@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 from lowbit.errors import ConfigError
 from lowbit.models import load_preset
@@ -30,3 +31,18 @@ def test_local_directory_and_unknown(tmp_path, tiny):
     assert loaded.config.hidden_size == 128 and tok2.vocab_size == tok.vocab_size
     with pytest.raises(ConfigError, match="unknown model preset"):
         load_preset("no-such-model")
+
+
+def test_truncated_minilm_keeps_the_first_layers():
+    full, tok = load_preset("minilm")
+    two, tok2 = load_preset("minilm-l2")
+    assert len(two.bert.encoder.layer) == two.config.num_hidden_layers == 2
+    assert tok2.vocab_size == tok.vocab_size
+    sd = full.state_dict()
+    kept = {k: v for k, v in two.state_dict().items() if not k.startswith("classifier")}
+    assert any(k.startswith("bert.encoder.layer.1.") for k in kept)
+    assert not any(k.startswith("bert.encoder.layer.2.") for k in kept)
+    for k, v in kept.items():
+        assert torch.equal(v, sd[k]), k
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        load_preset("minilm-l7")

@@ -10,7 +10,7 @@ from lowbit.codec.codecs import RawCodec, StochasticGradCodec, WeightCodec
 from lowbit.errors import ConfigError
 from lowbit.sim.federated import (FedConfig, build_model, dirichlet_split, iid_split, label_skew,
                                   local_batch_indices, main, make_splits, mix_seed, sample_clients,
-                                  simulate)
+                                  simulate, trainable)
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -42,21 +42,22 @@ def fedavg_reference(cfg: FedConfig) -> list[torch.Tensor]:
     for rnd in range(1, cfg.rounds + 1):
         clients = sample_clients(cfg, rnd)
         total = sum(len(splits[c]) for c in clients)
-        new = [x.clone() for x in w]
+        avg = [torch.zeros_like(x) for x in w]
         for c in clients:
             idx = splits[c]
             with torch.no_grad():
                 for p, x in zip(model.parameters(), w):
                     p.copy_(x)
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.local_lr)
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.local_lr) if cfg.local_optimizer == "adam" \
+                else torch.optim.SGD(model.parameters(), lr=cfg.local_lr, momentum=cfg.local_momentum)
             gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 3, rnd, c))
             for pos in local_batch_indices(len(idx), cfg.local_steps, cfg.local_batch, gen):
                 opt.zero_grad()
                 model(**{k: v[idx[pos]] for k, v in TRAIN.items()}).loss.backward()
                 opt.step()
-            for nw, p, x in zip(new, model.parameters(), w):
-                nw += len(idx) / total * (p.detach() - x)
-        w = new
+            for a, p, x in zip(avg, model.parameters(), w):
+                a.add_(p.detach() - x, alpha=len(idx) / total)
+        w = [x.clone().add_(a, alpha=1.0) for x, a in zip(w, avg)]
     return w
 
 
@@ -70,6 +71,58 @@ def test_fp32_links_equal_plain_fedavg(alpha):
     assert max(float((a - b).abs().max()) for a, b in zip(got, init)) > 1e-3  # it did train
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("opt", [dict(local_optimizer="adam", local_lr=1e-2), dict(local_momentum=0.9)])
+def test_fp32_links_equal_fedavg_with_local_adam_or_momentum(opt):
+    """Client optimizer state is fresh every round: the simulation equals FedAvg written out with a
+    new torch Adam / momentum SGD per client per round (and differs from plain SGD)."""
+    cfg = cfg_(alpha=0.5, rounds=3, **opt)
+    got = simulate(cfg, TRAIN, EVAL, return_state=True)["weights"]
+    want = fedavg_reference(cfg)
+    if cfg.local_optimizer == "sgd":
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    else:  # Adam's g/(sqrt(v)+eps) turns float rounding on near-zero gradients into lr-sized steps
+        init = [p.detach() for p in build_model(cfg).parameters()]
+        err = sum(float((a - b).norm() ** 2) for a, b in zip(got, want)) ** 0.5
+        moved = sum(float((b - x).norm() ** 2) for b, x in zip(want, init)) ** 0.5
+        assert moved > 0.1 and err < 1e-2 * moved
+    plain = fedavg_reference(cfg_(alpha=0.5, rounds=3))
+    assert max(float((a - b).abs().max()) for a, b in zip(got, plain)) > 1e-3
+
+
+@pytest.mark.timeout(120)
+def test_frozen_parameters_stay_put_and_stay_off_the_links():
+    cfg = cfg_(alpha=0.5, rounds=3, freeze=("bert.embeddings",))
+    model = build_model(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    train_mask = [not n.startswith("bert.embeddings") for n in names]
+    assert [n for n, _ in trainable(model)] == [n for n, m in zip(names, train_mask) if m]
+    s = simulate(cfg, TRAIN, EVAL, return_state=True)
+    want = [w for w, m in zip(fedavg_reference(cfg), train_mask) if m]
+    assert len(s["weights"]) == len(want) < len(names)
+    for a, b in zip(s["weights"], want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    raw = RawCodec()
+    per_model = sum(raw.frame_nbytes(tuple(p.shape)) for _, p in trainable(model))
+    r = s["records"][-1]
+    assert r["up_bytes_per_client"] == r["down_bytes_per_client"] == per_model
+    assert s["link_nbytes"]["numel"] == sum(p.numel() for _, p in trainable(model))
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        build_model(cfg_(freeze=("bert.nothing",)))
+    with pytest.raises(ConfigError, match="no parameter to train"):
+        build_model(cfg_(freeze=("bert", "classifier")))
+
+
+@pytest.mark.timeout(60)
+def test_pretrained_preset_head_is_seeded():
+    a, b, c = (build_model(cfg_(model_config=None, model="minilm-l1", seed=seed)) for seed in (0, 0, 1))
+    assert len(a.bert.encoder.layer) == 1
+    assert torch.equal(a.classifier.weight, b.classifier.weight)
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+    assert torch.equal(a.bert.embeddings.word_embeddings.weight, c.bert.embeddings.word_embeddings.weight)
 
 
 @pytest.mark.timeout(60)
@@ -163,6 +216,8 @@ def test_sequential_and_ray_agree(tmp_path):
     (dict(aggregator="fedsgd"), "aggregator"), (dict(dropout_prob=1.5), "dropout_prob"),
     (dict(local_lr=0.0), "local_lr"), (dict(clip=-1.0), "clip"), (dict(rounds=0), "rounds"),
     (dict(clients=100, train_subset=50), "train_subset"),
+    (dict(local_optimizer="lamb"), "local_optimizer"),
+    (dict(local_optimizer="adam", local_momentum=0.9), "local_momentum"),
 ])
 def test_bad_config_raises(bad, msg):
     with pytest.raises(ConfigError, match=msg):
