@@ -346,20 +346,23 @@ class _LeaderLog:
 
 def _checkpoint(ck: Checkpointer, ctl: Control, step: int, rank: int, owner, worker, leading: bool,
                 ranks: list[int]) -> None:
-    """Every rank writes its part, then marks it in the store; the leader commits ``latest.json``
-    once all ``ranks`` (owners and live workers) have marked theirs. If one of them dies while
-    saving, the step is not committed and the previous checkpoint stays the latest."""
+    """Every rank writes its part and marks it in the store, then waits until all ``ranks`` (owners
+    and live workers) have marked theirs (a barrier through the store); the leader then commits
+    ``latest.json``. The wait matters: the store lives in rank 0's process, so rank 0 must not run
+    ahead (and possibly die) before the marks are read. If a rank dies while saving, the step is
+    not committed, the previous checkpoint stays the latest, and training goes on."""
     if owner is not None:
         owner.save(ck.shard_path(step, rank))
     if worker is not None and worker.ef is not None:
         _save_worker(worker, ck.worker_path(step, rank))
     ctl.publish("ck", step)
-    if leading:
-        try:
-            ctl.gather("ck", step, ranks)
-        except TransportError as e:
+    try:
+        ctl.gather("ck", step, ranks, delete=False)
+    except TransportError as e:
+        if leading:
             print(f"lowbit: checkpoint of step {step} not committed: {e}", file=sys.stderr, flush=True)
-            return
+        return
+    if leading:
         ck.commit(step)
 
 
