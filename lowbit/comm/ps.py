@@ -26,8 +26,8 @@ the servers, who may have spent it waiting on a silent peer). With several serve
 dropped set (an all-reduce of a rank mask within the server group) after each half, so every
 server serves the same workers. The step completes with the contributions that came (the
 accumulator averages over them); server 0 then publishes the live workers of the step in the c10d
-store (``lowbit/live/<step>``, control plane, not counted as payload), which workers read after
-pulling their weights. A server failure still stops the run (its shard exists nowhere else).
+store (a :class:`~lowbit.comm.board.Board`, key ``lowbit/ps/live/<step>/<server 0>``; control
+plane, not counted as payload), which workers read after pulling their weights. A server failure still stops the run (its shard exists nowhere else).
 
 Bytes per step (one message = 8-byte length prefix + bundle, see :mod:`lowbit.comm.p2p`)::
 
@@ -38,15 +38,14 @@ Bytes per step (one message = 8-byte length prefix + bundle, see :mod:`lowbit.co
 """
 from __future__ import annotations
 
-import json
 import math
-from datetime import timedelta
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
 
 from lowbit.codec.codecs import decode_frame
+from lowbit.comm.board import Board
 from lowbit.comm.p2p import LEN_PREFIX, P2P, bundle_bound, join, parse_bundle
 from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, partition
 from lowbit.errors import ConfigError, FrameError, TransportError
@@ -121,13 +120,13 @@ class ParameterServerTransport(Transport):
             # A server may wait ``timeout`` for a silent worker's length, again for its bundle and
             # once more sending its weights before it answers the others: workers wait longer.
             self.p2p.timeout = 4 * timeout
-        self.timeout = timeout
         self._live = list(self.workers)
         self.lost: dict[int, tuple[int, str]] = {}  # worker rank -> (step, reason); known to servers
-        self.store = None
+        self.board = None
         self.server_group = None
         if self.tolerant:
-            self.store = store if store is not None else dist.distributed_c10d._get_default_store()
+            self.board = Board(store if store is not None else dist.distributed_c10d._get_default_store(),
+                               self.rank, timeout, prefix="lowbit/ps")
             if n_servers > 1:  # every rank must take part in creating a group
                 self.server_group = dist.new_group([self.p2p._global(s) for s in self.servers])
 
@@ -207,21 +206,13 @@ class ParameterServerTransport(Transport):
 
     def _publish_live(self, step: int) -> None:
         if self.rank == self.servers[0]:
-            self.store.set(f"lowbit/live/{step}", json.dumps(self._live))
+            self.board.publish("live", step, self._live)
             if step >= 2:  # every live worker read it before sending the gradients of step + 1
-                try:
-                    self.store.delete_key(f"lowbit/live/{step - 2}")
-                except Exception:  # noqa: BLE001 - cleanup only; some stores cannot delete
-                    pass
+                self.board.forget("live", step - 2, [self.rank])
 
     def _read_live(self, step: int) -> None:
-        key = f"lowbit/live/{step}"
-        try:
-            self.store.wait([key], timedelta(seconds=self.timeout))
-        except Exception as e:
-            raise TransportError(f"rank {self.rank}: the servers did not publish the live workers of step "
-                                 f"{step} within {self.timeout:g}s: {str(e).splitlines()[0][:200]}") from e
-        self._live = [int(w) for w in json.loads(self.store.get(key))]
+        s0 = self.servers[0]
+        self._live = [int(w) for w in self.board.gather("live", step, [s0], delete=False)[s0]]
 
     def close(self) -> None:
         """In ``"continue"`` mode the live-worker lists live in the store, which the rank that
@@ -230,11 +221,11 @@ class ParameterServerTransport(Transport):
         if not self.tolerant:
             return
         if not self.is_server:
-            self.store.set(f"lowbit/bye/{self.rank}", "1")
+            self.board.publish("bye", None)
         elif self.rank == self.servers[0]:
             try:
-                self.store.wait([f"lowbit/bye/{w}" for w in self._live], timedelta(seconds=self.timeout))
-            except Exception:  # noqa: BLE001 - a worker lost at the very end; nothing left to serve
+                self.board.gather("bye", None, self._live, delete=False)
+            except TransportError:  # a worker lost at the very end; nothing left to serve
                 pass
 
     def _serve_grads(self, step: int, owner: Owner) -> None:

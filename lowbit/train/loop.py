@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lowbit.comm.board import Board
 from lowbit.errors import ConfigError, TransportError
 from lowbit.train.config import Config, parse_fault
-from lowbit.train.control import Control
 from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
 from lowbit.train.server import ShardServer
 from lowbit.train.worker import Worker
@@ -237,7 +237,11 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
         worker.load_weights(weights)
 
     pb = plan_bytes(plan)
-    ctl = Control(dist.distributed_c10d._get_default_store(), rank, t.timeout_s)
+    # Control plane (lowbit.comm.board), keys under lowbit/ctl/<kind>/<step>/<rank>:
+    #   w   worker: [loss, skipped gradients], set before its gradients go up (counted => reported)
+    #   o   owner: [up bytes received, down bytes sent] this step and since the loop started
+    #   ck  a rank has written its part of a checkpoint;  end  a rank is done with the store
+    ctl = Board(dist.distributed_c10d._get_default_store(), rank, t.timeout_s)
     log: _LeaderLog | None = None
     base = transport.counter.snapshot()
     cum = [0.0, 0.0]  # bytes up / down since this launch's first step (as the leader last saw them)
@@ -344,7 +348,7 @@ class _LeaderLog:
         return self.worker.evaluate(_batches(self.dev, 64))
 
 
-def _checkpoint(ck: Checkpointer, ctl: Control, step: int, rank: int, owner, worker, leading: bool,
+def _checkpoint(ck: Checkpointer, ctl: Board, step: int, rank: int, owner, worker, leading: bool,
                 ranks: list[int]) -> None:
     """Every rank writes its part and marks it in the store, then waits until all ``ranks`` (owners
     and live workers) have marked theirs (a barrier through the store); the leader then commits
