@@ -47,7 +47,11 @@ class Board:
             missing = [r for r, k in zip(ranks, keys) if not self.store.check([k])]
             raise TransportError(f"rank {self.rank}: ranks {missing} did not report '{kind}' for step {step} "
                                  f"within {self.timeout.total_seconds():g}s: {str(e).splitlines()[0][:200]}") from e
-        out = {r: json.loads(self.store.get(k)) for r, k in zip(ranks, keys)}
+        try:
+            out = {r: json.loads(self.store.get(k)) for r, k in zip(ranks, keys)}
+        except Exception as e:  # noqa: BLE001 - the store's host (rank 0) went away after the wait
+            raise TransportError(f"rank {self.rank}: the store was lost while reading '{kind}' for step {step}: "
+                                 f"{str(e).splitlines()[0][:200]}") from e
         if delete:
             self.forget(kind, step, ranks)
         return out

@@ -79,8 +79,8 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
 
 class Checkpointer:
     """``OUT/ckpt/step_N/shard_R.safetensors`` per owner and ``worker_R.safetensors`` per worker
-    (error-feedback residuals); ``OUT/ckpt/latest.json`` is written (atomically) by the leader after
-    a barrier, so it only ever names a complete checkpoint."""
+    (error-feedback residuals); ``OUT/ckpt/latest.json`` is written (atomically) after a barrier by
+    every rank that passed it, so it only ever names a complete checkpoint."""
 
     def __init__(self, out: Path):
         self.root = Path(out) / "ckpt"
@@ -110,6 +110,7 @@ class Checkpointer:
 
     def commit(self, step: int) -> None:
         p = self.root / "latest.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({"step": step, "time": time.time()}))
         os.replace(tmp, p)
@@ -353,8 +354,12 @@ def _checkpoint(ck: Checkpointer, ctl: Board, step: int, rank: int, owner, worke
     """Every rank writes its part and marks it in the store, then waits until all ``ranks`` (owners
     and live workers) have marked theirs (a barrier through the store); the leader then commits
     ``latest.json``. The wait matters: the store lives in rank 0's process, so rank 0 must not run
-    ahead (and possibly die) before the marks are read. If a rank dies while saving, the step is
-    not committed, the previous checkpoint stays the latest, and training goes on."""
+    ahead (and possibly die) before the marks are read. Every rank that saw all marks commits
+    (the same atomic write of ``latest.json``): rank 0 hosts the store and may die right after the
+    barrier, before a slower leader has read the marks (seen in CI), so the commit cannot depend on
+    one rank. Commits stay in step order: a rank publishes the next step's mark only after its own
+    commit. If a rank dies while saving, the step is not committed, the previous checkpoint stays
+    the latest, and training goes on."""
     if owner is not None:
         owner.save(ck.shard_path(step, rank))
     if worker is not None and worker.ef is not None:
@@ -366,8 +371,7 @@ def _checkpoint(ck: Checkpointer, ctl: Board, step: int, rank: int, owner, worke
         if leading:
             print(f"lowbit: checkpoint of step {step} not committed: {e}", file=sys.stderr, flush=True)
         return
-    if leading:
-        ck.commit(step)
+    ck.commit(step)
 
 
 def _maybe_fault(cfg: Config, rank: int, step: int) -> None:

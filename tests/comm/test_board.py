@@ -1,0 +1,61 @@
+"""The control-plane board (lowbit.comm.board) and the checkpoint barrier built on it, in one
+process over a real c10d HashStore."""
+import json
+
+import pytest
+import torch.distributed as dist
+
+from lowbit.comm.board import Board
+from lowbit.errors import TransportError
+from lowbit.train.loop import Checkpointer, _checkpoint
+
+
+def test_publish_gather_and_missing_ranks_are_named():
+    store = dist.HashStore()
+    a, b = Board(store, 0, timeout=0.2), Board(store, 1, timeout=0.2)
+    a.publish("w", 3, [1.5, 0.0])
+    b.publish("w", 3, [2.5, 1.0])
+    assert a.gather("w", 3, [0, 1]) == {0: [1.5, 0.0], 1: [2.5, 1.0]}
+    assert not store.check(["lowbit/ctl/w/3/0"])  # gathered values are deleted by default
+    a.publish("w", 4)
+    with pytest.raises(TransportError, match=r"ranks \[1\] did not report 'w' for step 4"):
+        a.gather("w", 4, [0, 1])
+
+
+class _StoreGoneAfterWait:
+    """A store whose host died between the wait and the reads (rank 0 passed the barrier and died)."""
+
+    def __init__(self):
+        self.inner = dist.HashStore()
+
+    def set(self, k, v):
+        self.inner.set(k, v)
+
+    def wait(self, keys, timeout):
+        self.inner.wait(keys, timeout)
+
+    def check(self, keys):
+        return self.inner.check(keys)
+
+    def get(self, k):
+        raise dist.DistNetworkError("Connection reset by peer")
+
+
+def test_store_lost_after_the_wait_is_a_transport_error():
+    store = _StoreGoneAfterWait()
+    Board(store, 1, 0.2).publish("ck", 3)
+    with pytest.raises(TransportError, match="store was lost while reading 'ck' for step 3"):
+        Board(store, 0, 0.2).gather("ck", 3, [1])
+
+
+def test_checkpoint_is_committed_by_any_rank_that_passed_the_barrier(tmp_path):
+    """Rank 0 (a server, not the leader) commits too: in CI it died right after the barrier and
+    the leader, still reading the marks from rank 0's store, never committed."""
+    store = dist.HashStore()
+    ck = Checkpointer(tmp_path)
+    Board(store, 1, 1.0).publish("ck", 3)  # the other rank has written its part
+    _checkpoint(ck, Board(store, 0, 1.0), 3, rank=0, owner=None, worker=None, leading=False, ranks=[0, 1])
+    assert json.loads((tmp_path / "ckpt" / "latest.json").read_text())["step"] == 3
+    # a barrier that does not complete commits nothing: the previous checkpoint stays the latest
+    _checkpoint(ck, Board(store, 0, 0.2), 6, rank=0, owner=None, worker=None, leading=False, ranks=[0, 1])
+    assert json.loads((tmp_path / "ckpt" / "latest.json").read_text())["step"] == 3
