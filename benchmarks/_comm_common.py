@@ -21,8 +21,9 @@ What is timed (per step; every rank starts after a barrier, a step's time is the
   down) with *precomputed* frames: gradients encoded with ``StochasticGradCodec(G)`` once; the
   owner is a stand-in whose ``weight_frames`` returns precomputed W-bit frames of exactly the size
   of ``WeightCodec("laq-linear", W)`` frames (per-tensor scale, symmetric grid). The step therefore
-  includes the wire, framing, CRC checks, decoding + fp32 summing of the received gradients and
-  decoding of all received weights, but not the encoding. Encoding is timed separately on every
+  includes the wire, framing, CRC checks, decoding + fp32 summing of the received gradients (into
+  the transport's reused accumulator buffers) and decoding of all received weights (into
+  persistent per-key tensors, as a training worker decodes into its parameters), but not the encoding. Encoding is timed separately on every
   rank at the same time (4 ranks share the machine's cores, as in the step): ``grad_encode_s``
   (StochasticGradCodec over all parameters) and ``weight_quant_s`` (real WeightCodec laq-linear
   with a D matrix, timed on a 1M-element sample and scaled to the owned shard, because it runs at
@@ -440,12 +441,16 @@ class RankBench:
             t0, n = time.perf_counter(), 0
             for b in frames.values():
                 f = Frame.from_bytes(b)
-                decode_frame(f)
-                n += math.prod(f.shape)
+                m = math.prod(f.shape)
+                if m > scratch.numel():
+                    break
+                decode_frame(f, out=scratch[:m])  # into a reused buffer, as the transports do
+                n += m
                 if n >= limit:
                     break
             return (time.perf_counter() - t0) / max(n, 1)
 
+        scratch = torch.empty(max(math.prod(s) for s in shapes.values()))
         S = int(self.spec["ps_servers"])
         for method in methods:
             info = parse_method(method)
@@ -474,8 +479,11 @@ class RankBench:
             dec_s = g_dec * decode_rate(own_g) + w_dec * decode_rate(wframes or own_g)
             dec_s = max(self.gather(dec_s))
 
+            # a worker decodes the weights into its model's parameters (Worker.weight_buffers)
+            dest = {k: torch.empty(s) for k, s in shapes.items()} if computes else None
+
             def fn():
-                tr.step(0, grads, owner)
+                tr.step(0, grads, owner, out=dest)
 
             est = estimate_step_s(method, model["shapes"], self.p, S, self.rate)
             reps, warm = self.reps_for(est)
@@ -494,7 +502,7 @@ class RankBench:
                 "step_total_s": statistics.median(steps) + genc_s + wq_s,
                 "timed": "Transport.step with precomputed gradient and weight frames (wire + framing + CRC + "
                          "decode/sum of gradients + decode of weights); encoding timed separately"})
-            del tr, owner, wframes, grads
+            del tr, owner, wframes, grads, dest
             gc.collect()
 
     # -------------------------------------------------------------- driver

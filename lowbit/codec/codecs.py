@@ -50,7 +50,8 @@ def qtensor_from_frame(f: Frame, device: torch.device | str | None = None) -> QT
     return QTensor(codes=codes, scale=scale, bits=f.bits, grid=f.encoding)
 
 
-def decode_frame(f: Frame, device: torch.device | str | None = None) -> torch.Tensor:
+def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: torch.Tensor | None = None,
+                 accumulate: bool = False) -> torch.Tensor:
     """Any frame back to a float tensor of its declared dtype.
 
     Grid frames are dequantized straight from the packed bytes (bit-identical to
@@ -58,11 +59,32 @@ def decode_frame(f: Frame, device: torch.device | str | None = None) -> torch.Te
     each payload byte to its 8/b output values (levels[code]·scale, cast to the dtype) and one
     ``index_select`` per chunk writes them; for b ∈ {3, 5, 6, 7} the codes are unpacked per chunk
     and looked up in the 2^b-entry table. Codes outside the grid raise FrameError as before.
+
+    ``out``: a contiguous floating tensor of the frame's element count to decode into (for example
+    a parameter's storage, or a buffer reused every step: a fresh 90 MB tensor costs more in page
+    faults than the decode itself). With ``accumulate=True`` the values are added to ``out``
+    instead, one cache-sized chunk at a time (a gradient sum without a full-size temporary).
+    Returns ``out`` viewed with the frame's shape.
     """
+    if out is None:
+        if accumulate:
+            raise ConfigError("accumulate=True needs an out tensor to add into")
+    else:
+        n = math.prod(f.shape)
+        if not out.is_floating_point() or not out.is_contiguous() or out.numel() != n:
+            raise ConfigError(f"decode out= must be a contiguous floating tensor of {n} elements (frame shape "
+                              f"{tuple(f.shape)}), got {out.dtype} {tuple(out.shape)}"
+                              f"{'' if out.is_contiguous() else ' (not contiguous)'}")
+        if device is not None and out.device != torch.device(device):
+            raise ConfigError(f"decode out= lives on {out.device}, asked for {device}")
     if f.encoding == "raw":
-        payload = f.payload if device is None else f.payload.to(device)
-        return payload.view(f.dtype).reshape(f.shape).clone()
-    return _dequantize_payload(f, device)
+        payload = f.payload if device is None and out is None else f.payload.to(out.device if out is not None else device)
+        vals = payload.view(f.dtype).reshape(f.shape)
+        if out is None:
+            return vals.clone()
+        o = out.view(f.shape)
+        return o.add_(vals) if accumulate else o.copy_(vals)
+    return _dequantize_payload(f, device if out is None else out.device, out, accumulate)
 
 
 _WIDE = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
@@ -89,21 +111,37 @@ def _has_all_ones_code(pb: torch.Tensor, bits: int) -> bool:
     return bool((t & (0x5555555555555555 if bits == 2 else 0x1111111111111111)).any())
 
 
-def _dequantize_payload(f: Frame, device) -> torch.Tensor:
+def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accumulate: bool = False
+                        ) -> torch.Tensor:
     payload = f.payload if device is None else f.payload.to(device)
     dev = payload.device
     bits, numel = f.bits, math.prod(f.shape)
     per_row = f.scales.numel() != 1
+    if per_row and dest is not None:  # per-row scales multiply whole rows afterwards: via a temporary
+        t = _dequantize_payload(f, dev)
+        o = dest.view(f.shape)
+        return o.add_(t) if accumulate else o.copy_(t)
     scales = f.scales.to(dev, torch.float32)
     lv = levels(f.encoding, bits, dev)
     vals = lv if per_row else lv * scales.reshape(())
-    out_dtype = torch.float32 if per_row else f.dtype
+    out_dtype = torch.float32 if per_row else (f.dtype if dest is None else dest.dtype)
     vals = vals.to(out_dtype)
     check = f.encoding in ("sym", "log")  # the one invalid code is 2k+1 = 2^b − 1
     table = torch.zeros(1 << bits, dtype=out_dtype, device=dev)
     table[: vals.numel()] = vals
     step = CHUNK if dev.type == "cpu" else 1 << 62
-    nbytes = payload.numel()
+    out = torch.empty(numel, dtype=out_dtype, device=dev) if dest is None else dest.view(-1)
+    # Every chunk is decoded into ``target(a, e)``: out[a:e] itself, or a cache-sized scratch that
+    # ``land(a, e, t)`` then adds to out[a:e].
+    scratch = torch.empty(min(numel, 8 * step) or 1, dtype=out_dtype, device=dev) if accumulate else None
+
+    def target(a: int, e: int) -> torch.Tensor:
+        return scratch[: e - a] if accumulate else out[a:e]
+
+    def land(a: int, e: int, t: torch.Tensor) -> None:
+        if accumulate:
+            out[a:e].add_(t)
+
     if 8 % bits == 0:
         per = 8 // bits
         byte = torch.arange(256, device=dev)
@@ -113,19 +151,27 @@ def _dequantize_payload(f: Frame, device) -> torch.Tensor:
         wide = _WIDE.get(width, torch.complex128)
         rows = 1 if width in _WIDE else width // 16
         btab = btab.contiguous().view(wide).reshape(256, rows) if rows > 1 else btab.contiguous().view(wide).reshape(256)
-        out = torch.empty(nbytes * per, dtype=out_dtype, device=dev)
-        owide = out.view(wide).reshape(nbytes, rows) if rows > 1 else out.view(wide)
-        idx = torch.empty(min(step, nbytes), dtype=torch.int32, device=dev)
-        for a in range(0, nbytes, step):
-            pb = payload[a:a + step]
+        whole = numel // per  # payload bytes whose values all belong to the tensor
+        idx = torch.empty(min(step, max(whole, 1)), dtype=torch.int32, device=dev)
+        if check and payload.numel() > whole and _has_all_ones_code(payload[whole:], bits):
+            raise _grid_error(f, (1 << bits) - 1)
+        for a in range(0, whole, step):
+            pb = payload[a:min(a + step, whole)]
             m = pb.numel()
             if check and _has_all_ones_code(pb, bits):
                 raise _grid_error(f, (1 << bits) - 1)
             ic = idx[:m]
             ic.copy_(pb)
-            torch.index_select(btab, 0, ic, out=owide[a:a + m])
+            t = target(a * per, (a + m) * per)
+            tw = t.view(wide).reshape(m, rows) if rows > 1 else t.view(wide)
+            torch.index_select(btab, 0, ic, out=tw)
+            land(a * per, (a + m) * per, t)
+        if whole * per < numel:  # the last byte holds fewer than 8/b values of the tensor
+            last = table[(payload[whole:whole + 1].to(torch.int64) >> shifts) & ((1 << bits) - 1)]
+            t = target(whole * per, numel)
+            t.copy_(last[: numel - whole * per])
+            land(whole * per, numel, t)
     else:
-        out = torch.empty(numel, dtype=out_dtype, device=dev)
         cstep = min(4 * step, numel - numel % 8) or 8
         codes = torch.empty(cstep, dtype=torch.uint8, device=dev)
         idx = torch.empty(cstep, dtype=torch.int32, device=dev)
@@ -147,8 +193,9 @@ def _dequantize_payload(f: Frame, device) -> torch.Tensor:
                 raise _grid_error(f, (1 << bits) - 1)
             ic = idx[:m]
             ic.copy_(cc)
-            torch.index_select(table, 0, ic, out=out[a:e])
-    out = out[:numel]
+            t = target(a, e)
+            torch.index_select(table, 0, ic, out=t)
+            land(a, e, t)
     if per_row:
         out.view(scales.numel(), -1).mul_(scales.unsqueeze(1))
         out = out.to(f.dtype)

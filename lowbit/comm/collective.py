@@ -47,9 +47,8 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from lowbit.codec.codecs import decode_frame
 from lowbit.comm.p2p import LEN_PREFIX, P2P, ParsedFrame, bundle_bound, join, parse_bundle
-from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, partition
+from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, decode_weight, partition
 from lowbit.errors import ConfigError, FrameError
 
 
@@ -125,6 +124,8 @@ class _ShardedTransport(Transport):
         self.device = torch.device(device)
         self.counter = ByteCounter()
         self.p2p = P2P(self.group, self.counter, timeout)
+        self._acc = GradAccumulator(self.device)  # buffers reused every step (see GradAccumulator)
+        self._dest: Mapping[int, torch.Tensor] | None = None  # where step()/fetch_weights() decode weights
 
     def owned_keys(self, rank: int | None = None) -> list[int]:
         """Keys owned by ``rank`` (default: this rank)."""
@@ -135,15 +136,16 @@ class _ShardedTransport(Transport):
 
     # ------------------------------------------------------------------ public API
 
-    def step(self, step: int, grads: dict[int, bytes] | None, owner: Owner | None
-             ) -> dict[int, torch.Tensor]:
+    def step(self, step: int, grads: dict[int, bytes] | None, owner: Owner | None, *,
+             out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         self._check_owner(owner)
         if grads is None:
             raise ConfigError(f"rank {self.rank} computes gradients for all keys: pass its frames to step()")
         unknown = sorted(set(grads) - set(self.shapes))
         if unknown:
             raise ConfigError(f"gradient frames for unknown keys {unknown}")
-        acc = GradAccumulator(self.device)
+        acc = self._acc
+        acc.reset()
         for peer, pf in self._reduce_scatter(step, grads):
             try:
                 acc.add(pf.frame)
@@ -151,10 +153,13 @@ class _ShardedTransport(Transport):
                 raise FrameError(f"rank {self.rank}: gradient frame for key {pf.frame.key} via peer {peer} "
                                  f"at step {step}: {e}") from e
         owner.apply(step, acc.averages(), dict(acc.counts))
+        self._dest = out
         return self._all_gather(step, owner)
 
-    def fetch_weights(self, step: int, owner: Owner | None) -> dict[int, torch.Tensor]:
+    def fetch_weights(self, step: int, owner: Owner | None, *,
+                      out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         self._check_owner(owner)
+        self._dest = out
         return self._all_gather(step, owner)
 
     # ------------------------------------------------------------------ pieces
@@ -183,7 +188,7 @@ class _ShardedTransport(Transport):
         for pf in parse_bundle(buf, peer=peer, step=step, kind="weight", shapes=self.shapes,
                                allowed_keys=keys, required_keys=keys, rank=self.rank):
             try:
-                out[pf.frame.key] = decode_frame(pf.frame, self.device)
+                out[pf.frame.key] = decode_weight(pf.frame, self.device, self._dest)
             except FrameError as e:
                 raise FrameError(f"rank {self.rank}: weight frame for key {pf.frame.key} from peer {peer} "
                                  f"at step {step}: {e}") from e

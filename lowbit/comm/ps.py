@@ -44,10 +44,9 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from lowbit.codec.codecs import decode_frame
 from lowbit.comm.board import Board
 from lowbit.comm.p2p import LEN_PREFIX, P2P, bundle_bound, join, parse_bundle
-from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, partition
+from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, decode_weight, partition
 from lowbit.errors import ConfigError, FrameError, TransportError
 
 FAILURE_MODES = ("stop", "continue")
@@ -113,6 +112,7 @@ class ParameterServerTransport(Transport):
         self.device = torch.device(device)
         self.counter = ByteCounter()
         self.p2p = P2P(self.group, self.counter, timeout)
+        self._acc = GradAccumulator(self.device)  # buffers reused every step (see GradAccumulator)
         if on_worker_failure not in FAILURE_MODES:
             raise ConfigError(f"on_worker_failure must be one of {FAILURE_MODES}, got {on_worker_failure!r}")
         self.tolerant = on_worker_failure == "continue"
@@ -150,8 +150,8 @@ class ParameterServerTransport(Transport):
 
     # ------------------------------------------------------------------ public API
 
-    def step(self, step: int, grads: dict[int, bytes] | None, owner: Owner | None
-             ) -> dict[int, torch.Tensor] | None:
+    def step(self, step: int, grads: dict[int, bytes] | None, owner: Owner | None, *,
+             out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
         if self.is_server:
             self._check_owner(owner)
             self._serve_grads(step, owner)
@@ -160,17 +160,18 @@ class ParameterServerTransport(Transport):
         if grads is None:
             raise ConfigError(f"worker rank {self.rank} must pass its gradient frames to step()")
         self._push_grads(step, grads)
-        out = self._pull_weights(step)
+        weights = self._pull_weights(step, out)
         if self.tolerant:
             self._read_live(step)
-        return out
+        return weights
 
-    def fetch_weights(self, step: int, owner: Owner | None) -> dict[int, torch.Tensor] | None:
+    def fetch_weights(self, step: int, owner: Owner | None, *,
+                      out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
         if self.is_server:
             self._check_owner(owner)
             self._send_weights(step, owner, publish=False)
             return None
-        return self._pull_weights(step)
+        return self._pull_weights(step, out)
 
     # ------------------------------------------------------------------ halves
 
@@ -237,7 +238,8 @@ class ParameterServerTransport(Transport):
         else:
             got = self.p2p.exchange(step, {}, self.workers, direction="up",
                                     max_recv=bundle_bound(self.shapes, mine))
-        acc = GradAccumulator(self.device)
+        acc = self._acc
+        acc.reset()
         for w in got:
             for pf in parse_bundle(got[w], peer=w, step=step, kind="grad", shapes=self.shapes,
                                    allowed_keys=mine, rank=self.rank):
@@ -262,7 +264,7 @@ class ParameterServerTransport(Transport):
         else:
             self.p2p.exchange(step, {w: bundle for w in self.workers}, [], direction="down")
 
-    def _pull_weights(self, step: int) -> dict[int, torch.Tensor]:
+    def _pull_weights(self, step: int, dest: Mapping[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
         got = self.p2p.exchange(step, {}, self.servers, direction="down",
                                 max_recv={s: bundle_bound(self.shapes, self.keys_of[s]) for s in self.servers})
         out: dict[int, torch.Tensor] = {}
@@ -271,7 +273,7 @@ class ParameterServerTransport(Transport):
                                    allowed_keys=self.keys_of[s], required_keys=self.keys_of[s],
                                    rank=self.rank):
                 try:
-                    out[pf.frame.key] = decode_frame(pf.frame, self.device)
+                    out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
                 except FrameError as e:
                     raise FrameError(f"rank {self.rank}: bundle from peer {s} at step {step}: {e}") from e
         return out

@@ -18,9 +18,10 @@ computes gradients for all keys.
 from __future__ import annotations
 
 import heapq
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Iterable, Mapping, Protocol
 
 import torch
 
@@ -72,29 +73,61 @@ class ByteCounter:
 
 @dataclass
 class GradAccumulator:
-    """fp32 sums of decoded gradient frames per key, and how many contributions each got."""
+    """fp32 sums of decoded gradient frames per key, and how many contributions each got.
+
+    The first frame of a key is decoded into a buffer, later ones are added to it chunk by chunk
+    (:func:`~lowbit.codec.codecs.decode_frame` with ``accumulate=True``: no full-size temporary).
+    :meth:`reset` starts the next step and keeps the buffers: a transport holds one accumulator
+    for the whole run, so the shard's gradient memory is allocated (and page-faulted) once, not
+    every step. The tensors :meth:`averages` returns are those buffers: valid until the next
+    :meth:`reset`."""
 
     device: torch.device | str = "cpu"
     sums: dict[int, torch.Tensor] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)
+    spare: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.spare.update(self.sums)
+        self.sums, self.counts = {}, {}
 
     def add(self, frame: Frame) -> None:
-        g = decode_frame(frame, self.device).float()
         k = frame.key
         if k in self.sums:
-            if self.sums[k].shape != g.shape:
-                raise FrameError(f"gradient for key {k} has shape {tuple(g.shape)}, "
+            if self.sums[k].shape != tuple(frame.shape):
+                raise FrameError(f"gradient for key {k} has shape {tuple(frame.shape)}, "
                                  f"earlier contributions had {tuple(self.sums[k].shape)}")
-            self.sums[k].add_(g)
+            decode_frame(frame, out=self.sums[k].view(-1), accumulate=True)
             self.counts[k] += 1
-        else:
-            self.sums[k] = g
-            self.counts[k] = 1
+            return
+        buf = self.spare.pop(k, None)
+        if buf is None or buf.shape != tuple(frame.shape):
+            buf = torch.empty(frame.shape, dtype=torch.float32, device=self.device)
+        decode_frame(frame, out=buf.view(-1))
+        self.sums[k] = buf
+        self.counts[k] = 1
 
     def averages(self) -> dict[int, torch.Tensor]:
         """The mean per key, computed in place (the sums are not used afterwards: one pass less
         over the shard's gradients than allocating a new tensor)."""
         return {k: s.div_(self.counts[k]) if self.counts[k] > 1 else s for k, s in self.sums.items()}
+
+
+def decode_weight(frame: Frame, device: torch.device | str, out: Mapping[int, torch.Tensor] | None
+                  ) -> torch.Tensor:
+    """A weight frame decoded into ``out[frame.key]`` when given (in place; a non-contiguous
+    destination gets a copy), else into a new tensor on ``device``."""
+    dst = None if out is None else out.get(frame.key)
+    if dst is None:
+        return decode_frame(frame, device)
+    if dst.numel() != math.prod(frame.shape):
+        raise ConfigError(f"out[{frame.key}] has {dst.numel()} elements, the weight frame has shape "
+                          f"{tuple(frame.shape)}")
+    if dst.is_contiguous():
+        decode_frame(frame, out=dst.view(-1))
+    else:
+        dst.copy_(decode_frame(frame, dst.device).reshape(dst.shape))
+    return dst
 
 
 def partition(sizes: dict[int, int], n_owners: int) -> dict[int, int]:
@@ -119,16 +152,21 @@ class Transport(ABC):
     counter: ByteCounter
 
     @abstractmethod
-    def step(self, step: int, grads: dict[int, bytes] | None, owner: Owner | None
-             ) -> dict[int, torch.Tensor] | None:
+    def step(self, step: int, grads: dict[int, bytes] | None, owner: Owner | None, *,
+             out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
         """One synchronous exchange. Workers pass their gradient frames (key -> bytes); owners pass
         their :class:`Owner`. Returns the new dequantized weights (key -> tensor) on ranks that
-        compute (workers), ``None`` on pure owners (servers)."""
+        compute (workers), ``None`` on pure owners (servers).
+
+        ``out`` (optional, key -> tensor with the key's element count): where to decode each key's
+        weights, typically views of the model's own parameters, so the weights land in place with
+        no full-size temporary and no copy; the returned dict then holds those tensors."""
 
     @abstractmethod
-    def fetch_weights(self, step: int, owner: Owner | None) -> dict[int, torch.Tensor] | None:
+    def fetch_weights(self, step: int, owner: Owner | None, *,
+                      out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
         """The down-link half alone: owners send their current weight frames, workers receive
-        all of them (start of training, resume, a rejoining worker)."""
+        all of them (start of training, resume, a rejoining worker). ``out`` as in :meth:`step`."""
 
     @property
     def owners(self) -> list[int]:

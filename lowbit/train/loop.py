@@ -233,7 +233,8 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
         n_train = train["labels"].shape[0]
     else:
         del model
-    weights = transport.fetch_weights(start, owner)
+    dest = worker.weight_buffers() if worker is not None else None  # weights are decoded in place
+    weights = transport.fetch_weights(start, owner, out=dest)
     if worker is not None:
         worker.load_weights(weights)
 
@@ -257,7 +258,7 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
             frames = worker.encode_gradients(step)
             ctl.publish("w", step, [loss, float(worker.skipped)])  # before sending: counted => reported
         _maybe_fault(cfg, rank, step + 1)  # mid-step: gradients computed, nothing sent yet
-        weights = transport.step(step, frames, owner)
+        weights = transport.step(step, frames, owner, out=dest)
         if worker is not None:
             worker.load_weights(weights)
         dt = time.perf_counter() - t0

@@ -37,12 +37,21 @@ class Worker:
         self.nonfinite = nonfinite
         self.skipped = 0  # gradients dropped by the 'skip' non-finite policy
 
+    def weight_buffers(self) -> dict[int, torch.Tensor]:
+        """key -> the piece of the model's own parameter storage (detached views): pass as ``out=``
+        to :meth:`Transport.step` and the received weights are decoded in place."""
+        return {spec.key: spec.view(self.params[spec.param].detach()) for spec in self.plan}
+
     def load_weights(self, weights: dict[int, torch.Tensor]) -> None:
-        """Overwrite the model's parameters with the dequantized low-bit weights received."""
+        """Overwrite the model's parameters with the dequantized low-bit weights received (pieces
+        already decoded in place, into :meth:`weight_buffers`, are left as they are)."""
         with torch.no_grad():
             for k, w in weights.items():
                 spec = self.plan[k]
-                spec.view(self.params[spec.param]).copy_(w.reshape(spec.shape))
+                dst = spec.view(self.params[spec.param])
+                if w.data_ptr() == dst.data_ptr() and w.numel() == dst.numel():
+                    continue
+                dst.copy_(w.reshape(spec.shape))
 
     def forward_backward(self, batch: dict[str, torch.Tensor], step: int) -> float:
         self.model.train()

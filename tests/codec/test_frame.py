@@ -155,3 +155,57 @@ def test_decoded_values_lie_on_grid(rows, cols, bits, seed):
     lv = x / s * k
     assert torch.allclose(lv, lv.round(), atol=1e-4)
     assert float(lv.abs().max()) <= k + 1e-4
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 300), bits=st.sampled_from([1, 2, 3, 4, 5, 8]), per_row=st.booleans(),
+       chunk=st.sampled_from([8, 24, 1 << 15]), seed=st.integers(0, 1000))
+def test_decode_into_and_accumulate_equal_the_reference(n, bits, per_row, chunk, seed):
+    """decode_frame(out=) writes exactly what the QTensor path dequantizes, and accumulate=True adds
+    it to what ``out`` held, for every width, tails of any length and chunk boundaries anywhere."""
+    import lowbit.codec.codecs as cc
+    from lowbit.codec import decode_frame, qtensor_from_frame
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cc, "CHUNK", chunk)
+        _check_decode_into(n, bits, per_row, seed)
+
+
+def _check_decode_into(n, bits, per_row, seed):
+    from lowbit.codec import decode_frame, qtensor_from_frame
+    gen = torch.Generator().manual_seed(seed)
+    shape = (3, n // 3) if per_row and n >= 3 else (n,)
+    x = torch.randn(*shape, generator=gen)
+    if bits in (1, 2, 4, 8) and not (bits == 8 and per_row) and n:  # weight quantizers refuse empty tensors
+        f = weight_codec(bits, per_row=per_row).encode(x)
+    else:
+        f = StochasticGradCodec(max(bits, 2)).encode(x, generator=gen)
+    f = Frame.from_bytes(f.to_bytes())
+    ref = qtensor_from_frame(f).dequantize(torch.float32).reshape(f.shape)
+    buf = torch.full((x.numel(),), 7.0)
+    got = decode_frame(f, out=buf)
+    assert got.data_ptr() == buf.data_ptr() and got.shape == f.shape
+    assert torch.equal(got, ref)
+    base = torch.randn(x.numel(), generator=gen)
+    acc = base.clone()
+    decode_frame(f, out=acc, accumulate=True)
+    assert torch.equal(acc, base + ref.reshape(-1))
+    assert torch.equal(decode_frame(f), ref)  # the allocating path is unchanged
+
+
+def test_decode_into_raw_frames_and_bad_destinations():
+    from lowbit.codec import decode_frame
+    x = torch.randn(4, 5)
+    f = RawCodec().encode(x)
+    buf = torch.zeros(20)
+    assert torch.equal(decode_frame(f, out=buf), x)
+    decode_frame(f, out=buf, accumulate=True)
+    assert torch.equal(buf.view(4, 5), 2 * x)
+    g, _ = _gframe((4, 5))
+    with pytest.raises(ConfigError, match="contiguous floating tensor of 20 elements"):
+        decode_frame(g, out=torch.zeros(21))
+    with pytest.raises(ConfigError, match="contiguous floating tensor"):
+        decode_frame(g, out=torch.zeros(5, 8)[:, :4])
+    with pytest.raises(ConfigError, match="contiguous floating tensor"):
+        decode_frame(g, out=torch.zeros(20, dtype=torch.int32))
+    with pytest.raises(ConfigError, match="needs an out tensor"):
+        decode_frame(g, accumulate=True)
