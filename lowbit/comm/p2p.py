@@ -30,7 +30,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,8 @@ def group_device(group=None) -> torch.device:
 def _as_uint8(bundle, device: torch.device) -> torch.Tensor:
     if isinstance(bundle, torch.Tensor):
         return bundle.to(device)
+    if not len(memoryview(bundle)):
+        return torch.empty(0, dtype=torch.uint8, device=device)
     with warnings.catch_warnings():  # bytes are read-only; the send only reads them
         warnings.simplefilter("ignore", UserWarning)
         t = torch.frombuffer(bundle, dtype=torch.uint8)
@@ -72,7 +74,9 @@ def _as_uint8(bundle, device: torch.device) -> torch.Tensor:
 
 
 def _to_memoryview(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().cpu().numpy()).cast("B")
+    """A received buffer as a read-only memoryview: the transport never reuses it, so frames parsed
+    from it may view their payload without a copy (:meth:`Frame.from_bytes` copies writable ones)."""
+    return memoryview(t.detach().cpu().numpy()).cast("B").toreadonly()
 
 
 @dataclass
@@ -141,6 +145,62 @@ class P2P:
                        [("recv", p, t, 1) for p, t in recv_bufs.items()], step)
         self._count(direction, [int(t.item()) for t in send_lens.values()], list(lens.values()))
         return {p: (_to_memoryview(recv_bufs[p]) if p in recv_bufs else memoryview(b"")) for p in recv_from}
+
+    def stream(self, step: int, sends: Mapping[int, list], recv_from: Mapping[int, int], *, direction: str,
+               on_recv: Callable[[int, int, memoryview], None] | None = None,
+               max_recv: Mapping[int, list[int]] | None = None) -> None:
+        """A bundle cut into chunks, so the receiver works on chunk i while chunk i + 1 is still on
+        the wire (decode overlaps the transfer). ``sends[peer]`` is a list of chunk bundles;
+        ``recv_from[peer]`` how many chunks that peer sends; ``on_recv(peer, i, chunk)`` is called
+        for every chunk received, in chunk order (chunk 0 of every peer, then chunk 1, ...; gloo
+        works cannot be polled, so this is the order they are awaited in). ``max_recv[peer][i]``
+        bounds chunk i's announced length. A :class:`FrameError` from ``on_recv`` is raised once
+        the round's other messages have completed, so no peer is left blocked in a send.
+
+        Protocol: one message of C int64 lengths (tag 0), then chunk i as one message (tag 1 + i;
+        nothing for an empty chunk). With C = 1 this is exactly :meth:`exchange`. Bytes counted per
+        chunk as one message of :func:`message_bytes` (the lengths message carries 8 B per chunk)."""
+        peers = self._check_round(direction, sends, list(recv_from))
+        dev = self.device
+        send_bufs = {p: [_as_uint8(b, dev) for b in chunks] for p, chunks in sends.items()}
+        send_lens = {p: torch.tensor([b.numel() for b in bufs], dtype=torch.int64, device=dev)
+                     for p, bufs in send_bufs.items()}
+        recv_lens = {p: torch.empty(int(recv_from[p]), dtype=torch.int64, device=dev) for p in peers}
+        self._post_all([("send", p, t, 0) for p, t in send_lens.items()] +
+                       [("recv", p, t, 0) for p, t in recv_lens.items()], step)
+        lens = {p: [int(n) for n in t.tolist()] for p, t in recv_lens.items()}
+        for p, ns in lens.items():
+            for i, n in enumerate(ns):
+                bound = None if max_recv is None else max_recv[p][i]
+                self._check_len(p, n, step, bound, chunk=i if len(ns) > 1 else None)
+        recv_bufs = {(p, i): torch.empty(n, dtype=torch.uint8, device=dev)
+                     for p, ns in lens.items() for i, n in enumerate(ns) if n > 0}
+        sends_ops = [("send", p, b, 1 + i) for p, bufs in send_bufs.items() for i, b in enumerate(bufs) if b.numel()]
+        order = sorted(recv_bufs, key=lambda pi: (pi[1], peers.index(pi[0])))
+        recv_ops = [("recv", p, recv_bufs[(p, i)], 1 + i) for p, i in order]
+        works = self._post_raw(sends_ops + recv_ops)
+        send_works, recv_works = works[:len(sends_ops)], works[len(sends_ops):]
+        done = dict(zip(order, recv_works))
+        error: BaseException | None = None  # a bad chunk: the rest of the round is still drained
+        for i in range(max((len(ns) for ns in lens.values()), default=0)):
+            for p in peers:
+                if i >= len(lens[p]):
+                    continue
+                if (p, i) in done:
+                    self._wait([done[(p, i)]], [(f"awaiting chunk {i} from", p)], step)
+                    chunk = _to_memoryview(recv_bufs[(p, i)])
+                else:
+                    chunk = memoryview(b"")
+                if on_recv is not None and error is None:
+                    try:
+                        on_recv(p, i, chunk)
+                    except FrameError as e:  # raised after the round: the peers are not left hanging
+                        error = e
+        self._wait(send_works, [(f"sending chunk {i} to", p) for _, p, _, i in sends_ops], step)
+        self._count(direction, [int(n) for t in send_lens.values() for n in t.tolist()],
+                    [n for ns in lens.values() for n in ns])
+        if error is not None:
+            raise error
 
     def exchange_tolerant(self, step: int, sends: Mapping[int, object], recv_from: Iterable[int], *,
                           direction: str, max_recv: Mapping[int, int] | int | None = None
@@ -222,10 +282,11 @@ class P2P:
                 raise TransportError(f"rank {self.rank}: invalid peer {p} (world size {self.world_size})")
         return recv_from
 
-    def _check_len(self, peer: int, n: int, step: int, max_recv) -> None:
+    def _check_len(self, peer: int, n: int, step: int, max_recv, chunk: int | None = None) -> None:
         bound = max_recv.get(peer) if isinstance(max_recv, Mapping) else max_recv
         if n < 0 or (bound is not None and n > bound):
-            raise FrameError(f"rank {self.rank}: peer {peer} announced a bundle of {n} bytes at step {step}; "
+            what = "a bundle of" if chunk is None else f"chunk {chunk} of"
+            raise FrameError(f"rank {self.rank}: peer {peer} announced {what} {n} bytes at step {step}; "
                              f"at most {bound} bytes are possible for the frames it may send")
 
     def _count(self, direction: str, sent_lens: list[int], recv_lens: list[int]) -> None:
@@ -241,13 +302,17 @@ class P2P:
             c.down_recv += got
         c.messages += len(sent_lens)
 
+    def _post_raw(self, ops: list[tuple[str, int, torch.Tensor, int]]) -> list:
+        """Post ``(verb, peer, tensor, tag)`` operations batched; the works, in order."""
+        return self._post([dist.P2POp(dist.isend if v == "send" else dist.irecv, t, self._global(p), self.group,
+                                      tag=tag) for v, p, t, tag in ops])
+
     def _post_all(self, ops: list[tuple[str, int, torch.Tensor, int]], step: int) -> None:
         """Post ``(verb, peer, tensor, tag)`` operations batched and wait for each (first failure raises)."""
-        p2p = [dist.P2POp(dist.isend if v == "send" else dist.irecv, t, self._global(p), self.group, tag=tag)
-               for v, p, t, tag in ops]
+        works = self._post_raw(ops)
         what = [((f"sending the {'length' if tag == 0 else 'bundle'} to" if v == "send" else
                   f"awaiting the {'length' if tag == 0 else 'bundle'} from"), p) for v, p, _, tag in ops]
-        self._wait(self._post(p2p), what, step)
+        self._wait(works, what, step)
 
 
 @dataclass

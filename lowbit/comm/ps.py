@@ -12,6 +12,11 @@ One synchronous step (``step(step, grads, owner)``)::
                owner.apply(step, sums / counts, counts); V_s = join(owner.weight_frames(step))
                encoded once, isend V_s to every worker
 
+Every bundle travels as ``chunks`` pieces (server s's keys cut into contiguous groups of about equal
+size, :func:`chunk_keys`; :meth:`P2P.stream`), and the receiver decodes piece i while piece i + 1 is
+still on the wire: the server sums the first gradients while the rest arrive, the worker decodes
+weights into its parameters (``out=``) while the rest arrive.
+
 A worker may leave a key out of ``grads`` (or map it to ``None`` / ``b""``): its nonfinite policy
 skipped that gradient. The server then averages over the contributions that came
 (``counts[key]`` < W); a key nobody sent is absent from both ``grads`` and ``counts`` given to
@@ -29,10 +34,11 @@ accumulator averages over them); server 0 then publishes the live workers of the
 store (a :class:`~lowbit.comm.board.Board`, key ``lowbit/ps/live/<step>/<server 0>``; control
 plane, not counted as payload), which workers read after pulling their weights. A server failure still stops the run (its shard exists nowhere else).
 
-Bytes per step (one message = 8-byte length prefix + bundle, see :mod:`lowbit.comm.p2p`)::
+Bytes per step (one message = 8-byte length prefix + chunk, see :mod:`lowbit.comm.p2p`; C_s = the
+number of chunks of server s, ``chunks`` or fewer when s has fewer keys; 1 in ``"continue"`` mode)::
 
-    worker w:  up_sent   = Σ_s (8 + |G_{w,s}|)          down_recv = Σ_s (8 + |V_s|)
-    server s:  up_recv   = Σ_w (8 + |G_{w,s}|)          down_sent = W · (8 + |V_s|)
+    worker w:  up_sent   = Σ_s (8·C_s + |G_{w,s}|)      down_recv = Σ_s (8·C_s + |V_s|)
+    server s:  up_recv   = Σ_w (8·C_s + |G_{w,s}|)      down_sent = W · (8·C_s + |V_s|)
 
 :func:`expected_bytes` evaluates these from per-key frame sizes.
 """
@@ -50,6 +56,7 @@ from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport
 from lowbit.errors import ConfigError, FrameError, TransportError
 
 FAILURE_MODES = ("stop", "continue")
+DEFAULT_CHUNKS = 4  # pieces per bundle: the receiver decodes one while the next is on the wire
 
 
 def _sizes(shapes: Mapping[int, tuple]) -> dict[int, int]:
@@ -61,20 +68,41 @@ def ps_partition(shapes: Mapping[int, tuple], n_servers: int) -> dict[int, int]:
     return partition(_sizes(shapes), n_servers)
 
 
+def chunk_keys(keys: list[int], sizes: Mapping[int, int], chunks: int) -> list[list[int]]:
+    """``keys`` (in order) cut into at most ``chunks`` contiguous groups of about equal element
+    count, none empty (fewer groups when there are fewer keys)."""
+    keys = list(keys)
+    n = max(1, min(int(chunks), len(keys)))
+    total = sum(sizes[k] for k in keys)
+    groups: list[list[int]] = [[]]
+    done = 0
+    for i, k in enumerate(keys):
+        left_keys, left_groups = len(keys) - i, n - len(groups) + 1
+        if groups[-1] and len(groups) < n and (done >= total * len(groups) / n or left_keys < left_groups):
+            groups.append([])
+        groups[-1].append(k)
+        done += sizes[k]
+    return groups
+
+
 def expected_bytes(rank: int, world_size: int, n_servers: int, shapes: Mapping[int, tuple],
-                   grad_nbytes: Mapping[int, int], weight_nbytes: Mapping[int, int]) -> dict[str, int]:
+                   grad_nbytes: Mapping[int, int], weight_nbytes: Mapping[int, int],
+                   chunks: int = DEFAULT_CHUNKS) -> dict[str, int]:
     """The byte counts one synchronous :meth:`ParameterServerTransport.step` adds on ``rank`` when
     every worker sends a frame of ``grad_nbytes[k]`` bytes for every key and servers send weight
-    frames of ``weight_nbytes[k]`` bytes (formulas in the module docstring)."""
+    frames of ``weight_nbytes[k]`` bytes, each bundle cut into ``chunks`` (formulas in the module
+    docstring)."""
     own = ps_partition(shapes, n_servers)
+    sizes = _sizes(shapes)
     W = world_size - n_servers
+    c = {s: len(chunk_keys(sorted(k for k in own if own[k] == s), sizes, chunks)) for s in range(n_servers)}
     g = {s: sum(grad_nbytes[k] for k in own if own[k] == s) for s in range(n_servers)}
     v = {s: sum(weight_nbytes[k] for k in own if own[k] == s) for s in range(n_servers)}
     if rank < n_servers:
-        return {"up_sent": 0, "up_recv": W * (LEN_PREFIX + g[rank]), "down_sent": W * (LEN_PREFIX + v[rank]),
-                "down_recv": 0, "messages": W}
-    return {"up_sent": sum(LEN_PREFIX + g[s] for s in g), "up_recv": 0, "down_sent": 0,
-            "down_recv": sum(LEN_PREFIX + v[s] for s in v), "messages": n_servers}
+        return {"up_sent": 0, "up_recv": W * (c[rank] * LEN_PREFIX + g[rank]),
+                "down_sent": W * (c[rank] * LEN_PREFIX + v[rank]), "down_recv": 0, "messages": W * c[rank]}
+    return {"up_sent": sum(c[s] * LEN_PREFIX + g[s] for s in g), "up_recv": 0, "down_sent": 0,
+            "down_recv": sum(c[s] * LEN_PREFIX + v[s] for s in v), "messages": sum(c.values())}
 
 
 class ParameterServerTransport(Transport):
@@ -88,13 +116,16 @@ class ParameterServerTransport(Transport):
         timeout: seconds to wait for any peer before :class:`TransportError`.
         device: where decoded tensors are returned / accumulated (default CPU).
         on_worker_failure: ``"stop"`` or ``"continue"`` (see the module docstring).
+        chunks: each bundle travels as this many chunks (contiguous key groups, :func:`chunk_keys`)
+            so that the receiver decodes chunk i while chunk i + 1 is on the wire; ``"continue"``
+            mode sends whole bundles (one chunk).
         store: the c10d store for the live-worker list in ``"continue"`` mode (default: the
             default process group's store).
     """
 
     def __init__(self, shapes: Mapping[int, tuple], n_servers: int = 1, group=None, *,
                  timeout: float = 300.0, device: torch.device | str = "cpu",
-                 on_worker_failure: str = "stop", store=None) -> None:
+                 on_worker_failure: str = "stop", store=None, chunks: int = DEFAULT_CHUNKS) -> None:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -116,6 +147,11 @@ class ParameterServerTransport(Transport):
         if on_worker_failure not in FAILURE_MODES:
             raise ConfigError(f"on_worker_failure must be one of {FAILURE_MODES}, got {on_worker_failure!r}")
         self.tolerant = on_worker_failure == "continue"
+        if not isinstance(chunks, int) or not 1 <= chunks <= 64:
+            raise ConfigError(f"chunks must be an int in 1..64, got {chunks!r}")
+        self.chunks = 1 if self.tolerant else chunks
+        sizes = _sizes(self.shapes)
+        self.groups_of = {s: chunk_keys(self.keys_of[s], sizes, self.chunks) for s in self.servers}
         if self.tolerant and not self.is_server:
             # A server may wait ``timeout`` for a silent worker's length, again for its bundle and
             # once more sending its weights before it answers the others: workers wait longer.
@@ -187,8 +223,11 @@ class ParameterServerTransport(Transport):
         unknown = sorted(set(grads) - set(self.shapes))
         if unknown:
             raise ConfigError(f"gradient frames for unknown keys {unknown}")
-        bundles = {s: join(grads[k] for k in self.keys_of[s] if grads.get(k)) for s in self.servers}
-        self.p2p.exchange(step, bundles, [], direction="up")
+        chunks = {s: [join(grads[k] for k in g if grads.get(k)) for g in self.groups_of[s]] for s in self.servers}
+        if self.tolerant:
+            self.p2p.exchange(step, {s: c[0] for s, c in chunks.items()}, [], direction="up")
+        else:
+            self.p2p.stream(step, chunks, {}, direction="up")
 
     def _drop(self, step: int, failed: Mapping[int, str], half: str) -> None:
         """Agree with the other servers on the workers lost in this half and stop serving them."""
@@ -230,23 +269,27 @@ class ParameterServerTransport(Transport):
                 pass
 
     def _serve_grads(self, step: int, owner: Owner) -> None:
-        mine = self.keys_of[self.rank]
-        if self.tolerant:
-            got, failed = self.p2p.exchange_tolerant(step, {}, self._live, direction="up",
-                                                     max_recv=bundle_bound(self.shapes, mine))
-            self._drop(step, failed, "gradient upload")
-        else:
-            got = self.p2p.exchange(step, {}, self.workers, direction="up",
-                                    max_recv=bundle_bound(self.shapes, mine))
+        groups = self.groups_of[self.rank]
         acc = self._acc
         acc.reset()
-        for w in got:
-            for pf in parse_bundle(got[w], peer=w, step=step, kind="grad", shapes=self.shapes,
-                                   allowed_keys=mine, rank=self.rank):
+
+        def add(w: int, i: int, chunk) -> None:  # decode and sum chunk i of worker w's gradients
+            for pf in parse_bundle(chunk, peer=w, step=step, kind="grad", shapes=self.shapes,
+                                   allowed_keys=groups[i], rank=self.rank):
                 try:
                     acc.add(pf.frame)
                 except FrameError as e:
                     raise FrameError(f"rank {self.rank}: bundle from peer {w} at step {step}: {e}") from e
+
+        if self.tolerant:
+            got, failed = self.p2p.exchange_tolerant(step, {}, self._live, direction="up",
+                                                     max_recv=bundle_bound(self.shapes, groups[0]))
+            self._drop(step, failed, "gradient upload")
+            for w in got:
+                add(w, 0, got[w])
+        else:
+            self.p2p.stream(step, {}, {w: len(groups) for w in self.workers}, direction="up", on_recv=add,
+                            max_recv={w: [bundle_bound(self.shapes, g) for g in groups] for w in self.workers})
         owner.apply(step, acc.averages(), dict(acc.counts))
 
     def _send_weights(self, step: int, owner: Owner, publish: bool = True) -> None:
@@ -255,25 +298,28 @@ class ParameterServerTransport(Transport):
         if sorted(int(k) for k in frames) != mine:
             raise ConfigError(f"server rank {self.rank}: Owner.weight_frames gave keys {sorted(frames)}, "
                               f"expected {mine}")
-        bundle = join(frames[k] for k in mine)  # encoded once, sent W times
+        chunks = [join(frames[k] for k in g) for g in self.groups_of[self.rank]]  # encoded once, sent W times
         if self.tolerant:
-            _, failed = self.p2p.exchange_tolerant(step, {w: bundle for w in self._live}, [], direction="down")
+            _, failed = self.p2p.exchange_tolerant(step, {w: chunks[0] for w in self._live}, [], direction="down")
             self._drop(step, failed, "weight download")
             if publish:
                 self._publish_live(step)
         else:
-            self.p2p.exchange(step, {w: bundle for w in self.workers}, [], direction="down")
+            self.p2p.stream(step, {w: chunks for w in self.workers}, {}, direction="down")
 
     def _pull_weights(self, step: int, dest: Mapping[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
-        got = self.p2p.exchange(step, {}, self.servers, direction="down",
-                                max_recv={s: bundle_bound(self.shapes, self.keys_of[s]) for s in self.servers})
         out: dict[int, torch.Tensor] = {}
-        for s in self.servers:
-            for pf in parse_bundle(got[s], peer=s, step=step, kind="weight", shapes=self.shapes,
-                                   allowed_keys=self.keys_of[s], required_keys=self.keys_of[s],
-                                   rank=self.rank):
+
+        def decode(s: int, i: int, chunk) -> None:  # chunk i of server s's weights, while i + 1 arrives
+            keys = self.groups_of[s][i]
+            for pf in parse_bundle(chunk, peer=s, step=step, kind="weight", shapes=self.shapes,
+                                   allowed_keys=keys, required_keys=keys, rank=self.rank):
                 try:
                     out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
                 except FrameError as e:
                     raise FrameError(f"rank {self.rank}: bundle from peer {s} at step {step}: {e}") from e
+
+        self.p2p.stream(step, {}, {s: len(self.groups_of[s]) for s in self.servers}, direction="down",
+                        on_recv=decode, max_recv={s: [bundle_bound(self.shapes, g) for g in self.groups_of[s]]
+                                                  for s in self.servers})
         return out

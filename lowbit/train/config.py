@@ -83,6 +83,7 @@ class TransportConfig:
     timeout_s: float = 300.0
     ray_address: str = ""  # ray only: "" = $LOWBIT_RAY_ADDRESS or a local cluster; "auto" or host:port
     on_worker_failure: str = "stop"  # stop | continue (ps: servers drop a dead worker and go on)
+    chunks: int = 4  # ps: each bundle travels in this many pieces, decoded while the next arrives
 
     def validate(self) -> None:
         if self.kind not in TRANSPORTS:
@@ -98,6 +99,8 @@ class TransportConfig:
             raise ConfigError(f"backend must be auto|gloo|nccl, got {self.backend!r}")
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if not 1 <= self.chunks <= 64:
+            raise ConfigError(f"chunks must be in 1..64, got {self.chunks}")
         if self.on_worker_failure not in ("stop", "continue"):
             raise ConfigError(f"on_worker_failure must be stop|continue, got {self.on_worker_failure!r}")
         if self.on_worker_failure == "continue" and self.kind in ("ring", "tree"):

@@ -57,7 +57,7 @@ def _bad_bundles(step):
 def _badpeer_body(rank, world):
     from lowbit.comm.ps import ParameterServerTransport
     from lowbit.errors import FrameError, TransportError
-    t = ParameterServerTransport(SHAPES, 1, timeout=20)
+    t = ParameterServerTransport(SHAPES, 1, timeout=20, chunks=1)  # the bad worker speaks one-chunk bundles
     out = {}
     names = list(_bad_bundles(0))
     owner = _Owner(t.owned_keys()) if rank == 0 else None
@@ -209,3 +209,62 @@ def test_partition_balances_by_size(sizes, n):
     assert partition(dict(reversed(list(sizes.items()))), n) == own  # deterministic, order-free
     if len(sizes) >= n:
         assert min(loads) > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 1000), min_size=1, max_size=40), chunks=st.integers(1, 9))
+def test_chunk_keys_cover_the_keys_in_order_in_at_most_chunks_groups(sizes, chunks):
+    from lowbit.comm.ps import chunk_keys
+    keys = list(range(len(sizes)))
+    groups = chunk_keys(keys, dict(enumerate(sizes)), chunks)
+    assert [k for g in groups for k in g] == keys
+    assert len(groups) == min(chunks, len(keys)) and all(groups)
+    total = sum(sizes)
+    if total:  # no group holds much more than its share (plus one key that straddles)
+        assert max(sum(sizes[k] for k in g) for g in groups) <= total / len(groups) + max(sizes)
+
+
+def _chunked_badpeer(rank, world):
+    """Chunked bundles: a frame in the wrong chunk (the receiver drains the round, then raises; the
+    next round works), then a chunk longer than its bound (rejected before anything is allocated)."""
+    from lowbit.comm.ps import ParameterServerTransport
+    from lowbit.errors import FrameError, TransportError
+    t = ParameterServerTransport(SHAPES, 1, timeout=20, chunks=2)  # chunk 0: key 0, chunk 1: key 1
+    owner = _Owner(t.owned_keys()) if rank == 0 else None
+    out = {}
+    if rank == 1:
+        t.p2p.stream(7, {0: [_good(1, 7), b""]}, {}, direction="up")  # key 1 belongs in chunk 1
+    else:
+        try:
+            t.step(7, None, owner)
+            out["wrong_chunk"] = "no error"
+        except FrameError as e:
+            out["wrong_chunk"] = str(e)
+    dist.barrier()
+    if rank == 1:  # a good chunked round still works
+        got = t.step(9, {k: _good(k, 9) for k in SHAPES}, None)
+        out["good"] = all(torch.equal(got[k], -torch.ones(SHAPES[k])) for k in SHAPES)
+    else:
+        t.step(9, None, owner)
+    dist.barrier()
+    if rank == 1:  # the server stops listening at the bad length: this send cannot complete
+        t.p2p.timeout = 2.0
+        try:
+            t.p2p.stream(10, {0: [_good(0, 10) + _good(0, 10), _good(1, 10)]}, {}, direction="up")
+        except TransportError:
+            pass
+    else:
+        try:
+            t.step(10, None, owner)
+            out["long_chunk"] = "no error"
+        except FrameError as e:
+            out["long_chunk"] = str(e)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_chunked_bundles_reject_frames_in_the_wrong_chunk():
+    res = run_ranks(_chunked_badpeer, 2)
+    assert "key 1, which this peer may not send here" in res[0]["wrong_chunk"], res[0]
+    assert "announced chunk 0 of" in res[0]["long_chunk"], res[0]
+    assert res[1]["good"] is True

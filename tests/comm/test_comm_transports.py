@@ -1,5 +1,6 @@
 """PS, ring and tree transports on real gloo groups: fp32 equivalence with dist.all_reduce, 3-bit
-error bounds, dropped contributions, byte counts against the formulas."""
+error bounds, dropped contributions, byte counts against the formulas (PS bundles in chunks: 4 for
+one server with 6 keys, 3 each for two servers), weights decoded in place (``out=``)."""
 from __future__ import annotations
 
 
@@ -86,8 +87,12 @@ def _one_config(rank, world, kind, mode, drop):
             grads = {k: (gcodec.encode(grad(rank, step, k), key=k, step=step, generator=gen).to_bytes()
                          if contrib[k] else None) for k in SHAPES}
         before = t.counter.snapshot()
-        got = t.step(step, grads, owner)
+        # step 2: computing ranks decode the weights in place, into buffers they own (out=)
+        dest = {k: torch.full(SHAPES[k], float("nan")) for k in SHAPES} if step == 2 and grads is not None else None
+        got = t.step(step, grads, owner, out=dest)
         delta = t.counter.delta(before)
+        if dest is not None and not all(got[k].data_ptr() == dest[k].data_ptr() for k in SHAPES):
+            out["counts_bad"].append((step, "weights not decoded into out="))
         # Reference: all_reduce of the (clipped) fp32 gradients of the contributing ranks.
         for k in SHAPES:
             g = grad(rank, step, k)
