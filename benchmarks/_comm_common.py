@@ -203,8 +203,11 @@ class FrameOwner:
     def apply(self, step, grads, counts) -> None:
         self.counts = dict(counts)
 
-    def weight_frames(self, step):
-        return self.frames
+    def apply_keys(self, step, grads, counts, keys, last) -> None:  # the PS pipelines by key group
+        self.counts.update(counts)
+
+    def weight_frames(self, step, keys=None):
+        return self.frames if keys is None else {k: self.frames[k] for k in keys}
 
 
 class _ParamModel(torch.nn.Module):

@@ -6,6 +6,13 @@
 Each configuration is a real multi-process run (gloo on loopback, 4 workers; PS adds 1 server).
 Reports dev accuracy on the full SST-2 dev set (872), bytes up/down, the fp32 equivalent and wall
 time; JSON to benchmarks/results/train_sst2.json and a plot of accuracy against bytes moved.
+
+``--baselines ddp_powersgd4,ddp_fp16``: the same training as plain DDP with PyTorch's PowerSGD
+(rank 4) or fp16 comm hook (benchmarks/_ddp_train.py), the peers lowbit must beat at equal
+accuracy. ``--include JSON`` adds the records of an earlier run to the table and plot, e.g.
+
+    python benchmarks/train_sst2.py --transports '' --baselines ddp_powersgd4 \
+        --include benchmarks/results/train_sst2.json --json benchmarks/results/train_sst2.json
 """
 from __future__ import annotations
 
@@ -31,14 +38,20 @@ def main(argv=None) -> int:
     ap.add_argument("--train-subset", type=int, default=8000)
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--transports", default="ring,ps")
+    ap.add_argument("--transports", default="ring,ps", help="lowbit transports ('' for none)")
+    ap.add_argument("--baselines", default="ddp_powersgd4", help="ddp_powersgd4, ddp_fp16 ('' for none)")
+    ap.add_argument("--include", default="", help="JSON of an earlier run whose records join the table")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--backend", default="auto", help="auto | gloo | nccl (gloo keeps the ranks on CPU cores)")
     ap.add_argument("--out", default="runs/bench_sst2")
     ap.add_argument("--json", default=str(RESULTS / "train_sst2.json"))
     args = ap.parse_args(argv)
     recs = []
-    for transport in args.transports.split(","):
+    if args.include:
+        import json
+        old = json.loads(Path(args.include).read_text())["records"]
+        recs += [dict(r, included_from=args.include) for r in old]
+    for transport in filter(None, args.transports.split(",")):
         for name in args.configs.split(","):
             wb, gb = CONFIGS[name]
             cfg = Config()
@@ -61,8 +74,17 @@ def main(argv=None) -> int:
                          "train_subset": args.train_subset})
             write_json(args.json, recs, {"command": "python benchmarks/train_sst2.py " + " ".join(argv or sys.argv[1:]),
                                          "partial": True})
+    for name in filter(None, args.baselines.split(",")):
+        from _ddp_train import run_ddp
+        print(f"== ddp {name} ==", file=sys.stderr, flush=True)
+        recs = [r for r in recs if not (r["transport"] == "ddp" and r["config"] == name[4:])]
+        recs.append(run_ddp(name[4:], model=args.model, steps=args.steps, batch_size=args.batch_size,
+                            max_len=args.max_len, train_subset=args.train_subset, lr=args.lr, workers=args.workers))
+        write_json(args.json, recs, {"command": "python benchmarks/train_sst2.py " + " ".join(argv or sys.argv[1:]),
+                                     "partial": True})
     base = {r["transport"]: r["accuracy"] for r in recs if r["config"] == "fp32"}
     base.setdefault("ps", base.get("ring"))
+    base.setdefault("ddp", base.get("ring"))
     for r in recs:
         r["acc_drop_vs_fp32"] = (base[r["transport"]] - r["accuracy"]) if base.get(r["transport"]) is not None else None
     print_table(recs, ["transport", "config", "accuracy", "acc_drop_vs_fp32", "bytes_total", "compression", "wall_s"],
@@ -79,7 +101,7 @@ def plot(recs, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for t, marker in (("ring", "o"), ("ps", "s")):
+    for t, marker in (("ring", "o"), ("ps", "s"), ("ddp", "^")):
         rs = [r for r in recs if r["transport"] == t]
         for r in rs:
             ax.scatter(r["bytes_total"] / 1e9, r["accuracy"], marker=marker, s=50)

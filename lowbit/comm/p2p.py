@@ -28,7 +28,7 @@ import math
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable, Iterable, Mapping
 
@@ -148,7 +148,7 @@ class P2P:
 
     def stream(self, step: int, sends: Mapping[int, list], recv_from: Mapping[int, int], *, direction: str,
                on_recv: Callable[[int, int, memoryview], None] | None = None,
-               max_recv: Mapping[int, list[int]] | None = None) -> None:
+               max_recv: Mapping[int, list[int]] | None = None, defer_sends: bool = False) -> "Pending | None":
         """A bundle cut into chunks, so the receiver works on chunk i while chunk i + 1 is still on
         the wire (decode overlaps the transfer). ``sends[peer]`` is a list of chunk bundles;
         ``recv_from[peer]`` how many chunks that peer sends; ``on_recv(peer, i, chunk)`` is called
@@ -156,6 +156,8 @@ class P2P:
         works cannot be polled, so this is the order they are awaited in). ``max_recv[peer][i]``
         bounds chunk i's announced length. A :class:`FrameError` from ``on_recv`` is raised once
         the round's other messages have completed, so no peer is left blocked in a send.
+        ``defer_sends``: return the sends still in flight as a :class:`Pending` (for
+        :meth:`finish`) instead of waiting for them, so the caller can receive meanwhile.
 
         Protocol: one message of C int64 lengths (tag 0), then chunk i as one message (tag 1 + i;
         nothing for an empty chunk). With C = 1 this is exactly :meth:`exchange`. Bytes counted per
@@ -196,11 +198,52 @@ class P2P:
                         on_recv(p, i, chunk)
                     except FrameError as e:  # raised after the round: the peers are not left hanging
                         error = e
-        self._wait(send_works, [(f"sending chunk {i} to", p) for _, p, _, i in sends_ops], step)
-        self._count(direction, [int(n) for t in send_lens.values() for n in t.tolist()],
-                    [n for ns in lens.values() for n in ns])
+        self._count(direction, [], [n for ns in lens.values() for n in ns])
+        pending = Pending(direction, send_works, [(f"sending chunk {i - 1} to", p) for _, p, _, i in sends_ops],
+                          [int(n) for t in send_lens.values() for n in t.tolist()])
         if error is not None:
+            self.finish(pending, step)
             raise error
+        if defer_sends:
+            return pending
+        self.finish(pending, step)
+        return None
+
+    # Chunk messages: chunk i of a bundle is one message with its own length: an int64 (tag 2i),
+    # then the bytes (tag 2i + 1; none when empty). The sender can post chunk i as soon as it exists
+    # (the parameter server sends a key group's new weights while later groups are still being
+    # averaged); with one chunk this is exactly the protocol of :meth:`exchange`.
+
+    def send_chunk(self, peer: int, chunk: int, bundle, direction: str, pending: "Pending") -> None:
+        """Post chunk ``chunk`` of a bundle to ``peer``; it completes in :meth:`finish` of ``pending``."""
+        self._check_round(direction, {peer: None}, [])
+        buf = _as_uint8(bundle, self.device)
+        n = torch.tensor([buf.numel()], dtype=torch.int64, device=self.device)
+        ops = [("send", peer, n, 2 * chunk)] + ([("send", peer, buf, 2 * chunk + 1)] if buf.numel() else [])
+        works = self._post_raw(ops)
+        pending.add(works, [(f"sending the length of chunk {chunk} to", peer), (f"sending chunk {chunk} to", peer)],
+                    buf.numel(), keep=(n, buf))
+
+    def recv_chunk(self, peer: int, chunk: int, step: int, direction: str, max_recv: int | None = None,
+                   of: int = 1) -> memoryview:
+        """Receive chunk ``chunk`` of ``peer``'s bundle (see :meth:`send_chunk`); its announced length
+        is checked against ``max_recv`` before anything is allocated."""
+        self._check_round(direction, {}, [peer])
+        n_t = torch.empty(1, dtype=torch.int64, device=self.device)
+        self._post_all([("recv", peer, n_t, 2 * chunk)], step)
+        n = int(n_t.item())
+        self._check_len(peer, n, step, max_recv, chunk=chunk if of > 1 else None)
+        buf = torch.empty(n, dtype=torch.uint8, device=self.device)
+        if n:
+            self._post_all([("recv", peer, buf, 2 * chunk + 1)], step)
+        self._count(direction, [], [n])
+        return _to_memoryview(buf) if n else memoryview(b"")
+
+    def finish(self, pending: "Pending", step: int) -> None:
+        """Wait for the sends in ``pending`` (a peer that fails is a :class:`TransportError`) and count them."""
+        self._wait(pending.works, pending.what, step)
+        self._count(pending.direction, pending.sent_lens, [])
+        pending.works, pending.what, pending.sent_lens, pending.keep = [], [], [], []
 
     def exchange_tolerant(self, step: int, sends: Mapping[int, object], recv_from: Iterable[int], *,
                           direction: str, max_recv: Mapping[int, int] | int | None = None
@@ -313,6 +356,23 @@ class P2P:
         what = [((f"sending the {'length' if tag == 0 else 'bundle'} to" if v == "send" else
                   f"awaiting the {'length' if tag == 0 else 'bundle'} from"), p) for v, p, _, tag in ops]
         self._wait(works, what, step)
+
+
+@dataclass
+class Pending:
+    """Sends posted but not yet waited for (see :meth:`P2P.finish`); ``keep`` holds their buffers."""
+
+    direction: str
+    works: list = field(default_factory=list)
+    what: list = field(default_factory=list)
+    sent_lens: list = field(default_factory=list)
+    keep: list = field(default_factory=list)
+
+    def add(self, works, what, nbytes: int, keep=None) -> None:
+        self.works += list(works)
+        self.what += list(what)[:len(works)]
+        self.sent_lens.append(nbytes)
+        self.keep.append(keep)
 
 
 @dataclass

@@ -12,10 +12,13 @@ One synchronous step (``step(step, grads, owner)``)::
                owner.apply(step, sums / counts, counts); V_s = join(owner.weight_frames(step))
                encoded once, isend V_s to every worker
 
-Every bundle travels as ``chunks`` pieces (server s's keys cut into contiguous groups of about equal
-size, :func:`chunk_keys`; :meth:`P2P.stream`), and the receiver decodes piece i while piece i + 1 is
-still on the wire: the server sums the first gradients while the rest arrive, the worker decodes
-weights into its parameters (``out=``) while the rest arrive.
+The step is pipelined by key group. Server s's keys are cut into ``chunks`` contiguous groups of
+about equal size (:func:`chunk_keys`); every bundle travels as one message per group. The server
+decodes and sums group i as it arrives; once group i has come from every worker, the owner updates
+and re-quantizes those keys (``Owner.apply_keys``) and their weights leave for the workers at once,
+while group i + 1 is still arriving. Workers decode each weight group into their parameters
+(``out=``) while the next is on the way. An owner without ``apply_keys`` is updated once, after the
+last group; ``"continue"`` mode sends whole bundles (one group).
 
 A worker may leave a key out of ``grads`` (or map it to ``None`` / ``b""``): its nonfinite policy
 skipped that gradient. The server then averages over the contributions that came
@@ -44,6 +47,7 @@ number of chunks of server s, ``chunks`` or fewer when s has fewer keys; 1 in ``
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping
 
@@ -51,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from lowbit.comm.board import Board
-from lowbit.comm.p2p import LEN_PREFIX, P2P, bundle_bound, join, parse_bundle
+from lowbit.comm.p2p import LEN_PREFIX, P2P, Pending, bundle_bound, join, parse_bundle
 from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, decode_weight, partition
 from lowbit.errors import ConfigError, FrameError, TransportError
 
@@ -190,13 +194,18 @@ class ParameterServerTransport(Transport):
              out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
         if self.is_server:
             self._check_owner(owner)
-            self._serve_grads(step, owner)
-            self._send_weights(step, owner)
+            if self.tolerant:
+                self._serve_grads(step, owner)
+                self._send_weights(step, owner)
+            else:
+                self._serve_step(step, owner)
             return None
         if grads is None:
             raise ConfigError(f"worker rank {self.rank} must pass its gradient frames to step()")
-        self._push_grads(step, grads)
-        weights = self._pull_weights(step, out)
+        pending = self._push_grads(step, grads)
+        weights = self._pull_weights(step, out)  # while the last gradient chunks may still be leaving
+        if pending is not None:
+            self.p2p.finish(pending, step)
         if self.tolerant:
             self._read_live(step)
         return weights
@@ -219,15 +228,15 @@ class ParameterServerTransport(Transport):
             raise ConfigError(f"server rank {self.rank} must own keys {self.keys_of[self.rank]} "
                               f"(partition by size), its Owner holds {have}")
 
-    def _push_grads(self, step: int, grads: Mapping[int, bytes | None]) -> None:
+    def _push_grads(self, step: int, grads: Mapping[int, bytes | None]) -> Pending | None:
         unknown = sorted(set(grads) - set(self.shapes))
         if unknown:
             raise ConfigError(f"gradient frames for unknown keys {unknown}")
         chunks = {s: [join(grads[k] for k in g if grads.get(k)) for g in self.groups_of[s]] for s in self.servers}
         if self.tolerant:
             self.p2p.exchange(step, {s: c[0] for s, c in chunks.items()}, [], direction="up")
-        else:
-            self.p2p.stream(step, chunks, {}, direction="up")
+            return None
+        return self.p2p.stream(step, chunks, {}, direction="up", defer_sends=True)
 
     def _drop(self, step: int, failed: Mapping[int, str], half: str) -> None:
         """Agree with the other servers on the workers lost in this half and stop serving them."""
@@ -268,29 +277,78 @@ class ParameterServerTransport(Transport):
             except TransportError:  # a worker lost at the very end; nothing left to serve
                 pass
 
-    def _serve_grads(self, step: int, owner: Owner) -> None:
+    def _add_chunk(self, step: int, w: int, i: int, chunk) -> None:
+        """Decode chunk i of worker w's gradients and add them to the accumulator."""
+        for pf in parse_bundle(chunk, peer=w, step=step, kind="grad", shapes=self.shapes,
+                               allowed_keys=self.groups_of[self.rank][i], rank=self.rank):
+            try:
+                self._acc.add(pf.frame)
+            except FrameError as e:
+                raise FrameError(f"rank {self.rank}: bundle from peer {w} at step {step}: {e}") from e
+
+    def _serve_step(self, step: int, owner: Owner) -> None:
+        """The server's whole step, pipelined by key group: as soon as group i has come from every
+        worker it is averaged, the owner updates and re-quantizes those keys (``apply_keys``) and
+        their weights leave for the workers, while group i + 1 is still arriving. An owner without
+        ``apply_keys`` is updated once, after the last group."""
         groups = self.groups_of[self.rank]
-        acc = self._acc
-        acc.reset()
+        self._acc.reset()
+        pending = Pending("down")
+        parts = hasattr(owner, "apply_keys")
+        seen = [0] * len(groups)
 
-        def add(w: int, i: int, chunk) -> None:  # decode and sum chunk i of worker w's gradients
-            for pf in parse_bundle(chunk, peer=w, step=step, kind="grad", shapes=self.shapes,
-                                   allowed_keys=groups[i], rank=self.rank):
-                try:
-                    acc.add(pf.frame)
-                except FrameError as e:
-                    raise FrameError(f"rank {self.rank}: bundle from peer {w} at step {step}: {e}") from e
+        def on_chunk(w: int, i: int, chunk) -> None:
+            self._add_chunk(step, w, i, chunk)
+            seen[i] += 1
+            if parts and seen[i] == len(self.workers):
+                owner.apply_keys(step, self._acc.averages(groups[i]), {k: self._acc.counts[k] for k in groups[i]
+                                                                        if k in self._acc.counts},
+                                 groups[i], i == len(groups) - 1)
+                self._send_group(step, owner, i, pending)
 
-        if self.tolerant:
-            got, failed = self.p2p.exchange_tolerant(step, {}, self._live, direction="up",
-                                                     max_recv=bundle_bound(self.shapes, groups[0]))
-            self._drop(step, failed, "gradient upload")
-            for w in got:
-                add(w, 0, got[w])
-        else:
-            self.p2p.stream(step, {}, {w: len(groups) for w in self.workers}, direction="up", on_recv=add,
+        with self._finishing(pending, step):
+            self.p2p.stream(step, {}, {w: len(groups) for w in self.workers}, direction="up", on_recv=on_chunk,
                             max_recv={w: [bundle_bound(self.shapes, g) for g in groups] for w in self.workers})
-        owner.apply(step, acc.averages(), dict(acc.counts))
+            if not parts:
+                owner.apply(step, self._acc.averages(), dict(self._acc.counts))
+                frames = owner.weight_frames(step)
+                for i in range(len(groups)):
+                    self._send_group(step, owner, i, pending, frames)
+
+    @contextlib.contextmanager
+    def _finishing(self, pending: Pending, step: int):
+        """Wait for the weight chunks already posted, also when the step fails (then quietly: the
+        first error is the one to report)."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.p2p.finish(pending, step)
+            except TransportError:
+                pass
+            raise
+        self.p2p.finish(pending, step)
+
+    def _send_group(self, step: int, owner: Owner, i: int, pending: Pending, frames=None) -> None:
+        keys = self.groups_of[self.rank][i]
+        if frames is None:
+            frames = owner.weight_frames(step, keys) if hasattr(owner, "apply_keys") else owner.weight_frames(step)
+        missing = [k for k in keys if k not in frames]
+        if missing:
+            raise ConfigError(f"server rank {self.rank}: Owner.weight_frames lacks keys {missing}")
+        bundle = join(frames[k] for k in keys)  # encoded once, sent W times
+        for w in self.workers:
+            self.p2p.send_chunk(w, i, bundle, "down", pending)
+
+    def _serve_grads(self, step: int, owner: Owner) -> None:
+        """``"continue"`` mode: whole bundles, each worker on its own thread (see the module docstring)."""
+        self._acc.reset()
+        got, failed = self.p2p.exchange_tolerant(step, {}, self._live, direction="up",
+                                                 max_recv=bundle_bound(self.shapes, self.keys_of[self.rank]))
+        self._drop(step, failed, "gradient upload")
+        for w in got:
+            self._add_chunk(step, w, 0, got[w])
+        owner.apply(step, self._acc.averages(), dict(self._acc.counts))
 
     def _send_weights(self, step: int, owner: Owner, publish: bool = True) -> None:
         mine = self.keys_of[self.rank]
@@ -298,28 +356,33 @@ class ParameterServerTransport(Transport):
         if sorted(int(k) for k in frames) != mine:
             raise ConfigError(f"server rank {self.rank}: Owner.weight_frames gave keys {sorted(frames)}, "
                               f"expected {mine}")
-        chunks = [join(frames[k] for k in g) for g in self.groups_of[self.rank]]  # encoded once, sent W times
         if self.tolerant:
-            _, failed = self.p2p.exchange_tolerant(step, {w: chunks[0] for w in self._live}, [], direction="down")
+            bundle = join(frames[k] for k in mine)  # encoded once, sent W times
+            _, failed = self.p2p.exchange_tolerant(step, {w: bundle for w in self._live}, [], direction="down")
             self._drop(step, failed, "weight download")
             if publish:
                 self._publish_live(step)
-        else:
-            self.p2p.stream(step, {w: chunks for w in self.workers}, {}, direction="down")
+            return
+        pending = Pending("down")
+        with self._finishing(pending, step):
+            for i in range(len(self.groups_of[self.rank])):
+                self._send_group(step, owner, i, pending, frames)
 
     def _pull_weights(self, step: int, dest: Mapping[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+        """Every server's weights, group by group as the servers send them (chunk messages,
+        :meth:`P2P.recv_chunk`), each decoded (into ``dest`` when given) while the next is on the way."""
         out: dict[int, torch.Tensor] = {}
-
-        def decode(s: int, i: int, chunk) -> None:  # chunk i of server s's weights, while i + 1 arrives
-            keys = self.groups_of[s][i]
-            for pf in parse_bundle(chunk, peer=s, step=step, kind="weight", shapes=self.shapes,
-                                   allowed_keys=keys, required_keys=keys, rank=self.rank):
-                try:
-                    out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
-                except FrameError as e:
-                    raise FrameError(f"rank {self.rank}: bundle from peer {s} at step {step}: {e}") from e
-
-        self.p2p.stream(step, {}, {s: len(self.groups_of[s]) for s in self.servers}, direction="down",
-                        on_recv=decode, max_recv={s: [bundle_bound(self.shapes, g) for g in self.groups_of[s]]
-                                                  for s in self.servers})
+        n = {s: len(self.groups_of[s]) for s in self.servers}
+        for i in range(max(n.values())):
+            for s in self.servers:
+                if i >= n[s]:
+                    continue
+                keys = self.groups_of[s][i]
+                chunk = self.p2p.recv_chunk(s, i, step, "down", bundle_bound(self.shapes, keys), of=n[s])
+                for pf in parse_bundle(chunk, peer=s, step=step, kind="weight", shapes=self.shapes,
+                                       allowed_keys=keys, required_keys=keys, rank=self.rank):
+                    try:
+                        out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
+                    except FrameError as e:
+                        raise FrameError(f"rank {self.rank}: bundle from peer {s} at step {step}: {e}") from e
         return out

@@ -41,7 +41,17 @@ class Owner(Protocol):
         take the optimizer step and re-quantize the weights."""
 
     def weight_frames(self, step: int) -> dict[int, bytes]:
-        """The current (quantized) weights of every owned key as encoded frames."""
+        """The current (quantized) weights of every owned key as encoded frames.
+
+    An owner may also offer the step in parts, which lets the parameter server pipeline it
+    (update and send a group of keys while later groups are still arriving)::
+
+        apply_keys(step, grads, counts, keys, last)   # optimizer step + re-quantization of ``keys``;
+                                                      # ``last``: the step's final part (lr schedule advances)
+        weight_frames(step, keys)                     # frames of ``keys`` only
+
+    :class:`lowbit.train.server.ShardServer` does; an owner without ``apply_keys`` gets one
+    :meth:`apply` per step, after every group has arrived."""
 
 
 @dataclass
@@ -107,10 +117,11 @@ class GradAccumulator:
         self.sums[k] = buf
         self.counts[k] = 1
 
-    def averages(self) -> dict[int, torch.Tensor]:
-        """The mean per key, computed in place (the sums are not used afterwards: one pass less
-        over the shard's gradients than allocating a new tensor)."""
-        return {k: s.div_(self.counts[k]) if self.counts[k] > 1 else s for k, s in self.sums.items()}
+    def averages(self, keys: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
+        """The mean per key (of ``keys``, default all), computed in place (the sums are not used
+        afterwards: one pass less over the shard's gradients than allocating a new tensor)."""
+        keys = self.sums if keys is None else [k for k in keys if k in self.sums]
+        return {k: self.sums[k].div_(self.counts[k]) if self.counts[k] > 1 else self.sums[k] for k in keys}
 
 
 def decode_weight(frame: Frame, device: torch.device | str, out: Mapping[int, torch.Tensor] | None

@@ -65,22 +65,34 @@ class ShardServer:
         return sorted(self.params)
 
     def apply(self, step: int, grads: dict[int, torch.Tensor], counts: dict[int, int]) -> None:
+        self.apply_keys(step, grads, counts, list(self.params), last=True)
+
+    def apply_keys(self, step: int, grads: dict[int, torch.Tensor], counts: dict[int, int], keys,
+                   last: bool) -> None:
+        """Part of step ``step``: the optimizer step and re-quantization of ``keys`` only (the
+        parameter server pipelines a step by key groups). Adam and SGD update each parameter on its
+        own, so the parts together equal one whole step; the lr schedule advances after the
+        ``last`` part, so every part uses the step's learning rate."""
         if self.opt is None:
             return
-        for k, p in self.params.items():
+        for k in keys:
             g = grads.get(k)
+            p = self.params[k]
             p.grad = None if g is None else g.to(self.device, torch.float32).reshape(p.shape)
-        self.opt.step()
+        self.opt.step()  # parameters without a gradient (other groups, skipped keys) are left alone
         self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
-        self.step_done = step + 1
-        self._quantize_all()
+        if last:
+            self.sched.step()
+            self.step_done = step + 1
+        self._quantize(keys)
 
-    def weight_frames(self, step: int) -> dict[int, bytes]:
-        """The current quantized weights, serialized for the exchange of step ``step`` (the frame
-        header carries that step so receivers can check they got this step's weights)."""
+    def weight_frames(self, step: int, keys=None) -> dict[int, bytes]:
+        """The current quantized weights (of ``keys``, default all), serialized for the exchange of
+        step ``step`` (the frame header carries that step so receivers can check they got this
+        step's weights)."""
         out = {}
-        for k, f in self.frames.items():
+        for k in (self.frames if keys is None else keys):
+            f = self.frames[k]
             f.step = step
             out[k] = f.to_bytes()
         return out
@@ -98,9 +110,13 @@ class ShardServer:
         return v_hat.sqrt().add_(self.cfg.laq_eps)
 
     def _quantize_all(self) -> None:
-        """Re-quantize every owned weight. LAQ's alternating minimisation starts from last step's α
-        (the weights moved by one optimizer step, so α barely changes and a few rounds suffice)."""
-        for k, p in self.params.items():
+        self._quantize(list(self.params))
+
+    def _quantize(self, keys) -> None:
+        """Re-quantize the owned weights ``keys``. LAQ's alternating minimisation starts from last
+        step's α (the weights moved by one optimizer step, so α barely changes and a few rounds suffice)."""
+        for k in keys:
+            p = self.params[k]
             codec = self.specs[k].w_codec
             if isinstance(codec, WeightCodec):
                 warm = self.alpha.get(k)
