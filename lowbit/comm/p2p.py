@@ -225,9 +225,10 @@ class P2P:
                     buf.numel(), keep=(n, buf))
 
     def recv_chunk(self, peer: int, chunk: int, step: int, direction: str, max_recv: int | None = None,
-                   of: int = 1) -> memoryview:
+                   of: int = 1, count: bool = True) -> memoryview:
         """Receive chunk ``chunk`` of ``peer``'s bundle (see :meth:`send_chunk`); its announced length
-        is checked against ``max_recv`` before anything is allocated."""
+        is checked against ``max_recv`` before anything is allocated. ``count=False`` leaves the
+        byte count to the caller (:meth:`count_recv`; for receives on helper threads)."""
         self._check_round(direction, {}, [peer])
         n_t = torch.empty(1, dtype=torch.int64, device=self.device)
         self._post_all([("recv", peer, n_t, 2 * chunk)], step)
@@ -236,8 +237,13 @@ class P2P:
         buf = torch.empty(n, dtype=torch.uint8, device=self.device)
         if n:
             self._post_all([("recv", peer, buf, 2 * chunk + 1)], step)
-        self._count(direction, [], [n])
+        if count:
+            self._count(direction, [], [n])
         return _to_memoryview(buf) if n else memoryview(b"")
+
+    def count_recv(self, direction: str, nbytes: int) -> None:
+        """Count one received message of ``nbytes`` (see ``recv_chunk(count=False)``)."""
+        self._count(direction, [], [nbytes])
 
     def finish(self, pending: "Pending", step: int) -> None:
         """Wait for the sends in ``pending`` (a peer that fails is a :class:`TransportError`) and count them."""

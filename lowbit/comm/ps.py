@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import queue
+import threading
 from typing import Mapping
 
 import torch
@@ -370,19 +372,43 @@ class ParameterServerTransport(Transport):
 
     def _pull_weights(self, step: int, dest: Mapping[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
         """Every server's weights, group by group as the servers send them (chunk messages,
-        :meth:`P2P.recv_chunk`), each decoded (into ``dest`` when given) while the next is on the way."""
+        :meth:`P2P.recv_chunk`), each decoded (into ``dest`` when given) while the next is on the way.
+
+        One receiving thread per server keeps a receive posted at all times: gloo stops reading a
+        connection while the message at its head has no receive posted, so receiving between
+        decodes on this thread would stall each server's stream for as long as a decode takes."""
         out: dict[int, torch.Tensor] = {}
         n = {s: len(self.groups_of[s]) for s in self.servers}
-        for i in range(max(n.values())):
-            for s in self.servers:
-                if i >= n[s]:
-                    continue
-                keys = self.groups_of[s][i]
-                chunk = self.p2p.recv_chunk(s, i, step, "down", bundle_bound(self.shapes, keys), of=n[s])
-                for pf in parse_bundle(chunk, peer=s, step=step, kind="weight", shapes=self.shapes,
-                                       allowed_keys=keys, required_keys=keys, rank=self.rank):
-                    try:
-                        out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
-                    except FrameError as e:
-                        raise FrameError(f"rank {self.rank}: bundle from peer {s} at step {step}: {e}") from e
+        got: queue.Queue = queue.Queue()
+
+        def pump(s: int) -> None:
+            try:
+                for i in range(n[s]):
+                    bound = bundle_bound(self.shapes, self.groups_of[s][i])
+                    got.put((s, i, self.p2p.recv_chunk(s, i, step, "down", bound, of=n[s], count=False)))
+            except BaseException as e:  # noqa: BLE001 - raised on the calling thread
+                got.put((s, None, e))
+
+        threads = [threading.Thread(target=pump, args=(s,), daemon=True, name=f"lowbit-pull-{s}")
+                   for s in self.servers]
+        for th in threads:
+            th.start()
+        for _ in range(sum(n.values())):
+            try:
+                s, i, chunk = got.get(timeout=self.p2p.timeout + 30)
+            except queue.Empty:
+                raise TransportError(f"rank {self.rank}: no weights from the servers at step {step} within "
+                                     f"{self.p2p.timeout + 30:g}s") from None
+            if i is None:
+                raise chunk
+            self.p2p.count_recv("down", len(chunk))
+            keys = self.groups_of[s][i]
+            for pf in parse_bundle(chunk, peer=s, step=step, kind="weight", shapes=self.shapes,
+                                   allowed_keys=keys, required_keys=keys, rank=self.rank):
+                try:
+                    out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
+                except FrameError as e:
+                    raise FrameError(f"rank {self.rank}: bundle from peer {s} at step {step}: {e}") from e
+        for th in threads:
+            th.join()
         return out
