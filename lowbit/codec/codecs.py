@@ -132,15 +132,23 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
     step = CHUNK if dev.type == "cpu" else 1 << 62
     out = torch.empty(numel, dtype=out_dtype, device=dev) if dest is None else dest.view(-1)
     # Every chunk is decoded into ``target(a, e)``: out[a:e] itself, or a cache-sized scratch that
-    # ``land(a, e, t)`` then adds to out[a:e].
-    scratch = torch.empty(min(numel, 8 * step) or 1, dtype=out_dtype, device=dev) if accumulate else None
+    # ``land(a, e, t)`` then adds (accumulate) or copies to out[a:e]. The byte-table path writes
+    # 8/b values at once as one wide element (up to 16 bytes), which needs a destination aligned to
+    # that width: a tensor mapped from a file (a model loaded from safetensors) may be aligned to
+    # 8 bytes only, and a misaligned wide write faults (SIGSEGV), so such a destination gets the scratch.
+    misaligned = (dest is not None and 8 % bits == 0 and bits < 8
+                  and dest.data_ptr() % min(16, (8 // bits) * dest.element_size()) != 0)
+    use_scratch = accumulate or misaligned
+    scratch = torch.empty(min(numel, 8 * step) or 1, dtype=out_dtype, device=dev) if use_scratch else None
 
     def target(a: int, e: int) -> torch.Tensor:
-        return scratch[: e - a] if accumulate else out[a:e]
+        return scratch[: e - a] if use_scratch else out[a:e]
 
     def land(a: int, e: int, t: torch.Tensor) -> None:
         if accumulate:
             out[a:e].add_(t)
+        elif use_scratch:
+            out[a:e].copy_(t)
 
     if 8 % bits == 0:
         per = 8 // bits
