@@ -33,6 +33,11 @@ class Worker:
         self.params = [p for _, p in model.named_parameters()]
         for p in self.params:
             p.requires_grad_(True)
+            if p.data_ptr() % 64:
+                # A model loaded from safetensors may keep its weights in the mapped file, at any
+                # offset; the worker owns its weights (received weights are decoded into them in
+                # place, with wide aligned writes), so it takes a private, aligned copy once.
+                p.data = p.data.clone()
         self.ef = ErrorFeedback() if error_feedback else None
         self.nonfinite = nonfinite
         self.skipped = 0  # gradients dropped by the 'skip' non-finite policy

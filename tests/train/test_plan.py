@@ -74,3 +74,23 @@ def test_shard_server_in_parts_equals_one_whole_step():
         for k in groups[1]:
             assert pf[k] == wf[k]
             Frame.from_bytes(pf[k], expect_key=k)
+
+
+def test_worker_takes_aligned_weights_and_decodes_into_them():
+    """all-MiniLM-L6-v2 loads from safetensors with weights at 8-byte aligned offsets of the mapped
+    file; the worker takes aligned copies, and received 2-bit weights decode into them in place."""
+    from lowbit.codec.codecs import decode_frame
+    from lowbit.comm.transport import decode_weight
+    from lowbit.models.presets import load_preset
+    from lowbit.train.worker import Worker
+
+    model, _ = load_preset("minilm", num_labels=2)
+    plan = make_plan(model, CodecConfig(w_bits=2, g_bits=3, embed_bits=8, head_bits=8))
+    w = Worker(model, plan, rank=0)
+    assert all(p.data_ptr() % 64 == 0 for p in w.params)
+    dest = w.weight_buffers()
+    spec = next(s for s in plan if s.w_codec.bits == 2 and len(s.shape) == 2)
+    f = spec.w_codec.encode(torch.randn(spec.shape), key=spec.key)
+    got = decode_weight(f, "cpu", dest)
+    assert got.data_ptr() == dest[spec.key].data_ptr()
+    assert torch.equal(spec.view(dict(model.named_parameters())[spec.name]).detach(), decode_frame(f))
