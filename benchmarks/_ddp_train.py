@@ -10,7 +10,6 @@ plain fp32 and are counted as such.
 from __future__ import annotations
 
 import math
-import os
 import socket
 import sys
 import time
@@ -140,6 +139,3 @@ def run_ddp(hook: str, *, model: str, steps: int, batch_size: int, max_len: int,
             "model": model, "batch_per_worker": batch_size, "max_len": max_len, "train_subset": train_subset,
             "bytes_note": "all ranks' sends in the ring all-reduce of the hook's payload (formula, not counted)"}
 
-
-if __name__ == "__main__":  # pragma: no cover - used through train_sst2.py
-    os.environ.setdefault("OMP_NUM_THREADS", "1")

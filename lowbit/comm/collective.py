@@ -125,7 +125,6 @@ class _ShardedTransport(Transport):
         self.counter = ByteCounter()
         self.p2p = P2P(self.group, self.counter, timeout)
         self._acc = GradAccumulator(self.device)  # buffers reused every step (see GradAccumulator)
-        self._dest: Mapping[int, torch.Tensor] | None = None  # where step()/fetch_weights() decode weights
 
     def owned_keys(self, rank: int | None = None) -> list[int]:
         """Keys owned by ``rank`` (default: this rank)."""
@@ -153,14 +152,12 @@ class _ShardedTransport(Transport):
                 raise FrameError(f"rank {self.rank}: gradient frame for key {pf.frame.key} via peer {peer} "
                                  f"at step {step}: {e}") from e
         owner.apply(step, acc.averages(), dict(acc.counts))
-        self._dest = out
-        return self._all_gather(step, owner)
+        return self._all_gather(step, owner, out)
 
     def fetch_weights(self, step: int, owner: Owner | None, *,
                       out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         self._check_owner(owner)
-        self._dest = out
-        return self._all_gather(step, owner)
+        return self._all_gather(step, owner, out)
 
     # ------------------------------------------------------------------ pieces
 
@@ -183,12 +180,13 @@ class _ShardedTransport(Transport):
         return parse_bundle(buf, peer=peer, step=step, kind="grad", shapes=self.shapes,
                             allowed_keys=self.keys_of_ranks(owners), max_per_key=copies, rank=self.rank)
 
-    def _decode_weights(self, buf, peer: int, step: int, owners, out: dict[int, torch.Tensor]) -> None:
+    def _decode_weights(self, buf, peer: int, step: int, owners, out: dict[int, torch.Tensor],
+                        dest: Mapping[int, torch.Tensor] | None) -> None:
         keys = self.keys_of_ranks(owners)
         for pf in parse_bundle(buf, peer=peer, step=step, kind="weight", shapes=self.shapes,
                                allowed_keys=keys, required_keys=keys, rank=self.rank):
             try:
-                out[pf.frame.key] = decode_weight(pf.frame, self.device, self._dest)
+                out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
             except FrameError as e:
                 raise FrameError(f"rank {self.rank}: weight frame for key {pf.frame.key} from peer {peer} "
                                  f"at step {step}: {e}") from e
@@ -196,7 +194,7 @@ class _ShardedTransport(Transport):
     def _reduce_scatter(self, step: int, grads):  # pragma: no cover - abstract
         raise ConfigError("use RingTransport or TreeTransport")
 
-    def _all_gather(self, step: int, owner: Owner):  # pragma: no cover - abstract
+    def _all_gather(self, step: int, owner: Owner, dest):  # pragma: no cover - abstract
         raise ConfigError("use RingTransport or TreeTransport")
 
 
@@ -223,18 +221,18 @@ class RingTransport(_ShardedTransport):
             for pf in self._parse_grads(got[src], src, step, [r], 1):
                 yield src, pf
 
-    def _all_gather(self, step, owner):
+    def _all_gather(self, step, owner, dest):
         p, r = self.world_size, self.rank
         cur = self._own_weight_bundle(step, owner)
         out: dict[int, torch.Tensor] = {}
-        self._decode_weights(cur, r, step, [r], out)
+        self._decode_weights(cur, r, step, [r], out, dest)
         dst, src = (r + 1) % p, (r - 1) % p
         for t in range(p - 1):
             origin = (r - 1 - t) % p
             got = self.p2p.exchange(step, {dst: cur}, [src], direction="down",
                                     max_recv=bundle_bound(self.shapes, self.keys_of[origin]))
             cur = got[src]
-            self._decode_weights(cur, src, step, [origin], out)
+            self._decode_weights(cur, src, step, [origin], out, dest)
         return out
 
 
@@ -269,16 +267,16 @@ class TreeTransport(_ShardedTransport):
             held += [(partner, pf) for pf in self._parse_grads(got[partner], partner, step, mine, bit)]
         return held
 
-    def _all_gather(self, step, owner):
+    def _all_gather(self, step, owner, dest):
         p, r = self.world_size, self.rank
         held = [self._own_weight_bundle(step, owner)]
         out: dict[int, torch.Tensor] = {}
-        self._decode_weights(held[0], r, step, [r], out)
+        self._decode_weights(held[0], r, step, [r], out, dest)
         for j in range(self.levels):
             partner = r ^ (1 << j)
             theirs = [q for q in range(p) if q >> j == partner >> j]
             got = self.p2p.exchange(step, {partner: join(held)}, [partner], direction="down",
                                     max_recv=bundle_bound(self.shapes, self.keys_of_ranks(theirs)))
-            self._decode_weights(got[partner], partner, step, theirs, out)
+            self._decode_weights(got[partner], partner, step, theirs, out, dest)
             held.append(got[partner])
         return out
