@@ -30,6 +30,12 @@ What is timed (per step; every rank starts after a barrier, a step's time is the
   ~10 MB/s on this CPU and would dominate). ``step_total_s = step_s + grad_encode_s + weight_quant_s``.
   ``decode_est_s`` is the part of ``step_s`` spent decoding (rates measured on a sample, scaled to
   what each rank decodes per step).
+  With ``codec_device: "cuda"`` in the spec (``comm_bandwidth.py --codec-device cuda``) lowbit's
+  codec runs on the GPU, as it would next to a GPU's gradients: gradients are encoded from GPU
+  tensors, the transports decode and sum into GPU buffers (``Transport(device="cuda")``; the
+  payload bytes still travel through gloo on the CPU) and weights land in GPU tensors; every timed
+  region ends with ``torch.cuda.synchronize()``. The baselines (all_reduce, DDP hooks) stay on CPU
+  tensors over gloo either way.
 
 Bytes: ``bytes_per_rank`` = payload bytes the busiest rank sends per step (lowbit: the transport's
 ByteCounter; all_reduce / DDP: the ring formula 2(p−1)/p·P, PowerSGD from its P, Q and
@@ -256,6 +262,23 @@ def _switch_hook(st: _HookSwitch, bucket):
     return fut
 
 
+def _cpu_safe_cuda_synchronize() -> None:
+    """PyTorch's PowerSGD hook calls ``torch.cuda.synchronize(tensor.device)`` whenever CUDA is
+    available, which raises for the CPU tensors the baselines use; where the GPU is visible (the
+    codec runs there) such a call is made a no-op, as it is on a machine without CUDA."""
+    real = torch.cuda.synchronize
+    if getattr(real, "_lowbit_cpu_safe", False):
+        return
+
+    def synchronize(device=None):
+        if isinstance(device, torch.device) and device.type == "cpu":
+            return None
+        return real(device)
+
+    synchronize._lowbit_cpu_safe = True
+    torch.cuda.synchronize = synchronize
+
+
 class RankBench:
     def __init__(self, spec: dict) -> None:
         self.spec = spec
@@ -264,6 +287,14 @@ class RankBench:
         self.ifname = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
         self.rate = spec.get("rate_mbit")
         self.records: list[dict] = []
+        self.codec_device = torch.device(spec.get("codec_device", "cpu"))
+        if self.codec_device.type == "cuda":
+            _cpu_safe_cuda_synchronize()
+
+    def sync(self) -> None:
+        """Wait for the codec device's queued work (a no-op on CPU)."""
+        if self.codec_device.type == "cuda":
+            torch.cuda.synchronize(self.codec_device)
 
     # -------------------------------------------------------------- helpers
     def log(self, msg: str) -> None:
@@ -309,7 +340,9 @@ class RankBench:
         sent, recv = payload_bytes(method, model["shapes"], p, self.spec["ps_servers"])
         rec = {
             "method": method, **info, "bandwidth": self.spec["bandwidth"], "rate_mbit": self.rate,
-            "model": model["name"], "n_params": model["n"], "p": p,
+            "model": model["name"], "n_params": model["n"], "p": p, "threads": int(self.spec.get("threads", 1)),
+            "codec_threads": int(self.spec.get("codec_threads", 1)),
+            "codec_device": self.codec_device.type if info["family"] == "lowbit" else "cpu",
             "ps_servers": self.spec["ps_servers"] if info["transport"] == "ps" else None,
             "reps": reps, "step_s_reps": steps, "step_s": statistics.median(steps),
             "expected_bytes_per_rank": sent, "expected_recv_per_rank": recv,
@@ -407,10 +440,13 @@ class RankBench:
             offs[k] = (a, a + math.prod(s))
             a += math.prod(s)
 
-        def tensor(k):
-            return flat[offs[k][0]:offs[k][1]].view(shapes[k])
+        dev = self.codec_device
+        gflat = flat.to(dev)
 
-        gen = torch.Generator().manual_seed(1000 + self.rank)
+        def tensor(k):
+            return gflat[offs[k][0]:offs[k][1]].view(shapes[k])
+
+        gen = torch.Generator(dev).manual_seed(1000 + self.rank)
         grad_cache: dict[int, tuple[dict, float]] = {}
 
         def grad_frames(g_bits):
@@ -421,6 +457,7 @@ class RankBench:
                 dist.barrier()
                 t0 = time.perf_counter()
                 frames = {k: codec.encode(tensor(k), key=k, step=0, generator=gen).to_bytes() for k in shapes}
+                self.sync()
                 grad_cache[g_bits] = (frames, max(self.gather(time.perf_counter() - t0)))
             return grad_cache[g_bits]
 
@@ -430,12 +467,13 @@ class RankBench:
             """Real WeightCodec('laq-linear') encode, 1M-element sample with a D matrix, every rank at once."""
             if w_bits not in wq_cache:
                 m = min(flat.numel(), 1 << 20)
-                x = flat[:m - m % 1024].view(1024, -1)
-                d = torch.rand(x.shape, generator=gen) + 0.1
+                x = gflat[:m - m % 1024].view(1024, -1)
+                d = torch.rand(x.shape, generator=gen, device=dev) + 0.1
                 codec = WeightCodec("laq-linear", w_bits)
                 dist.barrier()
                 t0 = time.perf_counter()
                 codec.encode(x, key=0, step=0, d=d).to_bytes()
+                self.sync()
                 wq_cache[w_bits] = max(self.gather((time.perf_counter() - t0) / x.numel()))
             return wq_cache[w_bits]
 
@@ -451,20 +489,21 @@ class RankBench:
                 n += m
                 if n >= limit:
                     break
+            self.sync()
             return (time.perf_counter() - t0) / max(n, 1)
 
-        scratch = torch.empty(max(math.prod(s) for s in shapes.values()))
+        scratch = torch.empty(max(math.prod(s) for s in shapes.values()), device=dev)
         S = int(self.spec["ps_servers"])
         for method in methods:
             info = parse_method(method)
             t, g_bits, w_bits = info["transport"], info["g_bits"], info["w_bits"]
             gframes, genc_s = grad_frames(g_bits)
             if t == "ps":
-                tr = ParameterServerTransport(shapes, n_servers=S, timeout=float(self.spec["timeout_s"]))
+                tr = ParameterServerTransport(shapes, n_servers=S, timeout=float(self.spec["timeout_s"]), device=dev)
                 computes, owns = not tr.is_server, tr.is_server
             else:
                 cls = RingTransport if t == "ring" else TreeTransport
-                tr = cls(shapes, timeout=float(self.spec["timeout_s"]))
+                tr = cls(shapes, timeout=float(self.spec["timeout_s"]), device=dev)
                 computes, owns = True, True
             mine = tr.owned_keys()
             wcodec = StochasticGradCodec(w_bits)  # same frame layout/size as WeightCodec laq-linear per tensor
@@ -483,10 +522,11 @@ class RankBench:
             dec_s = max(self.gather(dec_s))
 
             # a worker decodes the weights into its model's parameters (Worker.weight_buffers)
-            dest = {k: torch.empty(s) for k, s in shapes.items()} if computes else None
+            dest = {k: torch.empty(s, device=dev) for k, s in shapes.items()} if computes else None
 
             def fn():
                 tr.step(0, grads, owner, out=dest)
+                self.sync()
 
             est = estimate_step_s(method, model["shapes"], self.p, S, self.rate)
             reps, warm = self.reps_for(est)
@@ -507,11 +547,12 @@ class RankBench:
                          "decode/sum of gradients + decode of weights); encoding timed separately"})
             del tr, owner, wframes, grads, dest
             gc.collect()
+        del gflat
 
     # -------------------------------------------------------------- driver
     def run(self) -> None:
         spec = self.spec
-        torch.set_num_threads(1)
+        torch.set_num_threads(int(spec.get("threads", 1)))
         dist.init_process_group("gloo", rank=self.rank, world_size=self.p,
                                 timeout=timedelta(seconds=float(spec["timeout_s"]) * 2))
         try:

@@ -63,11 +63,15 @@ def parse_rates(s: str) -> list[float | None]:
 
 def run_rate(rate_mbit: float | None, models: list[dict], methods: list[str], *, ranks: int = 4, reps: int = 3,
              budget_s: float = 20.0, warmup_max_s: float = 5.0, ps_servers: int = 2, timeout_s: float = 600.0,
-             prefix: str = "lbcb", port: int = 29500) -> list[dict]:
+             prefix: str = "lbcb", port: int = 29500, threads: int = 1,
+             codec_threads: int | None = None, codec_device: str = "cpu") -> list[dict]:
     """Build one testbed at ``rate_mbit`` (None = unshaped), run ``ranks`` rank processes in it over
     every (model, method), tear everything down, return rank 0's records (speedups filled in).
 
-    ``models``: ``[{"name", "shapes", "n"}]``. Raises RuntimeError when a rank fails (the records
+    ``models``: ``[{"name", "shapes", "n"}]``; ``threads``: torch's intra-op threads per rank (1 =
+    one core per rank); ``codec_threads``: lowbit's decode threads per rank (``LOWBIT_CODEC_THREADS``,
+    default ``threads``); ``codec_device``: where lowbit encodes and
+    decodes ("cpu", or "cuda": every rank shares the GPU). Raises RuntimeError when a rank fails (the records
     measured before the failure are attached as ``err.records``)."""
     from lowbit.net.netns import LinkSpec, Testbed
 
@@ -76,7 +80,8 @@ def run_rate(rate_mbit: float | None, models: list[dict], methods: list[str], *,
         out = Path(tmp) / "records.json"
         spec = {"bandwidth": label, "rate_mbit": rate_mbit, "models": models, "methods": methods, "reps": reps,
                 "budget_s": budget_s, "warmup_max_s": warmup_max_s, "ps_servers": ps_servers,
-                "timeout_s": timeout_s, "out": str(out)}
+                "timeout_s": timeout_s, "out": str(out), "threads": threads, "codec_threads": codec_threads or threads,
+                "codec_device": codec_device}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         t_start = time.monotonic()
@@ -84,7 +89,12 @@ def run_rate(rate_mbit: float | None, models: list[dict], methods: list[str], *,
             procs = []
             for i in range(ranks):
                 env = dict(os.environ, RANK=str(i), WORLD_SIZE=str(ranks), MASTER_ADDR=tb.addr(0),
-                           MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=tb.ifname(i), OMP_NUM_THREADS="1",
+                           MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=tb.ifname(i), OMP_NUM_THREADS=str(threads),
+                           LOWBIT_CODEC_THREADS=str(codec_threads or threads),
+                           **({} if codec_device == "cuda" else {
+                               # CPU tensors over gloo: hide GPUs, or PyTorch's PowerSGD hook calls
+                               # torch.cuda.synchronize() on a CPU device and fails where a GPU exists
+                               "CUDA_VISIBLE_DEVICES": ""}),
                            PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
                 procs.append(tb.run(i, [sys.executable, str(HERE / "_comm_common.py"), "--rank-spec", str(spec_path)],
                                     env=env, stdout=subprocess.DEVNULL))
@@ -185,6 +195,14 @@ def main(argv=None) -> int:
                     help="one untimed warm-up step when the ideal step time is at most this")
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--ps-servers", type=int, default=2, help="PS: ranks [0,S) serve, the others are workers")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads per rank (default 1: 4 ranks fit 2 cores; on a machine with "
+                         ">= 4 x N cores, N gives each rank N cores as a cluster node would)")
+    ap.add_argument("--codec-threads", type=int, default=None,
+                    help="lowbit decode threads per rank (LOWBIT_CODEC_THREADS; default: --threads)")
+    ap.add_argument("--codec-device", default="cpu", choices=["cpu", "cuda"],
+                    help="where lowbit's codec runs (cuda: the ranks share the GPU; payloads still go through "
+                         "gloo on the CPU; baselines stay on CPU tensors)")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="per point-to-point wait")
     ap.add_argument("--quick", action="store_true", help=f"subset: {QUICK}")
     ap.add_argument("--json", default=str(RESULTS / "comm_bandwidth.json"))
@@ -211,6 +229,12 @@ def main(argv=None) -> int:
         return 0
     cleanup_stale("lbcb")
     methods = select_methods(args.methods)
+    if args.threads < 1 or (args.codec_threads is not None and args.codec_threads < 1):
+        raise SystemExit("--threads and --codec-threads must be >= 1")
+    if args.codec_device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("--codec-device cuda: no CUDA device is visible to torch")
     if args.ranks & (args.ranks - 1) and any(parse_method(m)["transport"] == "tree" for m in methods):
         raise SystemExit("the tree transport needs a power-of-two --ranks")
     models = []
@@ -222,6 +246,7 @@ def main(argv=None) -> int:
           f"methods {methods}, load average {load[0]:.1f} on {os.cpu_count()} cores", file=sys.stderr)
     records: list[dict] = []
     meta = {"models": {m["name"]: m["shapes"] for m in models}, "ranks": args.ranks, "ps_servers": args.ps_servers, "reps": args.reps, "budget_s": args.budget_s,
+            "threads_per_rank": args.threads, "codec_threads_per_rank": args.codec_threads or args.threads, "cpu_count": os.cpu_count(), "codec_device": args.codec_device,
             "argv": sys.argv[1:] if argv is None else list(argv), "load_before": load,
             "shaping": "tc tbf both directions per host link, burst max(256kbit, 1ms at rate), latency 50ms; "
                        "no netem on this kernel: no delay emulated"}
@@ -231,7 +256,8 @@ def main(argv=None) -> int:
         tr = time.monotonic()
         try:
             recs = run_rate(rate, models, methods, ranks=args.ranks, reps=args.reps, budget_s=args.budget_s,
-                            warmup_max_s=args.warmup_max_s, ps_servers=args.ps_servers, timeout_s=args.timeout_s)
+                            warmup_max_s=args.warmup_max_s, ps_servers=args.ps_servers, timeout_s=args.timeout_s,
+                            threads=args.threads, codec_threads=args.codec_threads, codec_device=args.codec_device)
         except RuntimeError as e:
             recs = getattr(e, "records", [])
             failures.append(str(e))

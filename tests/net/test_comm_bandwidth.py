@@ -32,7 +32,7 @@ def test_comm_bandwidth_smoke_two_ranks_50mbit():
     n = sum(math.prod(s) for s in SHAPES)
     models = [{"name": "tiny", "shapes": [list(s) for s in SHAPES], "n": n}]
     recs = comm_bandwidth.run_rate(50, models, ["fp32_allreduce", "lowbit_ring_w2g3"], ranks=2, reps=1,
-                                   prefix="lbct", timeout_s=60)
+                                   prefix="lbct", timeout_s=60, codec_threads=2)
     assert [n for n in list_namespaces() if n.startswith("lbct")] == []
     by = {r["method"]: r for r in recs}
     assert set(by) == {"fp32_allreduce", "lowbit_ring_w2g3"}
@@ -40,6 +40,7 @@ def test_comm_bandwidth_smoke_two_ranks_50mbit():
         for f in FIELDS:
             assert f in r and r[f] is not None, (r["method"], f)
         assert r["bandwidth"] == "50Mbit" and r["model"] == "tiny" and r["reps"] == 1
+        assert r["threads"] == 1 and r["codec_threads"] == 2 and r["codec_device"] == "cpu"
         assert r["ideal_s"] == pytest.approx(max(r["bytes_per_rank"], r["recv_per_rank"]) * 8 / 50e6)
         # the interface carried at least the payload, plus TCP/IP headers of a few percent
         assert r["bytes_per_rank"] <= r["wire_bytes_per_rank"] <= 1.25 * r["bytes_per_rank"] + 20_000
