@@ -5,7 +5,11 @@
 
 For each size and codec: encode (quantize + pack + frame bytes) and decode (validate + CRC + unpack
 + dequantize) throughput in GB/s of fp32 input, next to a torch.clone of the same tensor measured in
-the same run; payload bytes and the ratio to fp32.
+the same run; payload bytes and the ratio to fp32. Decode three ways: into a new tensor
+(``decode_gbps``), into a warm buffer as the transports' workers do (``decode_into_gbps``), and added
+into a warm buffer as a server sums gradients (``decode_add_gbps``). ``--codec-threads N`` decodes on
+N threads (lowbit.codec.set_codec_threads); ``--decode-chunk BYTES`` overrides the decode chunk
+(A/B of lowbit.codec.codecs.CHUNK in one run).
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, print_table, write_json  # noqa: E402
 
-from lowbit.codec import Frame, StochasticGradCodec, WeightCodec  # noqa: E402
+import lowbit.codec.codecs as codecs_module  # noqa: E402
+from lowbit.codec import Frame, StochasticGradCodec, WeightCodec, decode_frame, set_codec_threads  # noqa: E402
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -56,8 +61,16 @@ def main(argv=None) -> int:
     ap.add_argument("--timer", choices=sorted(CLOCKS), default="wall",
                     help="wall: perf_counter; cpu: this process's CPU time (user+system, so page faults "
                          "count), robust when other jobs share the cores (CPU device only)")
+    ap.add_argument("--codec-threads", type=int, default=1, help="lowbit decode threads (set_codec_threads)")
+    ap.add_argument("--decode-chunk", type=int, default=None,
+                    help=f"CPU decode chunk in payload bytes (default {codecs_module.CHUNK})")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    set_codec_threads(args.codec_threads)
+    if args.decode_chunk is not None:
+        if args.decode_chunk < 8:
+            raise SystemExit("--decode-chunk must be >= 8 bytes")
+        codecs_module.CHUNK = args.decode_chunk
     dev = torch.device(args.device)
     sizes = [int(float(s[:-1]) * 2**20) if s[-1] in "Mm" else int(s) for s in args.sizes.split(",")]
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
@@ -92,21 +105,38 @@ def main(argv=None) -> int:
             def dec():
                 codec.decode(Frame.from_bytes(box["b"]), device=dev)
                 sync()
+
+            flat = dst.view(-1)
+
+            def dec_into():
+                decode_frame(Frame.from_bytes(box["b"]), out=flat)
+                sync()
+
+            def dec_add():
+                decode_frame(Frame.from_bytes(box["b"]), out=flat, accumulate=True)
+                sync()
             t_enc = best_time(enc, reps, clock)
             t_dec = best_time(dec, reps, clock)
+            t_into = best_time(dec_into, reps, clock)
+            t_add = best_time(dec_add, reps, clock)
             payload = len(box["b"])
             recs.append({"codec": name, "bits": bits, "numel": n, "encode_gbps": raw / t_enc / 1e9,
-                         "decode_gbps": raw / t_dec / 1e9, "memcpy_gbps": raw / t_mem / 1e9,
+                         "decode_gbps": raw / t_dec / 1e9, "decode_into_gbps": raw / t_into / 1e9,
+                         "decode_add_gbps": raw / t_add / 1e9, "memcpy_gbps": raw / t_mem / 1e9,
                          "copy_into_gbps": raw / t_copy / 1e9, "encode_vs_copy_into": t_copy / t_enc,
                          "decode_vs_copy_into": t_copy / t_dec,
                          "encode_vs_memcpy": t_mem / t_enc, "decode_vs_memcpy": t_mem / t_dec,
                          "payload_bytes": payload, "raw_bytes": raw, "ratio": raw / payload,
-                         "device": str(dev), "threads": args.threads, "timer": timer})
-            print(f"  {name:20s} n={n:>9d} enc {raw / t_enc / 1e9:6.2f} GB/s  dec {raw / t_dec / 1e9:6.2f} GB/s",
+                         "device": str(dev), "threads": args.threads, "codec_threads": args.codec_threads,
+                         "decode_chunk": codecs_module.CHUNK, "timer": timer})
+            print(f"  {name:20s} n={n:>9d} enc {raw / t_enc / 1e9:6.2f} GB/s  dec {raw / t_dec / 1e9:6.2f} GB/s"
+                  f"  into {raw / t_into / 1e9:6.2f}  add {raw / t_add / 1e9:6.2f}",
                   file=sys.stderr, flush=True)
-    print_table(recs, ["codec", "numel", "encode_gbps", "decode_gbps", "memcpy_gbps", "copy_into_gbps",
+    print_table(recs, ["codec", "numel", "encode_gbps", "decode_gbps", "decode_into_gbps", "decode_add_gbps",
+                       "memcpy_gbps", "copy_into_gbps",
                        "encode_vs_memcpy", "decode_vs_memcpy", "payload_bytes", "ratio"],
-                {"encode_gbps": "{:.2f}", "decode_gbps": "{:.2f}", "memcpy_gbps": "{:.2f}", "copy_into_gbps": "{:.2f}",
+                {"encode_gbps": "{:.2f}", "decode_gbps": "{:.2f}", "decode_into_gbps": "{:.2f}",
+                 "decode_add_gbps": "{:.2f}", "memcpy_gbps": "{:.2f}", "copy_into_gbps": "{:.2f}",
                  "encode_vs_memcpy": "{:.3f}", "decode_vs_memcpy": "{:.3f}", "ratio": "{:.1f}"})
     write_json(args.json, recs, {"command": "python benchmarks/codec_throughput.py " + " ".join(argv or sys.argv[1:])})
     return 0

@@ -1,0 +1,35 @@
+"""Smoke run of benchmarks/codec_throughput.py: its three decode paths and the A/B knobs."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.timeout(120)
+def test_codec_throughput_smoke(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import codec_throughput
+    finally:
+        sys.path.remove(str(BENCH))
+    import lowbit.codec.codecs as cc
+    from lowbit.codec.codecs import get_codec_threads, set_codec_threads
+    chunk, threads = cc.CHUNK, get_codec_threads()
+    out = tmp_path / "codec.json"
+    try:
+        assert codec_throughput.main(["--sizes", "65536", "--reps", "1", "--json", str(out),
+                                      "--decode-chunk", "256", "--codec-threads", "2"]) == 0
+    finally:
+        cc.CHUNK = chunk
+        set_codec_threads(threads)
+    recs = json.loads(out.read_text())["records"]
+    assert {r["codec"] for r in recs} == {"grad-2bit", "grad-3bit", "grad-4bit", "grad-8bit",
+                                          "weight-ternary-laq", "weight-4bit-laq"}
+    for r in recs:
+        assert r["decode_chunk"] == 256 and r["codec_threads"] == 2
+        assert min(r["encode_gbps"], r["decode_gbps"], r["decode_into_gbps"], r["decode_add_gbps"]) > 0
+        # payload: bits per element plus the frame's fixed header/shape/scale/CRC bytes
+        assert r["payload_bytes"] == pytest.approx(65536 * r["bits"] / 8, abs=128)
