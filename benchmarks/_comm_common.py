@@ -432,7 +432,7 @@ class RankBench:
         from lowbit.codec.codecs import StochasticGradCodec, WeightCodec, decode_frame
         from lowbit.codec.frame import Frame
         from lowbit.comm.collective import RingTransport, TreeTransport
-        from lowbit.comm.ps import ParameterServerTransport
+        from lowbit.comm.ps import DEFAULT_CHUNKS, ParameterServerTransport
 
         shapes = {k: tuple(s) for k, s in enumerate(lowbit_pieces(model["shapes"]))}
         offs, a = {}, 0
@@ -499,7 +499,9 @@ class RankBench:
             t, g_bits, w_bits = info["transport"], info["g_bits"], info["w_bits"]
             gframes, genc_s = grad_frames(g_bits)
             if t == "ps":
-                tr = ParameterServerTransport(shapes, n_servers=S, timeout=float(self.spec["timeout_s"]), device=dev)
+                tr = ParameterServerTransport(shapes, n_servers=S, timeout=float(self.spec["timeout_s"]), device=dev,
+                                              chunks=int(self.spec.get("ps_chunks") or DEFAULT_CHUNKS),
+                                              weights_channel=bool(self.spec.get("weights_channel", True)))
                 computes, owns = not tr.is_server, tr.is_server
             else:
                 cls = RingTransport if t == "ring" else TreeTransport
@@ -542,6 +544,8 @@ class RankBench:
                 "bytes_per_rank": max(c["sent"] for c in counters),
                 "recv_per_rank": max(c["recv"] for c in counters),
                 "grad_encode_s": genc_s, "weight_quant_s": wq_s, "decode_est_s": dec_s,
+                "ps_chunks": tr.chunks if t == "ps" else None,
+                "weights_channel": (tr.p2p.down_group is not None) if t == "ps" else None,
                 "step_total_s": statistics.median(steps) + genc_s + wq_s,
                 "timed": "Transport.step with precomputed gradient and weight frames (wire + framing + CRC + "
                          "decode/sum of gradients + decode of weights); encoding timed separately"})

@@ -82,11 +82,21 @@ def _to_memoryview(t: torch.Tensor) -> memoryview:
 @dataclass
 class P2P:
     """Point-to-point bundle exchange within ``group`` (group ranks, translated to global ranks for
-    the calls), counting bytes into ``counter``."""
+    the calls), counting bytes into ``counter``.
+
+    ``down_group``: optional second process group over the same ranks, in the same order, that
+    carries every ``"down"`` message of :meth:`exchange`, :meth:`stream`, :meth:`send_chunk` and
+    :meth:`recv_chunk` (the tolerant exchange keeps ``group``). gloo moves a message only after the
+    receiver has announced its receive to the sender, and that announcement travels on the same
+    connection as the receiver's own outgoing data: a worker's "ready for weight chunk i" queued
+    behind the megabytes of gradients it is still sending, so no weight left a server before every
+    gradient had arrived (measured: up and down strictly one after the other). Its own connections
+    let the weights flow down while the gradients still go up."""
 
     group: object = None
     counter: ByteCounter | None = None
     timeout: float = 300.0
+    down_group: object = None
 
     def __post_init__(self) -> None:
         if self.group is None:
@@ -134,7 +144,7 @@ class P2P:
                      for p, b in sends.items()}
         recv_lens = {p: torch.empty(1, dtype=torch.int64, device=dev) for p in recv_from}
         self._post_all([("send", p, t, 0) for p, t in send_lens.items()] +
-                       [("recv", p, t, 0) for p, t in recv_lens.items()], step)
+                       [("recv", p, t, 0) for p, t in recv_lens.items()], step, direction)
         lens = {p: int(t.item()) for p, t in recv_lens.items()}
         for p, n in lens.items():
             self._check_len(p, n, step, max_recv)
@@ -142,7 +152,7 @@ class P2P:
         send_bufs = {p: _as_uint8(b, dev) for p, b in sends.items() if int(send_lens[p].item()) > 0}
         recv_bufs = {p: torch.empty(n, dtype=torch.uint8, device=dev) for p, n in lens.items() if n > 0}
         self._post_all([("send", p, t, 1) for p, t in send_bufs.items()] +
-                       [("recv", p, t, 1) for p, t in recv_bufs.items()], step)
+                       [("recv", p, t, 1) for p, t in recv_bufs.items()], step, direction)
         self._count(direction, [int(t.item()) for t in send_lens.values()], list(lens.values()))
         return {p: (_to_memoryview(recv_bufs[p]) if p in recv_bufs else memoryview(b"")) for p in recv_from}
 
@@ -169,7 +179,7 @@ class P2P:
                      for p, bufs in send_bufs.items()}
         recv_lens = {p: torch.empty(int(recv_from[p]), dtype=torch.int64, device=dev) for p in peers}
         self._post_all([("send", p, t, 0) for p, t in send_lens.items()] +
-                       [("recv", p, t, 0) for p, t in recv_lens.items()], step)
+                       [("recv", p, t, 0) for p, t in recv_lens.items()], step, direction)
         lens = {p: [int(n) for n in t.tolist()] for p, t in recv_lens.items()}
         for p, ns in lens.items():
             for i, n in enumerate(ns):
@@ -180,7 +190,7 @@ class P2P:
         sends_ops = [("send", p, b, 1 + i) for p, bufs in send_bufs.items() for i, b in enumerate(bufs) if b.numel()]
         order = sorted(recv_bufs, key=lambda pi: (pi[1], peers.index(pi[0])))
         recv_ops = [("recv", p, recv_bufs[(p, i)], 1 + i) for p, i in order]
-        works = self._post_raw(sends_ops + recv_ops)
+        works = self._post_raw(sends_ops + recv_ops, direction)
         send_works, recv_works = works[:len(sends_ops)], works[len(sends_ops):]
         done = dict(zip(order, recv_works))
         error: BaseException | None = None  # a bad chunk: the rest of the round is still drained
@@ -220,7 +230,7 @@ class P2P:
         buf = _as_uint8(bundle, self.device)
         n = torch.tensor([buf.numel()], dtype=torch.int64, device=self.device)
         ops = [("send", peer, n, 2 * chunk)] + ([("send", peer, buf, 2 * chunk + 1)] if buf.numel() else [])
-        works = self._post_raw(ops)
+        works = self._post_raw(ops, direction)
         pending.add(works, [(f"sending the length of chunk {chunk} to", peer), (f"sending chunk {chunk} to", peer)],
                     buf.numel(), keep=(n, buf))
 
@@ -231,12 +241,12 @@ class P2P:
         byte count to the caller (:meth:`count_recv`; for receives on helper threads)."""
         self._check_round(direction, {}, [peer])
         n_t = torch.empty(1, dtype=torch.int64, device=self.device)
-        self._post_all([("recv", peer, n_t, 2 * chunk)], step)
+        self._post_all([("recv", peer, n_t, 2 * chunk)], step, direction)
         n = int(n_t.item())
         self._check_len(peer, n, step, max_recv, chunk=chunk if of > 1 else None)
         buf = torch.empty(n, dtype=torch.uint8, device=self.device)
         if n:
-            self._post_all([("recv", peer, buf, 2 * chunk + 1)], step)
+            self._post_all([("recv", peer, buf, 2 * chunk + 1)], step, direction)
         if count:
             self._count(direction, [], [n])
         return _to_memoryview(buf) if n else memoryview(b"")
@@ -351,14 +361,20 @@ class P2P:
             c.down_recv += got
         c.messages += len(sent_lens)
 
-    def _post_raw(self, ops: list[tuple[str, int, torch.Tensor, int]]) -> list:
+    def _channel(self, direction: str | None):
+        """The process group a message of ``direction`` travels on (see ``down_group``)."""
+        return self.down_group if direction == "down" and self.down_group is not None else self.group
+
+    def _post_raw(self, ops: list[tuple[str, int, torch.Tensor, int]], direction: str | None = None) -> list:
         """Post ``(verb, peer, tensor, tag)`` operations batched; the works, in order."""
-        return self._post([dist.P2POp(dist.isend if v == "send" else dist.irecv, t, self._global(p), self.group,
+        g = self._channel(direction)
+        return self._post([dist.P2POp(dist.isend if v == "send" else dist.irecv, t, self._global(p), g,
                                       tag=tag) for v, p, t, tag in ops])
 
-    def _post_all(self, ops: list[tuple[str, int, torch.Tensor, int]], step: int) -> None:
+    def _post_all(self, ops: list[tuple[str, int, torch.Tensor, int]], step: int,
+                  direction: str | None = None) -> None:
         """Post ``(verb, peer, tensor, tag)`` operations batched and wait for each (first failure raises)."""
-        works = self._post_raw(ops)
+        works = self._post_raw(ops, direction)
         what = [((f"sending the {'length' if tag == 0 else 'bundle'} to" if v == "send" else
                   f"awaiting the {'length' if tag == 0 else 'bundle'} from"), p) for v, p, _, tag in ops]
         self._wait(works, what, step)

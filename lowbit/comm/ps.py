@@ -111,6 +111,15 @@ def expected_bytes(rank: int, world_size: int, n_servers: int, shapes: Mapping[i
             "down_recv": sum(c[s] * LEN_PREFIX + v[s] for s in v), "messages": sum(c.values())}
 
 
+def second_group(group):
+    """A new process group over the ranks of ``group`` (same order, same backend): its own
+    connections. Collective over ``group``'s ranks."""
+    backend = dist.get_backend(group)
+    if group is None or group is dist.group.WORLD:
+        return dist.new_group(backend=backend)
+    return dist.new_group(ranks=dist.get_process_group_ranks(group), backend=backend, use_local_synchronization=True)
+
+
 class ParameterServerTransport(Transport):
     """S server ranks own shards of the fp32 weights; W worker ranks push gradient frames and pull
     weight frames with non-blocking point-to-point ops (see the module docstring).
@@ -127,11 +136,17 @@ class ParameterServerTransport(Transport):
             mode sends whole bundles (one chunk).
         store: the c10d store for the live-worker list in ``"continue"`` mode (default: the
             default process group's store).
+        weights_channel: send the weights down over a second process group of the same ranks
+            (:attr:`P2P.down_group`), so they leave a server while gradients still arrive; without
+            it gloo serializes the two directions (a worker's "ready to receive" waits behind its
+            own outgoing gradients). Creating a group is collective: every rank of ``group`` must
+            construct the transport (as training and the benchmarks do). Not in ``"continue"`` mode.
     """
 
     def __init__(self, shapes: Mapping[int, tuple], n_servers: int = 1, group=None, *,
                  timeout: float = 300.0, device: torch.device | str = "cpu",
-                 on_worker_failure: str = "stop", store=None, chunks: int = DEFAULT_CHUNKS) -> None:
+                 on_worker_failure: str = "stop", store=None, chunks: int = DEFAULT_CHUNKS,
+                 weights_channel: bool = False) -> None:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -164,6 +179,8 @@ class ParameterServerTransport(Transport):
             self.p2p.timeout = 4 * timeout
         self._live = list(self.workers)
         self.lost: dict[int, tuple[int, str]] = {}  # worker rank -> (step, reason); known to servers
+        if weights_channel and not self.tolerant:
+            self.p2p.down_group = second_group(self.group)
         self.board = None
         self.server_group = None
         if self.tolerant:

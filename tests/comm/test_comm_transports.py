@@ -53,6 +53,10 @@ def _make(kind, rank, world):
         return ParameterServerTransport(SHAPES, 1, timeout=30)
     if kind == "ps2":
         return ParameterServerTransport(SHAPES, 2, timeout=30)
+    if kind in ("ps1w", "ps2w"):  # weights on connections of their own (a second gloo group)
+        t = ParameterServerTransport(SHAPES, int(kind[2]), timeout=30, weights_channel=True)
+        assert t.p2p.down_group is not None and t.p2p._channel("down") is not t.p2p._channel("up")
+        return t
     if kind == "ring":
         return RingTransport(SHAPES, timeout=30)
     return TreeTransport(SHAPES, timeout=30)
@@ -146,9 +150,11 @@ def _transports_body(rank, world, configs):
     return {cfg: _one_config(rank, world, *cfg[:2], drop=set(cfg[2])) for cfg in configs}
 
 
-CONFIGS_4 = [(kind, mode, ()) for kind in ("ps1", "ps2", "ring", "tree") for mode in ("raw", "3bit", "laq")]
+CONFIGS_4 = [(kind, mode, ()) for kind in ("ps1", "ps2", "ps2w", "ring", "tree") for mode in ("raw", "3bit", "laq")]
+CONFIGS_4 += [("ps1w", "laq", ())]
 # Dropped contributions at step 1 (a worker's nonfinite policy skipped these keys).
 CONFIGS_4 += [("ps1", "raw", ((1, 0), (2, 0), (3, 5))), ("ps2", "raw", ((2, 1), (3, 4))),
+              ("ps2w", "raw", ((2, 1), (3, 4))),
               ("ring", "raw", ((0, 2), (1, 2), (3, 0))), ("tree", "raw", ((2, 3),))]
 
 
