@@ -52,6 +52,7 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -193,6 +194,33 @@ def netdev(ifname: str) -> tuple[int, int]:
     return 0, 0
 
 
+class _Sampler:
+    """Samples this namespace's interface counters every ``period`` seconds on a thread."""
+
+    def __init__(self, ifname: str, period: float = 0.01) -> None:
+        self.ifname, self.period = ifname, period
+        self.rows: list[list[float]] = []
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        rx, tx = netdev(self.ifname)
+        self.rows.append([round(time.perf_counter() - self.t0, 4), rx, tx])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.period)
+
+    def stop(self) -> list[list[float]]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return self.rows
+
+
 class FrameOwner:
     """Stand-in Owner: the transport has already decoded and averaged the gradients in fp32;
     ``apply`` keeps the counts (the optimizer step and weight quantization are not run here, their
@@ -315,22 +343,28 @@ class RankBench:
 
     def timed(self, fn, reps: int, prep=None) -> tuple[list[float], tuple[int, int]]:
         """Per-rep seconds on this rank (each rep starts after a barrier) and the interface bytes
-        (rx, tx) per rep over the timed reps."""
+        (rx, tx) per rep over the timed reps. With ``spec["trace"]`` the last rep's interface
+        counters are sampled every 10 ms (``self.last_trace``: [seconds, rx bytes, tx bytes] rows)."""
         dist.barrier()
         rx0, tx0 = netdev(self.ifname)
         ts = []
-        for _ in range(reps):
+        self.last_trace = None
+        for i in range(reps):
             if prep is not None:
                 prep()
             dist.barrier()
+            sampler = _Sampler(self.ifname) if self.spec.get("trace") and i == reps - 1 else None
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
+            if sampler is not None:
+                self.last_trace = sampler.stop()
         dist.barrier()
         rx1, tx1 = netdev(self.ifname)
         return ts, ((rx1 - rx0) // reps, (tx1 - tx0) // reps)
 
     def emit(self, model: dict, method: str, per_rank: list[dict], extra: dict) -> None:
+        traces = self.gather(getattr(self, "last_trace", None)) if self.spec.get("trace") else None
         if self.rank != 0:
             return
         p = self.p
@@ -352,6 +386,8 @@ class RankBench:
         }
         rec.update(extra(steps) if callable(extra) else extra)
         rec.setdefault("step_total_s", rec["step_s"])
+        if traces is not None:
+            rec["trace"] = traces  # per rank: [seconds, rx bytes, tx bytes] every 10 ms of the last step
         if self.rate:
             rec["ideal_s"] = max(rec["bytes_per_rank"], rec["recv_per_rank"]) * 8 / (self.rate * 1e6)
             rec["efficiency"] = rec["ideal_s"] / rec["step_s"] if rec["step_s"] > 0 else None

@@ -65,7 +65,7 @@ def run_rate(rate_mbit: float | None, models: list[dict], methods: list[str], *,
              budget_s: float = 20.0, warmup_max_s: float = 5.0, ps_servers: int = 2, timeout_s: float = 600.0,
              prefix: str = "lbcb", port: int = 29500, threads: int = 1,
              codec_threads: int | None = None, codec_device: str = "cpu", ps_chunks: int | None = None,
-             weights_channel: bool = True) -> list[dict]:
+             weights_channel: bool = True, trace: bool = False) -> list[dict]:
     """Build one testbed at ``rate_mbit`` (None = unshaped), run ``ranks`` rank processes in it over
     every (model, method), tear everything down, return rank 0's records (speedups filled in).
 
@@ -73,7 +73,8 @@ def run_rate(rate_mbit: float | None, models: list[dict], methods: list[str], *,
     one core per rank); ``codec_threads``: lowbit's decode threads per rank (``LOWBIT_CODEC_THREADS``,
     default ``threads``); ``codec_device``: where lowbit encodes and decodes ("cpu", or "cuda": every
     rank shares the GPU); ``ps_chunks``: key groups of the pipelined PS step (default: the
-    transport's); ``weights_channel``: the PS sends weights on connections of their own. Raises RuntimeError when a rank fails (the records measured before the failure are
+    transport's); ``weights_channel``: the PS sends weights on connections of their own; ``trace``:
+    each record gets every rank's interface counters sampled every 10 ms of its last step. Raises RuntimeError when a rank fails (the records measured before the failure are
     attached as ``err.records``)."""
     from lowbit.net.netns import LinkSpec, Testbed
 
@@ -83,7 +84,7 @@ def run_rate(rate_mbit: float | None, models: list[dict], methods: list[str], *,
         spec = {"bandwidth": label, "rate_mbit": rate_mbit, "models": models, "methods": methods, "reps": reps,
                 "budget_s": budget_s, "warmup_max_s": warmup_max_s, "ps_servers": ps_servers,
                 "timeout_s": timeout_s, "out": str(out), "threads": threads, "codec_threads": codec_threads or threads,
-                "ps_chunks": ps_chunks, "weights_channel": weights_channel,
+                "ps_chunks": ps_chunks, "weights_channel": weights_channel, "trace": trace,
                 "codec_device": codec_device}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -185,6 +186,41 @@ def plot(records: list[dict], path: Path) -> Path | None:
     return path
 
 
+def plot_traces(records: list[dict], path: Path) -> Path | None:
+    """Receive and send rates of every rank over one step, a panel per traced record: where the
+    bytes of a step go, and whether the up and down directions overlap."""
+    traced = [r for r in records if r.get("trace")]
+    if not traced:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(traced), 1, figsize=(10, 2.6 * len(traced)), squeeze=False)
+    for ax, r in zip(axes[:, 0], traced):
+        for rank, rows in enumerate(r["trace"]):
+            if not rows or len(rows) < 2:
+                continue
+            for col, style, what in ((1, "-", "rx"), (2, "--", "tx")):
+                t = [(a[0] + b[0]) / 2 for a, b in zip(rows, rows[1:])]
+                mbit = [(b[col] - a[col]) * 8 / max(b[0] - a[0], 1e-6) / 1e6 for a, b in zip(rows, rows[1:])]
+                ax.plot(t, mbit, style, color=f"C{rank}", lw=1, label=f"rank {rank} {what}")
+        if r.get("rate_mbit"):
+            ax.axhline(r["rate_mbit"], color="k", lw=0.5, alpha=0.5)
+        extra = f", weights channel {'on' if r.get('weights_channel') else 'off'}" if r.get("transport") == "ps" else ""
+        ax.set_title(f"{r['model']} {r['method']} at {r['bandwidth']}: step {r['step_s']:.3f} s, "
+                     f"ideal {r['ideal_s'] or 0:.3f} s{extra}", fontsize=9)
+        ax.set_ylabel("Mbit/s")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, ncol=4, loc="upper right")
+    axes[-1, 0].set_xlabel("seconds into the step (interface counters every 10 ms)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm,bert-base", help="minilm, bert-base, or tiny:AxB+C")
@@ -208,6 +244,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-weights-channel", action="store_true",
                     help="PS: weights down on the gradients' connections (ParameterServerTransport "
                          "weights_channel=False; gloo then serializes up and down)")
+    ap.add_argument("--trace", metavar="PNG", default=None,
+                    help="sample every rank's interface counters every 10 ms of each method's last step "
+                         "(kept in the JSON) and plot receive/send rates over the step to PNG")
     ap.add_argument("--codec-device", default="cpu", choices=["cpu", "cuda"],
                     help="where lowbit's codec runs (cuda: the ranks share the GPU; payloads still go through "
                          "gloo on the CPU; baselines stay on CPU tensors)")
@@ -266,7 +305,8 @@ def main(argv=None) -> int:
             recs = run_rate(rate, models, methods, ranks=args.ranks, reps=args.reps, budget_s=args.budget_s,
                             warmup_max_s=args.warmup_max_s, ps_servers=args.ps_servers, timeout_s=args.timeout_s,
                             threads=args.threads, codec_threads=args.codec_threads, codec_device=args.codec_device,
-                            ps_chunks=args.ps_chunks, weights_channel=not args.no_weights_channel)
+                            ps_chunks=args.ps_chunks, weights_channel=not args.no_weights_channel,
+                            trace=bool(args.trace))
         except RuntimeError as e:
             recs = getattr(e, "records", [])
             failures.append(str(e))
@@ -278,6 +318,8 @@ def main(argv=None) -> int:
         meta.update(load_after=os.getloadavg(), wall_s=time.monotonic() - t0, failures=failures)
         write_json(args.json, records, meta)
     plot(records, Path(args.plot))
+    if args.trace:
+        plot_traces(records, Path(args.trace))
     if not args.no_costmodel and records:
         import comm_costmodel
         comm_costmodel.main(["--measured", args.json])

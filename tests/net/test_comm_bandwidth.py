@@ -20,7 +20,7 @@ FIELDS = ("method", "bandwidth", "model", "step_s", "bytes_per_rank", "speedup_v
 
 
 @pytest.mark.timeout(180)
-def test_comm_bandwidth_smoke_two_ranks_50mbit():
+def test_comm_bandwidth_smoke_two_ranks_50mbit(tmp_path):
     sys.path.insert(0, str(BENCH))
     try:
         import comm_bandwidth
@@ -32,7 +32,7 @@ def test_comm_bandwidth_smoke_two_ranks_50mbit():
     n = sum(math.prod(s) for s in SHAPES)
     models = [{"name": "tiny", "shapes": [list(s) for s in SHAPES], "n": n}]
     recs = comm_bandwidth.run_rate(50, models, ["fp32_allreduce", "lowbit_ring_w2g3"], ranks=2, reps=1,
-                                   prefix="lbct", timeout_s=60, codec_threads=2)
+                                   prefix="lbct", timeout_s=60, codec_threads=2, trace=True)
     assert [n for n in list_namespaces() if n.startswith("lbct")] == []
     by = {r["method"]: r for r in recs}
     assert set(by) == {"fp32_allreduce", "lowbit_ring_w2g3"}
@@ -44,6 +44,17 @@ def test_comm_bandwidth_smoke_two_ranks_50mbit():
         assert r["ideal_s"] == pytest.approx(max(r["bytes_per_rank"], r["recv_per_rank"]) * 8 / 50e6)
         # the interface carried at least the payload, plus TCP/IP headers of a few percent
         assert r["bytes_per_rank"] <= r["wire_bytes_per_rank"] <= 1.25 * r["bytes_per_rank"] + 20_000
+
+    # the trace: every rank's interface counters over the last step, in order, and they add up to
+    # about what the interface carried in a step
+    for r in recs:
+        assert len(r["trace"]) == 2
+        for rows in r["trace"]:
+            assert len(rows) >= 2 and [x[0] for x in rows] == sorted(x[0] for x in rows)
+            tx = rows[-1][2] - rows[0][2]
+            assert 0.5 * r["bytes_per_rank"] <= tx <= 1.3 * r["wire_bytes_per_rank"] + 20_000, (r["method"], tx)
+    png = comm_bandwidth.plot_traces(recs, tmp_path / "trace.png")
+    assert png is not None and png.stat().st_size > 10_000
 
     fp32, low = by["fp32_allreduce"], by["lowbit_ring_w2g3"]
     assert fp32["bytes_per_rank"] == pytest.approx(2 * (2 - 1) / 2 * 4 * n)  # ring all-reduce formula
