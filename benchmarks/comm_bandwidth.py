@@ -151,6 +151,16 @@ def table(records: list[dict]) -> str:
     return print_table(rows, COLS, FMT)
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
 def plot(records: list[dict], path: Path) -> Path | None:
     try:
         import matplotlib
@@ -178,12 +188,7 @@ def plot(records: list[dict], path: Path) -> Path | None:
         ax.set_title(f"{model}: {recs[0]['n_params'] / 1e6:.1f}M params, {recs[0]['p']} ranks, netns + tc tbf")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return path
+    return _save(fig, path)
 
 
 def plot_traces(records: list[dict], path: Path) -> Path | None:
@@ -213,12 +218,7 @@ def plot_traces(records: list[dict], path: Path) -> Path | None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6, ncol=4, loc="upper right")
     axes[-1, 0].set_xlabel("seconds into the step (interface counters every 10 ms)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return path
+    return _save(fig, path)
 
 
 def main(argv=None) -> int:
@@ -263,6 +263,8 @@ def main(argv=None) -> int:
             print(f"\n## {bw}")
             table([r for r in records if r["bandwidth"] == bw])
         plot(records, Path(args.plot))
+        if args.trace:
+            plot_traces(records, Path(args.trace))
         return 0
     if args.quick:
         for k, v in QUICK.items():
