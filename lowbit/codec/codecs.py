@@ -23,8 +23,8 @@ from lowbit.quant.qtensor import QTensor, grid_k, levels
 from lowbit.quant.weights import laq_project, quantize_weight
 
 # CPU decode chunk: CHUNK payload bytes for b in {1, 2, 4, 8} (2-bit: 512K values), 4·CHUNK values
-# for the other widths. Measured on one thread: 1<<17 decodes 3-bit 25% and 2-bit 48% faster than
-# 1<<15 (each chunk costs ~15 Python-level torch calls), and 1<<19 is no better.
+# for the other widths. benchmarks/decode_chunk_ab.py, one thread: 1<<17 decodes 2-bit 46% and
+# 3-bit 17-20% faster than 1<<15 (each chunk costs ~15 Python-level torch calls); 1<<18 adds <= 3%.
 CHUNK = 1 << 17
 
 
@@ -311,9 +311,10 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
             if check and int(c8[: e - a].max()) == (1 << bits) - 1:
                 raise _grid_error(f, (1 << bits) - 1)
             last = table[c8.to(torch.int64)]
-        vals_tail = last[: e - a]
-        o = out[a:e]
-        o.add_(vals_tail) if accumulate else o.copy_(vals_tail)
+        if accumulate:
+            out[a:e].add_(last[: e - a])
+        else:
+            out[a:e].copy_(last[: e - a])
     if per_row:
         out.view(scales.numel(), -1).mul_(scales.unsqueeze(1))
         out = out.to(f.dtype)
