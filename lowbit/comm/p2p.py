@@ -107,6 +107,17 @@ class P2P:
         self.world_size = dist.get_world_size(self.group)
         self.device = group_device(self.group)
 
+    def open_down_channel(self) -> None:
+        """Give ``"down"`` messages connections of their own: :attr:`down_group` becomes a new
+        process group over this group's ranks (same order, same backend). Collective: every rank
+        of the group must call it."""
+        backend = dist.get_backend(self.group)
+        if self.group is dist.group.WORLD:
+            self.down_group = dist.new_group(backend=backend)
+        else:
+            self.down_group = dist.new_group(ranks=dist.get_process_group_ranks(self.group), backend=backend,
+                                             use_local_synchronization=True)
+
     def _global(self, r: int) -> int:
         if self.group is dist.group.WORLD or self.group is None:
             return r

@@ -111,15 +111,6 @@ def expected_bytes(rank: int, world_size: int, n_servers: int, shapes: Mapping[i
             "down_recv": sum(c[s] * LEN_PREFIX + v[s] for s in v), "messages": sum(c.values())}
 
 
-def second_group(group):
-    """A new process group over the ranks of ``group`` (same order, same backend): its own
-    connections. Collective over ``group``'s ranks."""
-    backend = dist.get_backend(group)
-    if group is None or group is dist.group.WORLD:
-        return dist.new_group(backend=backend)
-    return dist.new_group(ranks=dist.get_process_group_ranks(group), backend=backend, use_local_synchronization=True)
-
-
 class ParameterServerTransport(Transport):
     """S server ranks own shards of the fp32 weights; W worker ranks push gradient frames and pull
     weight frames with non-blocking point-to-point ops (see the module docstring).
@@ -137,7 +128,7 @@ class ParameterServerTransport(Transport):
         store: the c10d store for the live-worker list in ``"continue"`` mode (default: the
             default process group's store).
         weights_channel: send the weights down over a second process group of the same ranks
-            (:attr:`P2P.down_group`), so they leave a server while gradients still arrive; without
+            (:meth:`P2P.open_down_channel`), so they leave a server while gradients still arrive; without
             it gloo serializes the two directions (a worker's "ready to receive" waits behind its
             own outgoing gradients). Creating a group is collective: every rank of ``group`` must
             construct the transport (as training and the benchmarks do). Not in ``"continue"`` mode.
@@ -180,7 +171,7 @@ class ParameterServerTransport(Transport):
         self._live = list(self.workers)
         self.lost: dict[int, tuple[int, str]] = {}  # worker rank -> (step, reason); known to servers
         if weights_channel and not self.tolerant:
-            self.p2p.down_group = second_group(self.group)
+            self.p2p.open_down_channel()
         self.board = None
         self.server_group = None
         if self.tolerant:
