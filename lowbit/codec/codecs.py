@@ -7,6 +7,7 @@ state (error feedback residuals) lives with the caller (:class:`lowbit.quant.gra
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -63,8 +64,10 @@ def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: tor
     Grid frames are dequantized straight from the packed bytes (bit-identical to
     ``qtensor_from_frame(f).dequantize(f.dtype)``): for b ∈ {1, 2, 4, 8} a 256-entry table maps
     each payload byte to its 8/b output values (levels[code]·scale, cast to the dtype) and one
-    ``index_select`` per chunk writes them; for b ∈ {3, 5, 6, 7} the codes are unpacked per chunk
-    and looked up in the 2^b-entry table. Codes outside the grid raise FrameError as before.
+    ``index_select`` per chunk writes them; for b = 3 each group of 8 codes (3 bytes) is read as
+    one 24-bit word whose two 12-bit halves index a 4096-entry table of 4 values each; for
+    b ∈ {5, 6, 7} the codes are unpacked per chunk and looked up in the 2^b-entry table. Codes
+    outside the grid raise FrameError as before.
 
     ``out``: a contiguous floating tensor of the frame's element count to decode into (for example
     a parameter's storage, or a buffer reused every step: a fresh 90 MB tensor costs more in page
@@ -115,6 +118,93 @@ def _has_all_ones_code(pb: torch.Tensor, bits: int) -> bool:
     if bits == 4:
         t &= t >> 2
     return bool((t & (0x5555555555555555 if bits == 2 else 0x1111111111111111)).any())
+
+
+@functools.lru_cache(maxsize=64)
+def _code_values(encoding: str, bits: int, width: int, device: str) -> torch.Tensor:
+    """(2^width, width // bits) float32, built once per grid: entry i holds the unscaled grid values
+    of the ``width // bits`` codes packed in i (code j at bits [b·j, b·j + b)); a code past the grid
+    (the all-ones code of a symmetric or log grid) reads 0. A decode then scales this table with one
+    multiply instead of rebuilding it: for the many small frames of a model (LayerNorm weights,
+    biases) building it dominated the decode."""
+    lv = levels(encoding, bits, device)
+    table = torch.zeros(1 << bits, dtype=torch.float32, device=device)
+    table[: lv.numel()] = lv
+    i = torch.arange(1 << width, device=device)
+    shifts = torch.arange(0, width, bits, device=device)[: width // bits]
+    return table[(i.unsqueeze(1) >> shifts) & ((1 << bits) - 1)].contiguous()
+
+
+def _value_table(f: Frame, width: int, scale: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
+                 wide: bool = True) -> tuple[torch.Tensor, torch.dtype | None, int]:
+    """The frame's values for ``width``-bit indices holding ``width // bits`` codes each: the cached
+    grid table times ``scale`` (fp32, as the reference dequantization multiplies), cast to ``dtype``
+    and stored as one wide element (int16 .. complex128) per index so one ``index_select`` writes
+    all its values; past 16 bytes an entry is ``rows`` complex128 elements. Returns (table, wide
+    dtype, rows); with ``wide=False`` (width == bits) a plain 1-D table of ``dtype``, None, 1."""
+    t = _code_values(f.encoding, f.bits, width, str(device))
+    if scale is not None:
+        t = t * scale
+    t = t.to(dtype)
+    if not wide:
+        return t.view(-1), None, 1
+    nbytes = t.shape[1] * t.element_size()
+    wdt = _WIDE.get(nbytes, torch.complex128)
+    rows = 1 if nbytes in _WIDE else nbytes // 16
+    t = t.view(wdt)
+    return (t.reshape(1 << width, rows) if rows > 1 else t.reshape(1 << width)), wdt, rows
+
+
+def _words24(groups: torch.Tensor, word: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """``groups`` (m, 3) uint8, the packed bytes of m groups of 8 three-bit codes, as m little-endian
+    24-bit words in the int32 ``word`` (three casts, two shifts, two ors; ``tmp`` is scratch)."""
+    word.copy_(groups[:, 2])
+    word.bitwise_left_shift_(8)
+    tmp.copy_(groups[:, 1])
+    word.bitwise_or_(tmp).bitwise_left_shift_(8)
+    tmp.copy_(groups[:, 0])
+    return word.bitwise_or_(tmp)
+
+
+_CODE7 = sum(1 << s for s in range(0, 24, 3))  # the low bit of each 3-bit field of a 24-bit word
+
+
+def _has_code7(word: torch.Tensor, tmp: torch.Tensor) -> bool:
+    """Whether any 3-bit field of the 24-bit words is 7 (all ones), the one code outside a 3-bit
+    symmetric or log grid."""
+    torch.bitwise_right_shift(word, 1, out=tmp)
+    tmp.bitwise_and_(word).bitwise_and_(word >> 2).bitwise_and_(_CODE7)
+    return bool(tmp.any())
+
+
+# Frames of at most this many values (a model's LayerNorm weights and biases: most of its frames)
+# decode in a handful of whole-frame ops: the chunked table paths cost ~20 torch calls per frame.
+SMALL_FRAME = 4096
+
+
+@functools.lru_cache(maxsize=8)
+def _bit_weights(bits: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.arange(8, dtype=torch.uint8, device=device),
+            torch.tensor([1 << j for j in range(bits)], dtype=torch.uint8, device=device))
+
+
+def _small_codes(pb: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first ``n`` codes (int64) of the packed bytes ``pb``: every byte spread to its 8 bits,
+    the bit stream cut into b-bit rows, each row weighted by powers of two and summed."""
+    if bits == 8:
+        return pb[:n].to(torch.int64)
+    shifts, weights = _bit_weights(bits, str(pb.device))
+    stream = pb.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)
+    return stream[: n * bits].view(n, bits).mul_(weights).sum(1)
+
+
+def _lookup_small(f: Frame, pb: torch.Tensor, n: int, table: torch.Tensor, check: bool) -> torch.Tensor:
+    """Values of the first ``n`` codes of ``pb`` from the 2^b-entry ``table``; a code outside the
+    grid (all ones) raises FrameError."""
+    codes = _small_codes(pb, f.bits, n)
+    if check and n and int(codes.max()) == (1 << f.bits) - 1:
+        raise _grid_error(f, (1 << f.bits) - 1)
+    return torch.index_select(table, 0, codes)
 
 
 _THREADS = 1
@@ -216,13 +306,20 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
         o = dest.view(f.shape)
         return o.add_(t) if accumulate else o.copy_(t)
     scales = f.scales.to(dev, torch.float32)
-    lv = levels(f.encoding, bits, dev)
-    vals = lv if per_row else lv * scales.reshape(())
+    scale = None if per_row else scales.reshape(())
     out_dtype = torch.float32 if per_row else (f.dtype if dest is None else dest.dtype)
-    vals = vals.to(out_dtype)
     check = f.encoding in ("sym", "log")  # the one invalid code is 2k+1 = 2^b − 1
-    table = torch.zeros(1 << bits, dtype=out_dtype, device=dev)
-    table[: vals.numel()] = vals
+    if numel <= SMALL_FRAME or 8 % bits and bits != 3:
+        table = _value_table(f, bits, scale, out_dtype, dev, wide=False)[0]
+    else:
+        table = None  # the chunked paths build wide tables
+    if numel <= SMALL_FRAME:
+        vals = _lookup_small(f, payload, numel, table, check)
+        if dest is None:
+            return _finish_rows(vals, f, scales, per_row)
+        out = dest.view(-1)
+        out.add_(vals) if accumulate else out.copy_(vals)
+        return out.view(f.shape)
     step = CHUNK if dev.type == "cpu" else 1 << 62
     out = torch.empty(numel, dtype=out_dtype, device=dev) if dest is None else dest.view(-1)
     # Every chunk is decoded into ``target(a, e)``: out[a:e] itself, or a cache-sized scratch that
@@ -230,8 +327,9 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
     # 8/b values at once as one wide element (up to 16 bytes), which needs a destination aligned to
     # that width: a tensor mapped from a file (a model loaded from safetensors) may be aligned to
     # 8 bytes only, and a misaligned wide write faults (SIGSEGV), so such a destination gets the scratch.
-    misaligned = (dest is not None and 8 % bits == 0 and bits < 8
-                  and dest.data_ptr() % min(16, (8 // bits) * dest.element_size()) != 0)
+    per = 8 // bits if 8 % bits == 0 else (4 if bits == 3 else 1)  # values written per table entry
+    misaligned = (dest is not None and per > 1
+                  and dest.data_ptr() % min(16, per * dest.element_size()) != 0)
     use_scratch = accumulate or misaligned
 
     def decoder():
@@ -260,6 +358,24 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
                 tw = t.view(wide).reshape(m, rows) if rows > 1 else t.view(wide)
                 torch.index_select(btab, 0, ic, out=tw)
                 land(a, e, t)
+        elif bits == 3:
+            word = torch.empty(idx_n // 2, dtype=torch.int32, device=dev)
+            tmp = torch.empty(idx_n // 2, dtype=torch.int32, device=dev)
+
+            def run(a: int, e: int, pb: torch.Tensor) -> None:  # a, e multiples of 8
+                m = (e - a) // 8
+                w, tm = _words24(pb.view(m, 3), word[:m], tmp[:m]), tmp[:m]
+                if check and _has_code7(w, tm):
+                    raise _grid_error(f, 7)
+                iv = idx[: 2 * m].view(m, 2)
+                torch.bitwise_and(w, 0xFFF, out=tm)
+                iv[:, 0].copy_(tm)  # a contiguous result copied into the strided column beats a strided out=
+                torch.bitwise_right_shift(w, 12, out=tm)
+                iv[:, 1].copy_(tm)
+                t = target(a, e)
+                tw = t.view(wide).reshape(2 * m, rows) if rows > 1 else t.view(wide)
+                torch.index_select(ftab, 0, idx[: 2 * m], out=tw)
+                land(a, e, t)
         else:
             codes = torch.empty(idx_n, dtype=torch.uint8, device=dev)
 
@@ -276,17 +392,8 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
         return run
 
     if 8 % bits == 0:
-        per = 8 // bits
-        byte = torch.arange(256, device=dev)
-        shifts = torch.arange(0, 8, bits, device=dev)
-        btab = table[(byte.unsqueeze(1) >> shifts) & ((1 << bits) - 1)]  # (256, per)
-        width = per * btab.element_size()
-        wide = _WIDE.get(width, torch.complex128)
-        rows = 1 if width in _WIDE else width // 16
-        btab = btab.contiguous().view(wide).reshape(256, rows) if rows > 1 else btab.contiguous().view(wide).reshape(256)
+        btab, wide, rows = _value_table(f, 8, scale, out_dtype, dev)
         whole = numel // per  # payload bytes whose values all belong to the tensor
-        if check and payload.numel() > whole and _has_all_ones_code(payload[whole:], bits):
-            raise _grid_error(f, (1 << bits) - 1)
         spans = [(a * per, min(a + step, whole) * per, payload[a:min(a + step, whole)]) for a in range(0, whole, step)]
         idx_n, buf_n = min(step, whole) or 1, min(step, whole) * per or 1
         tail = (whole * per, numel) if whole * per < numel else None
@@ -296,25 +403,25 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
         spans = [(a, min(a + cstep, full), payload[a * bits // 8: min(a + cstep, full) * bits // 8])
                  for a in range(0, full, cstep)]
         idx_n = buf_n = cstep
+        if bits == 3:  # 12-bit fields, 4 values each
+            ftab, wide, rows = _value_table(f, 12, scale, out_dtype, dev)
+            idx_n = cstep // 4
         tail = (full, numel) if full < numel else None
     _run_spans(decoder, spans, dev)
     if tail is not None:  # the last values share a byte (or a group of 8 codes) with padding
         a, e = tail
-        if 8 % bits == 0:
-            last = table[(payload[whole:whole + 1].to(torch.int64) >> shifts) & ((1 << bits) - 1)]
-        else:
-            tmp = payload.new_zeros(bits)
-            pb = payload[a * bits // 8: (e * bits + 7) // 8]
-            tmp[: pb.numel()] = pb
-            c8 = torch.empty(8, dtype=torch.uint8, device=dev)
-            unpack_words_into(tmp, bits, c8)
-            if check and int(c8[: e - a].max()) == (1 << bits) - 1:
-                raise _grid_error(f, (1 << bits) - 1)
-            last = table[c8.to(torch.int64)]
+        if table is None:
+            table = _value_table(f, bits, scale, out_dtype, dev, wide=False)[0]
+        last = _lookup_small(f, payload[a * bits // 8:], e - a, table, check)
         if accumulate:
-            out[a:e].add_(last[: e - a])
+            out[a:e].add_(last)
         else:
-            out[a:e].copy_(last[: e - a])
+            out[a:e].copy_(last)
+    return _finish_rows(out, f, scales, per_row)
+
+
+def _finish_rows(out: torch.Tensor, f: Frame, scales: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """Per-row frames decode unscaled in fp32: multiply each row by its scale, cast to the frame's dtype."""
     if per_row:
         out.view(scales.numel(), -1).mul_(scales.unsqueeze(1))
         out = out.to(f.dtype)

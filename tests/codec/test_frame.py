@@ -1,3 +1,4 @@
+import itertools
 import struct
 
 import pytest
@@ -157,16 +158,17 @@ def test_decoded_values_lie_on_grid(rows, cols, bits, seed):
     assert float(lv.abs().max()) <= k + 1e-4
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(n=st.integers(0, 300), bits=st.sampled_from([1, 2, 3, 4, 5, 8]), per_row=st.booleans(),
-       chunk=st.sampled_from([8, 24, 1 << 15]), seed=st.integers(0, 1000))
-def test_decode_into_and_accumulate_equal_the_reference(n, bits, per_row, chunk, seed):
+       chunk=st.sampled_from([8, 24, 1 << 15]), small=st.sampled_from([0, 4096]), seed=st.integers(0, 1000))
+def test_decode_into_and_accumulate_equal_the_reference(n, bits, per_row, chunk, small, seed):
     """decode_frame(out=) writes exactly what the QTensor path dequantizes, and accumulate=True adds
-    it to what ``out`` held, for every width, tails of any length and chunk boundaries anywhere."""
+    it to what ``out`` held, for every width, tails of any length and chunk boundaries anywhere,
+    through the chunked table paths (SMALL_FRAME 0) and the whole-frame path for small frames."""
     import lowbit.codec.codecs as cc
-    from lowbit.codec import decode_frame, qtensor_from_frame
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cc, "CHUNK", chunk)
+        mp.setattr(cc, "SMALL_FRAME", small)
         _check_decode_into(n, bits, per_row, seed)
 
 
@@ -213,3 +215,56 @@ def test_decode_into_raw_frames_and_bad_destinations():
         decode_frame(g, out=torch.zeros(20, dtype=torch.int32))
     with pytest.raises(ConfigError, match="needs an out tensor"):
         decode_frame(g, accumulate=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("small", [0, 4096])
+def test_decode_into_other_float_dtypes(bits, dtype, small, monkeypatch):
+    """The table paths write 2..8 values per lookup as one wide element whose width depends on the
+    destination dtype (3-bit: 4 values, 8 bytes in fp16, two 16-byte rows in fp64)."""
+    import lowbit.codec.codecs as cc
+    from lowbit.codec import decode_frame, qtensor_from_frame
+    monkeypatch.setattr(cc, "SMALL_FRAME", small)
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(1003, generator=gen)
+    f = StochasticGradCodec(bits).encode(x, generator=gen)
+    ref = qtensor_from_frame(f).dequantize(torch.float32).to(dtype)
+    for out in (torch.empty(1003, dtype=dtype), torch.empty(1004, dtype=dtype)[1:]):
+        assert torch.equal(decode_frame(f, out=out), ref)
+    base = torch.randn(1003, generator=gen).to(dtype)
+    acc = base.clone()
+    decode_frame(f, out=acc, accumulate=True)
+    assert torch.equal(acc, base + ref)
+
+
+@pytest.mark.parametrize("encoding", ["sym", "log"])
+def test_three_bit_code_seven_is_rejected_in_every_field_position(encoding):
+    """Code 7 lies outside the 3-bit symmetric and log grids. The 3-bit decoder reads each group of
+    8 codes as one 24-bit word: a 7 in any of its 8 fields, straddling bytes or not, in the first
+    or a later chunk, or in the tail, must raise."""
+    import lowbit.codec.codecs as cc
+    from lowbit.codec import decode_frame
+    from lowbit.codec.pack import pack_bits
+    n = 8 * 40 + 5
+    if encoding == "sym":
+        f = StochasticGradCodec(3).encode(torch.randn(n))
+    else:
+        f = weight_codec(3, scheme="laq-log").encode(torch.randn(n))
+    assert f.encoding == encoding
+    good = decode_frame(f)
+    codes = torch.zeros(n, dtype=torch.uint8)
+    positions = [0, 1, 2, 3, 5, 7, 8 * 17 + 2, 8 * 39 + 6, n - 1]
+    for small, pos in itertools.product((0, 4096), positions):  # chunked (32 values per chunk), whole
+        bad_codes = codes.clone()
+        bad_codes[pos] = 7
+        bad = Frame(kind=f.kind, encoding=f.encoding, dtype=f.dtype, bits=3, shape=f.shape,
+                    scales=f.scales, payload=pack_bits(bad_codes, 3), key=f.key, step=f.step)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cc, "CHUNK", 8)
+            mp.setattr(cc, "SMALL_FRAME", small)
+            with pytest.raises(FrameError, match="code 7 outside the 3-bit"):
+                decode_frame(bad)
+            with pytest.raises(FrameError, match="code 7 outside the 3-bit"):
+                decode_frame(bad, out=torch.zeros(n), accumulate=True)
+            assert torch.equal(decode_frame(f), good)

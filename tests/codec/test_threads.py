@@ -25,6 +25,7 @@ def codec_threads(n, chunk=None):
     with pytest.MonkeyPatch.context() as mp:
         if chunk is not None:
             mp.setattr(cc, "CHUNK", chunk)  # small chunks: many parts even for small tensors
+            mp.setattr(cc, "SMALL_FRAME", 0)  # ... which would otherwise decode whole, unthreaded
         set_codec_threads(n)
         try:
             yield
@@ -57,6 +58,9 @@ def test_invalid_code_in_the_last_part_is_raised(bits):
         decode_frame(f, out=out)
     with codec_threads(1):
         assert torch.equal(out, decode_frame(f))
+        assert x.numel() <= cc.SMALL_FRAME  # and decoded whole, on the small-frame path:
+        with pytest.raises(FrameError, match=f"outside the {bits}-bit symmetric grid"):
+            decode_frame(dataclasses.replace(f, payload=bad), out=torch.empty(4096), accumulate=True)
 
 
 def test_pool_leaves_torch_threads_alone():
