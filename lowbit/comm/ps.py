@@ -13,12 +13,19 @@ One synchronous step (``step(step, grads, owner)``)::
                encoded once, isend V_s to every worker
 
 The step is pipelined by key group. Server s's keys are cut into ``chunks`` contiguous groups of
-about equal size (:func:`chunk_keys`); every bundle travels as one message per group. The server
+about equal size (:func:`chunk_keys`); every bundle travels as one chunk message per group (its
+length, then its bytes: :meth:`P2P.send_chunk`). A worker reads ``grads[k]`` for the keys of group
+i only when it posts group i, so ``grads`` may be a :class:`~lowbit.comm.transport.LazyFrames`
+that encodes on access: group i + 1 is then encoded while group i is on the wire. The server
 decodes and sums group i as it arrives; once group i has come from every worker, the owner updates
 and re-quantizes those keys (``Owner.apply_keys``) and their weights leave for the workers at once,
 while group i + 1 is still arriving. Workers decode each weight group into their parameters
 (``out=``) while the next is on the way. An owner without ``apply_keys`` is updated once, after the
 last group; ``"continue"`` mode sends whole bundles (one group).
+
+Both sides receive on one thread per peer (:class:`_Pumps`) that keeps a receive posted at all
+times: gloo stops reading a connection while the message at its head has no receive posted, so a
+receiver that decoded between receives would stall the sender for as long as each decode takes.
 
 A worker may leave a key out of ``grads`` (or map it to ``None`` / ``b""``): its nonfinite policy
 skipped that gradient. The server then averages over the contributions that came
@@ -212,12 +219,25 @@ class ParameterServerTransport(Transport):
             return None
         if grads is None:
             raise ConfigError(f"worker rank {self.rank} must pass its gradient frames to step()")
-        pending = self._push_grads(step, grads)
-        weights = self._pull_weights(step, out)  # while the last gradient chunks may still be leaving
-        if pending is not None:
-            self.p2p.finish(pending, step)
+        unknown = sorted(set(grads) - set(self.shapes))
+        if unknown:
+            raise ConfigError(f"gradient frames for unknown keys {unknown}")
         if self.tolerant:
+            self._push_grads(step, grads)
+            weights = self._pull_weights(step, out)
             self._read_live(step)
+            return weights
+        pumps = self._weight_pumps(step)  # weights may arrive while later gradient groups are encoded
+        pending = Pending("up")
+        try:
+            self._push_grads(step, grads, pending)
+        except BaseException:  # e.g. a gradient the lazy encoder refused: fail now, not after a timeout
+            pumps.close(wait=False)
+            with contextlib.suppress(TransportError):
+                self.p2p.finish(pending, step)
+            raise
+        weights = self._pull_weights(step, out, pumps)  # while the last gradient chunks may still be leaving
+        self.p2p.finish(pending, step)
         return weights
 
     def fetch_weights(self, step: int, owner: Owner | None, *,
@@ -238,15 +258,19 @@ class ParameterServerTransport(Transport):
             raise ConfigError(f"server rank {self.rank} must own keys {self.keys_of[self.rank]} "
                               f"(partition by size), its Owner holds {have}")
 
-    def _push_grads(self, step: int, grads: Mapping[int, bytes | None]) -> Pending | None:
-        unknown = sorted(set(grads) - set(self.shapes))
-        if unknown:
-            raise ConfigError(f"gradient frames for unknown keys {unknown}")
-        chunks = {s: [join(grads[k] for k in g if grads.get(k)) for g in self.groups_of[s]] for s in self.servers}
+    def _push_grads(self, step: int, grads: Mapping[int, bytes | None], pending: Pending | None = None) -> None:
+        """Post group i of every server's bundle, i = 0, 1, ...: ``grads`` is read group by group,
+        so a lazy mapping encodes group i + 1 while group i is on the wire. The sends complete in
+        ``finish(pending)``; ``"continue"`` mode sends whole bundles and waits for them."""
         if self.tolerant:
-            self.p2p.exchange(step, {s: c[0] for s, c in chunks.items()}, [], direction="up")
-            return None
-        return self.p2p.stream(step, chunks, {}, direction="up", defer_sends=True)
+            bundles = {s: join(grads[k] for k in self.keys_of[s] if grads.get(k)) for s in self.servers}
+            self.p2p.exchange(step, bundles, [], direction="up")
+            return
+        for i in range(max(len(g) for g in self.groups_of.values())):
+            for s in self.servers:
+                if i < len(self.groups_of[s]):
+                    bundle = join(grads[k] for k in self.groups_of[s][i] if grads.get(k))
+                    self.p2p.send_chunk(s, i, bundle, "up", pending)
 
     def _drop(self, step: int, failed: Mapping[int, str], half: str) -> None:
         """Agree with the other servers on the workers lost in this half and stop serving them."""
@@ -317,8 +341,22 @@ class ParameterServerTransport(Transport):
                 self._send_group(step, owner, i, pending)
 
         with self._finishing(pending, step):
-            self.p2p.stream(step, {}, {w: len(groups) for w in self.workers}, direction="up", on_recv=on_chunk,
-                            max_recv={w: [bundle_bound(self.shapes, g) for g in groups] for w in self.workers})
+            pumps = _Pumps(self.p2p, step, "up", {w: [bundle_bound(self.shapes, g) for g in groups]
+                                                  for w in self.workers}, f"rank {self.rank}: gradients")
+            error: FrameError | None = None  # a bad chunk: the rest of the step is still drained
+            try:
+                for i in range(len(groups)):
+                    for w in self.workers:  # in worker order: the fp32 sums do not depend on timing
+                        chunk = pumps.get(w, i)
+                        if error is None:
+                            try:
+                                on_chunk(w, i, chunk)
+                            except FrameError as e:
+                                error = e
+            finally:
+                pumps.close()
+            if error is not None:
+                raise error
             if not parts:
                 owner.apply(step, self._acc.averages(), dict(self._acc.counts))
                 frames = owner.weight_frames(step)
@@ -378,45 +416,88 @@ class ParameterServerTransport(Transport):
             for i in range(len(self.groups_of[self.rank])):
                 self._send_group(step, owner, i, pending, frames)
 
-    def _pull_weights(self, step: int, dest: Mapping[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
-        """Every server's weights, group by group as the servers send them (chunk messages,
-        :meth:`P2P.recv_chunk`), each decoded (into ``dest`` when given) while the next is on the way.
+    def _weight_pumps(self, step: int) -> "_Pumps":
+        return _Pumps(self.p2p, step, "down", {s: [bundle_bound(self.shapes, g) for g in self.groups_of[s]]
+                                               for s in self.servers}, f"rank {self.rank}: weights")
 
-        One receiving thread per server keeps a receive posted at all times: gloo stops reading a
-        connection while the message at its head has no receive posted, so receiving between
-        decodes on this thread would stall each server's stream for as long as a decode takes."""
+    def _pull_weights(self, step: int, dest: Mapping[int, torch.Tensor] | None,
+                      pumps: "_Pumps | None" = None) -> dict[int, torch.Tensor]:
+        """Every server's weights, group by group as the servers send them (chunk messages), each
+        decoded (into ``dest`` when given) while the next is on the way, in the order they arrive."""
         out: dict[int, torch.Tensor] = {}
-        n = {s: len(self.groups_of[s]) for s in self.servers}
-        got: queue.Queue = queue.Queue()
-
-        def pump(s: int) -> None:
-            try:
-                for i in range(n[s]):
-                    bound = bundle_bound(self.shapes, self.groups_of[s][i])
-                    got.put((s, i, self.p2p.recv_chunk(s, i, step, "down", bound, of=n[s], count=False)))
-            except BaseException as e:  # noqa: BLE001 - raised on the calling thread
-                got.put((s, None, e))
-
-        threads = [threading.Thread(target=pump, args=(s,), daemon=True, name=f"lowbit-pull-{s}")
-                   for s in self.servers]
-        for th in threads:
-            th.start()
-        for _ in range(sum(n.values())):
-            try:
-                s, i, chunk = got.get(timeout=self.p2p.timeout + 30)
-            except queue.Empty:
-                raise TransportError(f"rank {self.rank}: no weights from the servers at step {step} within "
-                                     f"{self.p2p.timeout + 30:g}s") from None
-            if i is None:
-                raise chunk
-            self.p2p.count_recv("down", len(chunk))
-            keys = self.groups_of[s][i]
-            for pf in parse_bundle(chunk, peer=s, step=step, kind="weight", shapes=self.shapes,
-                                   allowed_keys=keys, required_keys=keys, rank=self.rank):
-                try:
-                    out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
-                except FrameError as e:
-                    raise FrameError(f"rank {self.rank}: bundle from peer {s} at step {step}: {e}") from e
-        for th in threads:
-            th.join()
+        pumps = pumps or self._weight_pumps(step)
+        try:
+            for s, i, chunk in pumps.as_they_come():
+                keys = self.groups_of[s][i]
+                for pf in parse_bundle(chunk, peer=s, step=step, kind="weight", shapes=self.shapes,
+                                       allowed_keys=keys, required_keys=keys, rank=self.rank):
+                    try:
+                        out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
+                    except FrameError as e:
+                        raise FrameError(f"rank {self.rank}: bundle from peer {s} at step {step}: {e}") from e
+        finally:
+            pumps.close()
         return out
+
+
+class _Pumps:
+    """One daemon thread per peer receiving that peer's chunks 0..C−1 of a step (chunk messages,
+    :meth:`P2P.recv_chunk`, each length checked against its bound before anything is allocated)
+    into a queue, so a receive is always posted while the caller decodes. The caller takes chunks
+    per peer in order (:meth:`get`) or as they come (:meth:`as_they_come`); a receive error is
+    raised on the caller's thread. :meth:`close` waits for every thread (each ends with its last
+    chunk, an error, or the transport's timeout), so none is left to take a later step's messages.
+
+    Each chunk is put on two queues, its peer's and the arrival queue: a caller uses one of them."""
+
+    def __init__(self, p2p: P2P, step: int, direction: str, bounds: Mapping[int, list[int]], what: str) -> None:
+        self.p2p, self.step, self.direction, self.what = p2p, step, direction, what
+        self.bounds = {int(p): list(b) for p, b in bounds.items()}
+        self.queues = {p: queue.Queue() for p in self.bounds}
+        self.arrivals: queue.Queue = queue.Queue()
+        self.threads = [threading.Thread(target=self._pump, args=(p,), daemon=True,
+                                         name=f"lowbit-recv-{direction}-{p}") for p in self.bounds]
+        for th in self.threads:
+            th.start()
+
+    def _pump(self, peer: int) -> None:
+        n = len(self.bounds[peer])
+        try:
+            for i, bound in enumerate(self.bounds[peer]):
+                item = (i, self.p2p.recv_chunk(peer, i, self.step, self.direction, bound, of=n, count=False))
+                self.queues[peer].put(item)
+                self.arrivals.put((peer,) + item)
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
+            self.queues[peer].put((None, e))
+            self.arrivals.put((peer, None, e))
+
+    def _take(self, q: queue.Queue, peer: int | None):
+        wait = self.p2p.timeout + 30  # each receive has the transport's timeout; this is a backstop
+        try:
+            item = q.get(timeout=wait)
+        except queue.Empty:
+            who = "the peers" if peer is None else f"peer {peer}"
+            raise TransportError(f"{self.what}: nothing from {who} at step {self.step} within {wait:g}s") from None
+        if item[-2] is None:
+            raise item[-1]
+        return item
+
+    def get(self, peer: int, chunk: int) -> memoryview:
+        """Chunk ``chunk`` of ``peer`` (chunks of one peer must be taken in order); counted."""
+        _, buf = self._take(self.queues[peer], peer)  # a peer's chunks come in order
+        self.p2p.count_recv(self.direction, len(buf))
+        return buf
+
+    def as_they_come(self):
+        """Every chunk of every peer as ``(peer, chunk, bytes)``, in arrival order; counted."""
+        for _ in range(sum(len(b) for b in self.bounds.values())):
+            p, i, buf = self._take(self.arrivals, None)
+            self.p2p.count_recv(self.direction, len(buf))
+            yield p, i, buf
+
+    def close(self, wait: bool = True) -> None:
+        """Wait for every thread; ``wait=False`` leaves them (the step failed on this side before its
+        peers sent everything: waiting would only delay the error by the timeout)."""
+        if wait:
+            for th in self.threads:
+                th.join()

@@ -21,7 +21,7 @@ import heapq
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 
@@ -155,6 +155,39 @@ def partition(sizes: dict[int, int], n_owners: int) -> dict[int, int]:
     return out
 
 
+class LazyFrames(Mapping):
+    """key -> frame bytes, each made by ``encode(key)`` the first time the key is read, then kept.
+
+    Pass it as ``grads`` to :meth:`Transport.step`: the parameter server reads the keys of one key
+    group just before posting that group, so group i + 1 is encoded while group i is on the wire
+    instead of every gradient being encoded before the first byte leaves. ``encode`` may return
+    ``None`` for a key whose gradient a nonfinite policy skipped (the transports leave it out).
+    ``encoded`` lists the keys in the order they were encoded."""
+
+    def __init__(self, keys: Iterable[int], encode: Callable[[int], bytes | None]) -> None:
+        self._keys = [int(k) for k in keys]
+        self._known = set(self._keys)
+        if len(self._known) != len(self._keys):
+            raise ConfigError("LazyFrames: duplicate keys")
+        self._encode = encode
+        self._done: dict[int, bytes | None] = {}
+        self.encoded: list[int] = []
+
+    def __getitem__(self, key: int) -> bytes | None:
+        if key not in self._done:
+            if key not in self._known:
+                raise KeyError(key)
+            self._done[key] = self._encode(key)
+            self.encoded.append(key)
+        return self._done[key]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class Transport(ABC):
     """Moves gradient frames to owners and weight frames back, counting bytes."""
 
@@ -165,7 +198,8 @@ class Transport(ABC):
     @abstractmethod
     def step(self, step: int, grads: dict[int, bytes] | None, owner: Owner | None, *,
              out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
-        """One synchronous exchange. Workers pass their gradient frames (key -> bytes); owners pass
+        """One synchronous exchange. Workers pass their gradient frames (key -> bytes, or a
+        :class:`LazyFrames` that encodes them as the transport reads them); owners pass
         their :class:`Owner`. Returns the new dequantized weights (key -> tensor) on ranks that
         compute (workers), ``None`` on pure owners (servers).
 

@@ -2,9 +2,10 @@
 
 One step, in order::
 
-    worker: forward/backward at the low-bit weights ŵ -> g -> clip, quantize, pack (frames)
-    transport.step: frames up to owners; owners average in fp32, optimizer step, LAQ-quantize,
-                    pack; weight frames down to every worker
+    worker: forward/backward at the low-bit weights ŵ -> g (screened for NaN/Inf)
+    transport.step: clip, quantize, pack each key group's gradients (frames, LazyFrames: the PS
+                    encodes group i + 1 while group i is on the wire) up to owners; owners average
+                    in fp32, optimizer step, LAQ-quantize, pack; weight frames down to every worker
     worker: unpack -> ŵ for the next step
 
 Ranks are told apart by the transport: in ``ps`` mode ranks [0, S) are servers and the rest
@@ -255,7 +256,7 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
         if worker is not None:
             idx = batch_indices(n_train, r.batch_size, step, r.seed + worker_index)
             loss = worker.forward_backward({k: v[idx] for k, v in train.items()}, step)
-            frames = worker.encode_gradients(step)
+            frames = worker.encode_gradients(step, lazy=True)  # encoded as the transport reads them
             ctl.publish("w", step, [loss, float(worker.skipped)])  # before sending: counted => reported
         _maybe_fault(cfg, rank, step + 1)  # mid-step: gradients computed, nothing sent yet
         weights = transport.step(step, frames, owner, out=dest)

@@ -10,15 +10,18 @@ import torch
 from torch import nn
 
 from lowbit.codec.codecs import RawCodec
+from lowbit.comm.transport import LazyFrames
 from lowbit.quant.grads import ErrorFeedback, check_finite
 from lowbit.train.plan import ParamSpec
 
 
-def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator for stochastic rounding of (rank, step): a pure function of its arguments, so a
-    resumed run draws exactly what the uninterrupted one drew."""
+def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu", key: int = 0
+                   ) -> torch.Generator:
+    """The generator for stochastic rounding of one gradient (rank, step, key): a pure function of its
+    arguments, so a resumed run draws exactly what the uninterrupted one drew, and the draws do not
+    depend on the order the keys are encoded in (a transport reading :class:`LazyFrames` decides it)."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1))
+    g.manual_seed((seed * 1_000_003 + rank * 7_919 + step * 104_729 + key * 15_485_863) % (2**63 - 1))
     return g
 
 
@@ -67,11 +70,15 @@ class Worker:
         out.loss.backward()
         return float(out.loss.detach())
 
-    def encode_gradients(self, step: int) -> dict[int, bytes]:
+    def encode_gradients(self, step: int, lazy: bool = False) -> dict[int, bytes] | LazyFrames:
         """Clip, quantize and pack every gradient: key -> frame bytes. A gradient that the
-        non-finite policy skips is left out (its owner averages over those that came)."""
-        gen = step_generator(self.seed, self.rank, step, self.device)
-        frames: dict[int, bytes] = {}
+        non-finite policy skips is left out (its owner averages over those that came).
+
+        ``lazy``: screen every gradient for non-finite values now (so :attr:`skipped` is final) but
+        return a :class:`LazyFrames` that encodes each key when the transport reads it: the
+        parameter server then encodes key group i + 1 while group i is on the wire. Same frames
+        either way (one generator per key, :func:`step_generator`)."""
+        todo: dict[int, tuple[ParamSpec, torch.Tensor]] = {}
         for spec in self.plan:
             p = self.params[spec.param]
             g = spec.view(p.grad) if p.grad is not None else torch.zeros(spec.shape, device=p.device)
@@ -79,6 +86,13 @@ class Worker:
             if g is None:
                 self.skipped += 1
                 continue
+            todo[spec.key] = (spec, g)
+
+        def encode(key: int) -> bytes | None:
+            if key not in todo:
+                return None  # skipped above
+            spec, g = todo[key]
+            gen = step_generator(self.seed, self.rank, step, self.device, key)
             codec = spec.g_codec
             if self.ef is not None and not isinstance(codec, RawCodec):
                 gc = self.ef.compensate(spec.name, g)
@@ -86,8 +100,11 @@ class Worker:
                 self.ef.update(spec.name, gc, codec.decode(f))
             else:
                 f = codec.encode(g, key=spec.key, step=step, generator=gen)
-            frames[spec.key] = f.to_bytes()
-        return frames
+            return f.to_bytes()
+
+        if lazy:
+            return LazyFrames([spec.key for spec in self.plan], encode)
+        return {k: encode(k) for k in todo}
 
     @torch.no_grad()
     def evaluate(self, batches) -> dict[str, float]:

@@ -226,3 +226,81 @@ def test_three_ranks_ring_ps_fetch_and_bad_ring_peer():
         and "peer 2" in res[0]["bad_ring"], res[0]["bad_ring"]
     for rank in (1, 2):
         assert res[rank]["bad_ring"] != "no error", res[rank]
+
+
+def _lazy_body(rank, world):
+    """Gradients given as LazyFrames (encoded when the transport reads them) against the same
+    frames given eagerly: identical results; the PS reads them group by group (group 0 of every
+    server, then group 1, ...); a gradient the encoder refuses fails the worker at once."""
+    from lowbit.comm.transport import LazyFrames
+    from lowbit.errors import NonFiniteGradientError
+    codec = StochasticGradCodec(3)
+
+    def enc(k):
+        if (rank, k) == (2, 3):
+            return None  # a gradient the worker's nonfinite policy skipped
+        gen = torch.Generator().manual_seed(100 * rank + k)  # one generator per key: order-free
+        return codec.encode(grad(rank, 1, k), key=k, step=1, generator=gen).to_bytes()
+
+    out = {}
+    for kind in ("ps2w", "ring"):
+        res = []
+        for lazy in (False, True):
+            t = _make(kind, rank, world)
+            is_worker = not (kind.startswith("ps") and rank < t.n_servers)
+            owner = SGDOwner(t.owned_keys(), WeightCodec("laq-linear", 3)) if t.owned_keys() else None
+            grads = (LazyFrames(SHAPES, enc) if lazy else {k: enc(k) for k in SHAPES}) if is_worker else None
+            got = t.step(1, grads, owner)
+            res.append((owner, got, grads))
+        (o_e, got_e, _), (o_l, got_l, lazy_grads) = res
+        same = True
+        if o_e is not None:
+            same &= all(torch.equal(o_e.w[k], o_l.w[k]) for k in o_e.w) and o_e.counts == o_l.counts
+        if got_e is not None:
+            same &= all(torch.equal(got_e[k], got_l[k]) for k in SHAPES)
+        out[kind] = {"same": same}
+        if lazy_grads is not None:
+            out[kind]["encoded"] = list(lazy_grads.encoded)
+            if kind.startswith("ps"):
+                out[kind]["groups"] = {s: t.groups_of[s] for s in t.servers}
+    # last (it leaves the group with timed-out receives): a refused gradient in group 1
+    t = ParameterServerTransport(SHAPES, 2, timeout=3)
+
+    def refuse(k):
+        if k in t.groups_of[0][1]:
+            raise NonFiniteGradientError(f"gradient[{k}] has NaN")
+        return enc(k)
+
+    t0 = __import__("time").monotonic()
+    try:
+        if rank < 2:
+            t.step(2, None, SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")))
+            out["refused"] = "no error"
+        else:
+            t.step(2, LazyFrames(SHAPES, refuse), None)
+            out["refused"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        out["refused"] = f"{type(e).__name__}: {e}"
+    out["refused_s"] = __import__("time").monotonic() - t0
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_lazy_gradient_frames_match_eager_and_stream_by_group():
+    res = run_ranks(_lazy_body, 4)
+    for rank, out in res.items():
+        for kind in ("ps2w", "ring"):
+            assert out[kind]["same"] is True, (rank, kind)
+    for rank in (2, 3):  # PS workers: keys read group by group, each once
+        o = res[rank]["ps2w"]
+        groups = {int(s): g for s, g in o["groups"].items()}
+        order = [k for i in range(max(map(len, groups.values()))) for s in sorted(groups)
+                 if i < len(groups[s]) for k in groups[s][i]]
+        assert o["encoded"] == order, (o["encoded"], order)
+        assert sorted(res[rank]["ring"]["encoded"]) == sorted(SHAPES)
+    for rank in (2, 3):  # the worker fails with the encoder's error, before any timeout
+        assert res[rank]["refused"].startswith("NonFiniteGradientError"), res[rank]["refused"]
+        assert res[rank]["refused_s"] < 3.0, res[rank]
+    for rank in (0, 1):  # the servers with a TransportError naming the step (no hang)
+        msg = res[rank]["refused"]
+        assert msg.startswith("TransportError") and "step 2" in msg and "peer" in msg, msg

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -94,3 +95,38 @@ def test_worker_takes_aligned_weights_and_decodes_into_them():
     got = decode_weight(f, "cpu", dest)
     assert got.data_ptr() == dest[spec.key].data_ptr()
     assert torch.equal(spec.view(dict(model.named_parameters())[spec.name]).detach(), decode_frame(f))
+
+
+def _toy_worker(ef: bool, nonfinite: str):
+    from lowbit.train.worker import Worker
+    torch.manual_seed(0)
+    m = Toy()
+    plan = make_plan(m, CodecConfig(w_bits=2, g_bits=3, small_g_bits=8, max_piece_numel=3000))
+    w = Worker(m, plan, rank=1, seed=5, error_feedback=ef, nonfinite=nonfinite)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    return w, plan
+
+
+def test_lazy_gradient_frames_equal_eager_ones_in_any_order():
+    """encode_gradients(lazy=True) screens now, encodes on read: the same frames as the eager call
+    whatever order the keys are read in (one generator per key), error feedback included; a key the
+    nonfinite policy skipped reads as None and is counted at once."""
+    for ef in (False, True):
+        eager_w, plan = _toy_worker(ef, "skip")
+        lazy_w, _ = _toy_worker(ef, "skip")
+        for w in (eager_w, lazy_w):  # a NaN in one gradient piece: skipped by both
+            plan[2].view(w.params[plan[2].param].grad).reshape(-1)[0] = float("nan")
+        for step in (3, 4):  # two steps: error-feedback residuals carry over
+            eager = eager_w.encode_gradients(step)
+            lazy = lazy_w.encode_gradients(step, lazy=True)
+            assert lazy_w.skipped == eager_w.skipped == step - 2 and lazy.encoded == []
+            keys = [s.key for s in plan]
+            for k in reversed(keys):  # read backwards: not the order eager encoded in
+                assert lazy[k] == eager.get(k), (ef, step, k)
+            assert lazy[plan[2].key] is None and plan[2].key not in eager
+            assert lazy.encoded == list(reversed(keys))
+            lazy[keys[0]]  # read again: kept, not encoded twice
+            assert lazy.encoded.count(keys[0]) == 1
+    with pytest.raises(KeyError):
+        lazy[10_000]
