@@ -30,7 +30,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -85,7 +85,7 @@ class P2P:
     the calls), counting bytes into ``counter``.
 
     ``down_group``: optional second process group over the same ranks, in the same order, that
-    carries every ``"down"`` message of :meth:`exchange`, :meth:`stream`, :meth:`send_chunk` and
+    carries every ``"down"`` message of :meth:`exchange`, :meth:`send_chunk` and
     :meth:`recv_chunk` (the tolerant exchange keeps ``group``). gloo moves a message only after the
     receiver has announced its receive to the sender, and that announcement travels on the same
     connection as the receiver's own outgoing data: a worker's "ready for weight chunk i" queued
@@ -166,69 +166,6 @@ class P2P:
                        [("recv", p, t, 1) for p, t in recv_bufs.items()], step, direction)
         self._count(direction, [int(t.item()) for t in send_lens.values()], list(lens.values()))
         return {p: (_to_memoryview(recv_bufs[p]) if p in recv_bufs else memoryview(b"")) for p in recv_from}
-
-    def stream(self, step: int, sends: Mapping[int, list], recv_from: Mapping[int, int], *, direction: str,
-               on_recv: Callable[[int, int, memoryview], None] | None = None,
-               max_recv: Mapping[int, list[int]] | None = None, defer_sends: bool = False) -> "Pending | None":
-        """A bundle cut into chunks, so the receiver works on chunk i while chunk i + 1 is still on
-        the wire (decode overlaps the transfer). ``sends[peer]`` is a list of chunk bundles;
-        ``recv_from[peer]`` how many chunks that peer sends; ``on_recv(peer, i, chunk)`` is called
-        for every chunk received, in chunk order (chunk 0 of every peer, then chunk 1, ...; gloo
-        works cannot be polled, so this is the order they are awaited in). ``max_recv[peer][i]``
-        bounds chunk i's announced length. A :class:`FrameError` from ``on_recv`` is raised once
-        the round's other messages have completed, so no peer is left blocked in a send.
-        ``defer_sends``: return the sends still in flight as a :class:`Pending` (for
-        :meth:`finish`) instead of waiting for them, so the caller can receive meanwhile.
-
-        Protocol: one message of C int64 lengths (tag 0), then chunk i as one message (tag 1 + i;
-        nothing for an empty chunk). With C = 1 this is exactly :meth:`exchange`. Bytes counted per
-        chunk as one message of :func:`message_bytes` (the lengths message carries 8 B per chunk)."""
-        peers = self._check_round(direction, sends, list(recv_from))
-        dev = self.device
-        send_bufs = {p: [_as_uint8(b, dev) for b in chunks] for p, chunks in sends.items()}
-        send_lens = {p: torch.tensor([b.numel() for b in bufs], dtype=torch.int64, device=dev)
-                     for p, bufs in send_bufs.items()}
-        recv_lens = {p: torch.empty(int(recv_from[p]), dtype=torch.int64, device=dev) for p in peers}
-        self._post_all([("send", p, t, 0) for p, t in send_lens.items()] +
-                       [("recv", p, t, 0) for p, t in recv_lens.items()], step, direction)
-        lens = {p: [int(n) for n in t.tolist()] for p, t in recv_lens.items()}
-        for p, ns in lens.items():
-            for i, n in enumerate(ns):
-                bound = None if max_recv is None else max_recv[p][i]
-                self._check_len(p, n, step, bound, chunk=i if len(ns) > 1 else None)
-        recv_bufs = {(p, i): torch.empty(n, dtype=torch.uint8, device=dev)
-                     for p, ns in lens.items() for i, n in enumerate(ns) if n > 0}
-        sends_ops = [("send", p, b, 1 + i) for p, bufs in send_bufs.items() for i, b in enumerate(bufs) if b.numel()]
-        order = sorted(recv_bufs, key=lambda pi: (pi[1], peers.index(pi[0])))
-        recv_ops = [("recv", p, recv_bufs[(p, i)], 1 + i) for p, i in order]
-        works = self._post_raw(sends_ops + recv_ops, direction)
-        send_works, recv_works = works[:len(sends_ops)], works[len(sends_ops):]
-        done = dict(zip(order, recv_works))
-        error: BaseException | None = None  # a bad chunk: the rest of the round is still drained
-        for i in range(max((len(ns) for ns in lens.values()), default=0)):
-            for p in peers:
-                if i >= len(lens[p]):
-                    continue
-                if (p, i) in done:
-                    self._wait([done[(p, i)]], [(f"awaiting chunk {i} from", p)], step)
-                    chunk = _to_memoryview(recv_bufs[(p, i)])
-                else:
-                    chunk = memoryview(b"")
-                if on_recv is not None and error is None:
-                    try:
-                        on_recv(p, i, chunk)
-                    except FrameError as e:  # raised after the round: the peers are not left hanging
-                        error = e
-        self._count(direction, [], [n for ns in lens.values() for n in ns])
-        pending = Pending(direction, send_works, [(f"sending chunk {i - 1} to", p) for _, p, _, i in sends_ops],
-                          [int(n) for t in send_lens.values() for n in t.tolist()])
-        if error is not None:
-            self.finish(pending, step)
-            raise error
-        if defer_sends:
-            return pending
-        self.finish(pending, step)
-        return None
 
     # Chunk messages: chunk i of a bundle is one message with its own length: an int64 (tag 2i),
     # then the bytes (tag 2i + 1; none when empty). The sender can post chunk i as soon as it exists
