@@ -11,7 +11,6 @@ process, and the speedup of the slowest against config 1x1. Needs procs x C core
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lowbit.codec import (Frame, RawCodec, StochasticGradCodec, WeightCodec, frame_nbytes, grad_codec,
+from lowbit.codec import (Frame, RawCodec, StochasticGradCodec, WeightCodec, grad_codec,
                           join_frames, split_frames, weight_codec)
-from lowbit.codec.frame import HEADER_SIZE, MAGIC
+from lowbit.codec.frame import HEADER_SIZE
 from lowbit.errors import ConfigError, FrameError, NonFiniteGradientError
 
 

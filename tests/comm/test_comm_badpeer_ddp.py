@@ -56,7 +56,7 @@ def _bad_bundles(step):
 
 def _badpeer_body(rank, world):
     from lowbit.comm.ps import ParameterServerTransport
-    from lowbit.errors import FrameError, TransportError
+    from lowbit.errors import FrameError
     t = ParameterServerTransport(SHAPES, 1, timeout=20, chunks=1)  # the bad worker speaks one-chunk bundles
     out = {}
     names = list(_bad_bundles(0))

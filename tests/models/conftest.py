@@ -1,7 +1,6 @@
 import copy
 
 import pytest
-import torch
 
 from lowbit.models import load_preset
 

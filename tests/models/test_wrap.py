@@ -7,7 +7,6 @@ from torch import nn
 from lowbit.errors import ConfigError
 from lowbit.models import (QuantEmbedding, QuantLinear, Scheme, attach_optimizer, register_scheme,
                            set_quant_enabled, wrap)
-from lowbit.models.ternarybert import TernaryWeightQuant
 from lowbit.quant.weights import binarize, ternarize_lat
 
 
