@@ -469,6 +469,7 @@ class RankBench:
         from lowbit.codec.frame import Frame
         from lowbit.comm.collective import RingTransport, TreeTransport
         from lowbit.comm.ps import DEFAULT_CHUNKS, ParameterServerTransport
+        from lowbit.comm.transport import LazyFrames
 
         shapes = {k: tuple(s) for k, s in enumerate(lowbit_pieces(model["shapes"]))}
         offs, a = {}, 0
@@ -573,8 +574,21 @@ class RankBench:
             c0 = tr.counter.snapshot()
             ts, wire = self.timed(fn, reps)
             d = tr.counter.delta(c0)
-            per_rank = self.gather({"times": ts, "wire": wire, "counter": {k: v // reps for k, v in d.items()}})
+            trace = self.last_trace
+
+            def fn_enc():  # the workers' gradient encode inside the step: LazyFrames, group by group
+                g = LazyFrames(shapes, lambda k: enc_codec.encode(tensor(k), key=k, step=0, generator=gen).to_bytes()
+                               ) if computes else None
+                tr.step(0, g, owner, out=dest)
+                self.sync()
+
+            enc_codec = StochasticGradCodec(g_bits)
+            enc_ts, _ = self.timed(fn_enc, reps)
+            self.last_trace = trace  # the plot shows the step with precomputed frames
+            per_rank = self.gather({"times": ts, "wire": wire, "counter": {k: v // reps for k, v in d.items()},
+                                    "enc_times": enc_ts})
             counters = [r["counter"] for r in per_rank]
+            step_enc_s = statistics.median(max(r["enc_times"][i] for r in per_rank) for i in range(reps))
             self.emit(model, method, per_rank, lambda steps: {
                 "warmup": warm, "counters": counters,
                 "bytes_per_rank": max(c["sent"] for c in counters),
@@ -583,8 +597,11 @@ class RankBench:
                 "ps_chunks": tr.chunks if t == "ps" else None,
                 "weights_channel": (tr.p2p.down_group is not None) if t == "ps" else None,
                 "step_total_s": statistics.median(steps) + genc_s + wq_s,
+                "step_enc_s": step_enc_s, "step_enc_total_s": step_enc_s + wq_s,
                 "timed": "Transport.step with precomputed gradient and weight frames (wire + framing + CRC + "
-                         "decode/sum of gradients + decode of weights); encoding timed separately"})
+                         "decode/sum of gradients + decode of weights); encoding timed separately. step_enc_s: "
+                         "the same step with the workers' gradient encode inside it (LazyFrames: the PS encodes "
+                         "key group i + 1 while group i is on the wire; ring/tree encode as they read)"})
             del tr, owner, wframes, grads, dest
             gc.collect()
         del gflat

@@ -16,7 +16,8 @@ kernel has no sch_netem, so no delay is emulated: latency is that of veth + brid
 and the latency-bound regime of real Ethernet (50-500 µs per hop, more across racks) is absent.
 
 Output: a table per rate on stdout, progress on stderr, --json (records: method, bandwidth, model,
-step_s, step_total_s, bytes_per_rank, recv_per_rank, wire_bytes_per_rank, speedup_vs_fp32, ideal_s,
+step_s, step_enc_s (lowbit: the step with the workers' gradient encode inside it, pipelined by the
+PS), step_total_s (step_s + encode + weight quantization, one after the other), bytes_per_rank, recv_per_rank, wire_bytes_per_rank, speedup_vs_fp32, ideal_s,
 efficiency, ...; the table's wire_ratio = interface bytes / payload bytes of the busiest
 direction), a log-log plot of step time against bandwidth (one line per method, a panel per model),
 then the cost model fit (benchmarks/comm_costmodel.py) unless --no-costmodel. ``--from-json PATH``
@@ -133,10 +134,10 @@ def add_speedups(records: list[dict]) -> None:
         r["speedup_total_vs_fp32"] = f["step_s"] / r["step_total_s"] if f and r["step_total_s"] > 0 else None
 
 
-COLS = ["model", "bandwidth", "method", "reps", "step_s", "step_total_s", "bytes_per_rank", "wire_ratio",
+COLS = ["model", "bandwidth", "method", "reps", "step_s", "step_enc_s", "step_total_s", "bytes_per_rank", "wire_ratio",
         "speedup_vs_fp32", "speedup_total_vs_fp32", "ideal_s", "efficiency", "decode_est_s", "grad_encode_s",
         "weight_quant_s"]
-FMT = {"step_s": "{:.4f}", "step_total_s": "{:.4f}", "bytes_per_rank": "{:.3e}", "wire_ratio": "{:.3f}",
+FMT = {"step_s": "{:.4f}", "step_enc_s": "{:.4f}", "step_total_s": "{:.4f}", "bytes_per_rank": "{:.3e}", "wire_ratio": "{:.3f}",
        "speedup_vs_fp32": "{:.2f}", "speedup_total_vs_fp32": "{:.2f}", "ideal_s": "{:.4f}", "efficiency": "{:.2f}",
        "decode_est_s": "{:.3f}", "grad_encode_s": "{:.3f}", "weight_quant_s": "{:.3f}"}
 
