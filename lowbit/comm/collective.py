@@ -155,6 +155,7 @@ class _ShardedTransport(Transport):
         self.p2p = P2P(self.group, self.counter, timeout)
         self._acc = GradAccumulator(self.device)  # buffers reused every step (see GradAccumulator)
         self._overlap = _Overlap()
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-encode")
 
     def owned_keys(self, rank: int | None = None) -> list[int]:
         """Keys owned by ``rank`` (default: this rank)."""
@@ -253,18 +254,31 @@ class RingTransport(_ShardedTransport):
                                    grad_nbytes, weight_nbytes)
 
     def _reduce_scatter(self, step, grads):
+        """Round s sends rank (r + s) % p its keys' frames. The bundle of round s + 1 is joined on a
+        helper thread while round s is on the wire: with :class:`LazyFrames` that is where those
+        keys are encoded (the only thread reading ``grads`` meanwhile)."""
         p, r = self.world_size, self.rank
         mine = self.keys_of[r]
-        own = join(grads[k] for k in mine if grads.get(k))
-        for pf in self._parse_grads(own, r, step, [r], 1):
-            yield r, pf
-        bound = bundle_bound(self.shapes, mine)
-        for s in range(1, p):
-            dst, src = (r + s) % p, (r - s) % p
-            bundle = join(grads[k] for k in self.keys_of[dst] if grads.get(k))
-            got = self.p2p.exchange(step, {dst: bundle}, [src], direction="up", max_recv=bound)
-            for pf in self._parse_grads(got[src], src, step, [r], 1):
-                yield src, pf
+
+        def bundle_for(q: int) -> bytes:
+            return join(grads[k] for k in self.keys_of[q] if grads.get(k))
+
+        own = bundle_for(r)
+        nxt = self._encoder.submit(bundle_for, (r + 1) % p) if p > 1 else None
+        try:
+            for pf in self._parse_grads(own, r, step, [r], 1):
+                yield r, pf
+            bound = bundle_bound(self.shapes, mine)
+            for s in range(1, p):
+                dst, src = (r + s) % p, (r - s) % p
+                bundle = nxt.result()
+                nxt = self._encoder.submit(bundle_for, (r + s + 1) % p) if s + 1 < p else None
+                got = self.p2p.exchange(step, {dst: bundle}, [src], direction="up", max_recv=bound)
+                for pf in self._parse_grads(got[src], src, step, [r], 1):
+                    yield src, pf
+        finally:
+            if nxt is not None:  # a round failed: let the encode in flight finish before leaving
+                nxt.exception()
 
     def _all_gather(self, step, owner, dest):
         p, r = self.world_size, self.rank

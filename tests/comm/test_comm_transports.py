@@ -234,9 +234,12 @@ def _lazy_body(rank, world):
     server, then group 1, ...); a gradient the encoder refuses fails the worker at once."""
     from lowbit.comm.transport import LazyFrames
     from lowbit.errors import NonFiniteGradientError
+    import threading
     codec = StochasticGradCodec(3)
+    where = {}  # key -> the thread that encoded it (last call)
 
     def enc(k):
+        where[k] = threading.current_thread().name
         if (rank, k) == (2, 3):
             return None  # a gradient the worker's nonfinite policy skipped
         gen = torch.Generator().manual_seed(100 * rank + k)  # one generator per key: order-free
@@ -261,6 +264,8 @@ def _lazy_body(rank, world):
         out[kind] = {"same": same}
         if lazy_grads is not None:
             out[kind]["encoded"] = list(lazy_grads.encoded)
+            if kind == "ring":  # other ranks' keys: joined on the encoder thread during the previous round
+                out[kind]["threads"] = sorted({where[k] for k in SHAPES if k not in t.owned_keys()})
             if kind.startswith("ps"):
                 out[kind]["groups"] = {s: t.groups_of[s] for s in t.servers}
     # last (it leaves the group with timed-out receives): a refused gradient in group 1
@@ -297,7 +302,9 @@ def test_lazy_gradient_frames_match_eager_and_stream_by_group():
         order = [k for i in range(max(map(len, groups.values()))) for s in sorted(groups)
                  if i < len(groups[s]) for k in groups[s][i]]
         assert o["encoded"] == order, (o["encoded"], order)
+    for rank in range(4):
         assert sorted(res[rank]["ring"]["encoded"]) == sorted(SHAPES)
+        assert [n.startswith("lowbit-encode") for n in res[rank]["ring"]["threads"]] == [True], res[rank]["ring"]
     for rank in (2, 3):  # the worker fails with the encoder's error, before any timeout
         assert res[rank]["refused"].startswith("NonFiniteGradientError"), res[rank]["refused"]
         assert res[rank]["refused_s"] < 3.0, res[rank]
