@@ -27,7 +27,9 @@ What is timed (per step; every rank starts after a barrier, a step's time is the
   rank at the same time (4 ranks share the machine's cores, as in the step): ``grad_encode_s``
   (StochasticGradCodec over all parameters) and ``weight_quant_s`` (real WeightCodec laq-linear
   with a D matrix, timed on a 1M-element sample and scaled to the owned shard, because it runs at
-  ~10 MB/s on this CPU and would dominate). ``step_total_s = step_s + grad_encode_s + weight_quant_s``.
+  ~10-40 MB/s on this CPU and would dominate; warm-started from the previous step's scale as the
+  training server runs it; ``weight_quant_cold_s`` without the warm start, which is what runs before
+  session 5 recorded as ``weight_quant_s``). ``step_total_s = step_s + grad_encode_s + weight_quant_s``.
   ``decode_est_s`` is the part of ``step_s`` spent decoding (rates measured on a sample, scaled to
   what each rank decodes per step).
   With ``codec_device: "cuda"`` in the spec (``comm_bandwidth.py --codec-device cuda``) lowbit's
@@ -501,17 +503,24 @@ class RankBench:
         wq_cache: dict[int, float] = {}
 
         def laq_seconds_per_elem(w_bits):
-            """Real WeightCodec('laq-linear') encode, 1M-element sample with a D matrix, every rank at once."""
+            """Real WeightCodec('laq-linear') encode of a 1M-element sample with a D matrix, every rank
+            at once, warm-started as the training server runs it (alpha = the scale of the previous
+            step's weights, which an optimizer step moved a little): (warm, cold) seconds per element."""
             if w_bits not in wq_cache:
                 m = min(flat.numel(), 1 << 20)
                 x = gflat[:m - m % 1024].view(1024, -1)
                 d = torch.rand(x.shape, generator=gen, device=dev) + 0.1
                 codec = WeightCodec("laq-linear", w_bits)
-                dist.barrier()
-                t0 = time.perf_counter()
-                codec.encode(x, key=0, step=0, d=d).to_bytes()
-                self.sync()
-                wq_cache[w_bits] = max(self.gather((time.perf_counter() - t0) / x.numel()))
+                prev = codec.quantize(x, d).scale
+                x = x + 1e-3 * x.abs().mean() * torch.randn(x.shape, generator=gen, device=dev)
+                out = []
+                for alpha in (prev, None):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    codec.encode(x, key=0, step=0, d=d, alpha=alpha).to_bytes()
+                    self.sync()
+                    out.append(max(self.gather((time.perf_counter() - t0) / x.numel())))
+                wq_cache[w_bits] = tuple(out)
             return wq_cache[w_bits]
 
         def decode_rate(frames: dict[int, bytes], limit=1 << 21) -> float:
@@ -551,7 +560,9 @@ class RankBench:
             owner = FrameOwner(mine, wframes) if owns else None
             grads = gframes if computes else None
             n_owned = sum(math.prod(shapes[k]) for k in mine)
-            wq_s = max(self.gather(laq_seconds_per_elem(w_bits) * n_owned))
+            warm_per, cold_per = laq_seconds_per_elem(w_bits)
+            wq_s = max(self.gather(warm_per * n_owned))
+            wq_cold_s = max(self.gather(cold_per * n_owned))
             # what this rank decodes per step: gradients of its keys from every sender, all weights
             senders = (self.p - S) if t == "ps" else self.p
             g_dec = senders * n_owned if owns else 0
@@ -593,7 +604,8 @@ class RankBench:
                 "warmup": warm, "counters": counters,
                 "bytes_per_rank": max(c["sent"] for c in counters),
                 "recv_per_rank": max(c["recv"] for c in counters),
-                "grad_encode_s": genc_s, "weight_quant_s": wq_s, "decode_est_s": dec_s,
+                "grad_encode_s": genc_s, "weight_quant_s": wq_s, "weight_quant_cold_s": wq_cold_s,
+                "decode_est_s": dec_s,
                 "ps_chunks": tr.chunks if t == "ps" else None,
                 "weights_channel": (tr.p2p.down_group is not None) if t == "ps" else None,
                 "step_total_s": statistics.median(steps) + genc_s + wq_s,
