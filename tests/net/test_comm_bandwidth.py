@@ -69,3 +69,8 @@ def test_comm_bandwidth_smoke_two_ranks_50mbit(tmp_path):
     # 2 MB of fp32 per rank at 50 Mbit/s against ~0.16 MB of frames: the shaped link decides
     assert fp32["step_s"] > low["step_s"]
     assert fp32["step_s"] > 0.5 * fp32["ideal_s"]
+    # the step with the encode inside (LazyFrames) and the LAQ timings, warm and cold
+    for f in ("step_enc_s", "grad_encode_s", "weight_quant_s", "weight_quant_cold_s"):
+        assert low[f] > 0, f
+    assert low["step_enc_total_s"] == pytest.approx(low["step_enc_s"] + low["weight_quant_s"])
+    assert low["step_total_s"] == pytest.approx(low["step_s"] + low["grad_encode_s"] + low["weight_quant_s"])
