@@ -1,20 +1,12 @@
 """Smoke run of benchmarks/codec_throughput.py: its three decode paths and the A/B knobs."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.mark.timeout(120)
-def test_codec_throughput_smoke(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import codec_throughput
-    finally:
-        sys.path.remove(str(BENCH))
+def test_codec_throughput_smoke(tmp_path, bench):
+    codec_throughput = bench("codec_throughput")
     import lowbit.codec.codecs as cc
     from lowbit.codec.codecs import get_codec_threads, set_codec_threads
     chunk, threads = cc.CHUNK, get_codec_threads()

@@ -2,8 +2,6 @@
 2 ranks in their own namespaces, 2 small tensors, one 50 Mbit/s link, fp32 all_reduce and lowbit
 ring w2/g3, one timed step each."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,21 +10,15 @@ from lowbit.net.netns import list_namespaces, netns_available
 OK, WHY = netns_available()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(not OK, reason=f"netns testbed not available: {WHY}")]
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 SHAPES = [(512, 512), (256, 1024)]
 FIELDS = ("method", "bandwidth", "model", "step_s", "bytes_per_rank", "speedup_vs_fp32", "ideal_s", "efficiency",
           "wire_bytes_per_rank", "step_total_s")
 
 
 @pytest.mark.timeout(180)
-def test_comm_bandwidth_smoke_two_ranks_50mbit(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import comm_bandwidth
-        from _comm_common import frame_sizes
-    finally:
-        sys.path.remove(str(BENCH))
+def test_comm_bandwidth_smoke_two_ranks_50mbit(tmp_path, bench):
+    comm_bandwidth = bench("comm_bandwidth")
+    frame_sizes = bench("_comm_common").frame_sizes
     from lowbit.comm.collective import ring_expected_bytes
 
     n = sum(math.prod(s) for s in SHAPES)

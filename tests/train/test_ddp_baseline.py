@@ -1,20 +1,11 @@
 """The DDP baselines of benchmarks/train_sst2.py (PyTorch's PowerSGD and fp16 comm hooks on the same
 training): short real runs on 2 gloo ranks train and report PowerSGD's much smaller payload."""
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.mark.timeout(300)
-def test_ddp_powersgd_baseline_trains_and_counts_its_payload():
-    sys.path.insert(0, str(BENCH))
-    try:
-        from _ddp_train import run_ddp
-    finally:
-        sys.path.remove(str(BENCH))
+def test_ddp_powersgd_baseline_trains_and_counts_its_payload(bench):
+    run_ddp = bench("_ddp_train").run_ddp
     kw = dict(model="tiny-bert", batch_size=4, max_len=16, train_subset=64, lr=1e-3, workers=2)
     short, long = run_ddp("powersgd4", steps=3, **kw), run_ddp("powersgd4", steps=6, **kw)
     for r in (short, long):
