@@ -342,12 +342,13 @@ class ParameterServerTransport(Transport):
 
         with self._finishing(pending, step):
             pumps = _Pumps(self.p2p, step, "up", {w: [bundle_bound(self.shapes, g) for g in groups]
-                                                  for w in self.workers}, f"rank {self.rank}: gradients")
+                                                  for w in self.workers}, f"rank {self.rank}: gradients",
+                           in_order=True)
             error: FrameError | None = None  # a bad chunk: the rest of the step is still drained
             try:
                 for i in range(len(groups)):
                     for w in self.workers:  # in worker order: the fp32 sums do not depend on timing
-                        chunk = pumps.get(w, i)
+                        chunk = pumps.get(w)  # chunk i
                         if error is None:
                             try:
                                 on_chunk(w, i, chunk)
@@ -418,7 +419,7 @@ class ParameterServerTransport(Transport):
 
     def _weight_pumps(self, step: int) -> "_Pumps":
         return _Pumps(self.p2p, step, "down", {s: [bundle_bound(self.shapes, g) for g in self.groups_of[s]]
-                                               for s in self.servers}, f"rank {self.rank}: weights")
+                                               for s in self.servers}, f"rank {self.rank}: weights", in_order=False)
 
     def _pull_weights(self, step: int, dest: Mapping[int, torch.Tensor] | None,
                       pumps: "_Pumps | None" = None) -> dict[int, torch.Tensor]:
@@ -443,18 +444,18 @@ class ParameterServerTransport(Transport):
 class _Pumps:
     """One daemon thread per peer receiving that peer's chunks 0..C−1 of a step (chunk messages,
     :meth:`P2P.recv_chunk`, each length checked against its bound before anything is allocated)
-    into a queue, so a receive is always posted while the caller decodes. The caller takes chunks
-    per peer in order (:meth:`get`) or as they come (:meth:`as_they_come`); a receive error is
-    raised on the caller's thread. :meth:`close` waits for every thread (each ends with its last
-    chunk, an error, or the transport's timeout), so none is left to take a later step's messages.
+    into a queue, so a receive is always posted while the caller decodes. ``in_order``: one queue
+    per peer, taken chunk by chunk with :meth:`get`; otherwise one queue for all, taken in arrival
+    order with :meth:`as_they_come`. A receive error is raised on the caller's thread.
+    :meth:`close` waits for every thread (each ends with its last chunk, an error, or the
+    transport's timeout), so none is left to take a later step's messages."""
 
-    Each chunk is put on two queues, its peer's and the arrival queue: a caller uses one of them."""
-
-    def __init__(self, p2p: P2P, step: int, direction: str, bounds: Mapping[int, list[int]], what: str) -> None:
+    def __init__(self, p2p: P2P, step: int, direction: str, bounds: Mapping[int, list[int]], what: str,
+                 in_order: bool) -> None:
         self.p2p, self.step, self.direction, self.what = p2p, step, direction, what
         self.bounds = {int(p): list(b) for p, b in bounds.items()}
-        self.queues = {p: queue.Queue() for p in self.bounds}
-        self.arrivals: queue.Queue = queue.Queue()
+        shared: queue.Queue = queue.Queue()
+        self.queues = {p: queue.Queue() if in_order else shared for p in self.bounds}
         self.threads = [threading.Thread(target=self._pump, args=(p,), daemon=True,
                                          name=f"lowbit-recv-{direction}-{p}") for p in self.bounds]
         for th in self.threads:
@@ -464,36 +465,33 @@ class _Pumps:
         n = len(self.bounds[peer])
         try:
             for i, bound in enumerate(self.bounds[peer]):
-                item = (i, self.p2p.recv_chunk(peer, i, self.step, self.direction, bound, of=n, count=False))
-                self.queues[peer].put(item)
-                self.arrivals.put((peer,) + item)
+                self.queues[peer].put((peer, i, self.p2p.recv_chunk(peer, i, self.step, self.direction, bound,
+                                                                    of=n, count=False)))
         except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
-            self.queues[peer].put((None, e))
-            self.arrivals.put((peer, None, e))
+            self.queues[peer].put((peer, None, e))
 
-    def _take(self, q: queue.Queue, peer: int | None):
+    def _take(self, peer: int | None) -> tuple[int, int, memoryview]:
+        """The next item of ``peer``'s queue (any peer's: None); counted."""
         wait = self.p2p.timeout + 30  # each receive has the transport's timeout; this is a backstop
+        q = self.queues[peer if peer is not None else next(iter(self.queues))]
         try:
-            item = q.get(timeout=wait)
+            p, i, buf = q.get(timeout=wait)
         except queue.Empty:
             who = "the peers" if peer is None else f"peer {peer}"
             raise TransportError(f"{self.what}: nothing from {who} at step {self.step} within {wait:g}s") from None
-        if item[-2] is None:
-            raise item[-1]
-        return item
-
-    def get(self, peer: int, chunk: int) -> memoryview:
-        """Chunk ``chunk`` of ``peer`` (chunks of one peer must be taken in order); counted."""
-        _, buf = self._take(self.queues[peer], peer)  # a peer's chunks come in order
+        if i is None:
+            raise buf
         self.p2p.count_recv(self.direction, len(buf))
-        return buf
+        return p, i, buf
+
+    def get(self, peer: int) -> memoryview:
+        """``peer``'s next chunk (``in_order`` pumps: chunks 0, 1, ... in turn)."""
+        return self._take(peer)[2]
 
     def as_they_come(self):
-        """Every chunk of every peer as ``(peer, chunk, bytes)``, in arrival order; counted."""
+        """Every chunk of every peer as ``(peer, chunk, bytes)``, in arrival order."""
         for _ in range(sum(len(b) for b in self.bounds.values())):
-            p, i, buf = self._take(self.arrivals, None)
-            self.p2p.count_recv(self.direction, len(buf))
-            yield p, i, buf
+            yield self._take(None)
 
     def close(self, wait: bool = True) -> None:
         """Wait for every thread; ``wait=False`` leaves them (the step failed on this side before its
