@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.codec.frame import Frame, frame_nbytes
-from lowbit.codec.pack import pack_bits, pack_into, packed_nbytes, unpack_bits, unpack_words_into
+from lowbit.codec.pack import pack_bits, pack_into, packed_nbytes, unpack_bits, unpack_small, unpack_words_into
 from lowbit.errors import ConfigError, FrameError, NonFiniteGradientError
 from lowbit.quant.grads import _clip_scale, check_finite, qsgd, stochastic_code_chunks, terngrad
 from lowbit.quant.qtensor import QTensor, grid_k, levels
@@ -182,26 +182,10 @@ def _has_code7(word: torch.Tensor, tmp: torch.Tensor) -> bool:
 SMALL_FRAME = 4096
 
 
-@functools.lru_cache(maxsize=8)
-def _bit_weights(bits: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.arange(8, dtype=torch.uint8, device=device),
-            torch.tensor([1 << j for j in range(bits)], dtype=torch.uint8, device=device))
-
-
-def _small_codes(pb: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """The first ``n`` codes (int64) of the packed bytes ``pb``: every byte spread to its 8 bits,
-    the bit stream cut into b-bit rows, each row weighted by powers of two and summed."""
-    if bits == 8:
-        return pb[:n].to(torch.int64)
-    shifts, weights = _bit_weights(bits, str(pb.device))
-    stream = pb.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)
-    return stream[: n * bits].view(n, bits).mul_(weights).sum(1)
-
-
 def _lookup_small(f: Frame, pb: torch.Tensor, n: int, table: torch.Tensor, check: bool) -> torch.Tensor:
     """Values of the first ``n`` codes of ``pb`` from the 2^b-entry ``table``; a code outside the
     grid (all ones) raises FrameError."""
-    codes = _small_codes(pb, f.bits, n)
+    codes = unpack_small(pb, f.bits, n)
     if check and n and int(codes.max()) == (1 << f.bits) - 1:
         raise _grid_error(f, (1 << f.bits) - 1)
     return torch.index_select(table, 0, codes)
