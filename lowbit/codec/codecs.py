@@ -23,6 +23,11 @@ from lowbit.quant.grads import _clip_scale, check_finite, qsgd, stochastic_code_
 from lowbit.quant.qtensor import QTensor, grid_k, levels
 from lowbit.quant.weights import laq_project, quantize_weight
 
+try:  # the compiled table decode (lowbit/codec/_lut.c, built by setup.py; optional)
+    from lowbit.codec import _lut
+except ImportError:  # not built (no C compiler at install time): the torch-op decode gives the same bits
+    _lut = None
+
 # CPU decode chunk: CHUNK payload bytes for b in {1, 2, 4, 8} (2-bit: 512K values), 4·CHUNK values
 # for the other widths. benchmarks/decode_chunk_ab.py, one thread: 1<<17 decodes 2-bit 46% and
 # 3-bit 17-20% faster than 1<<15 (each chunk costs ~15 Python-level torch calls); 1<<18 adds <= 3%.
@@ -67,7 +72,9 @@ def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: tor
     ``index_select`` per chunk writes them; for b = 3 each group of 8 codes (3 bytes) is read as
     one 24-bit word whose two 12-bit halves index a 4096-entry table of 4 values each; for
     b ∈ {5, 6, 7} the codes are unpacked per chunk and looked up in the 2^b-entry table. Codes
-    outside the grid raise FrameError as before.
+    outside the grid raise FrameError as before. An fp32 CPU decode with one scale per tensor runs
+    the same tables through the compiled loop of ``lowbit.codec._lut`` when it was built (one pass:
+    3-4x faster than the torch ops; :func:`set_native_decode`), with the same bits.
 
     ``out``: a contiguous floating tensor of the frame's element count to decode into (for example
     a parameter's storage, or a buffer reused every step: a fresh 90 MB tensor costs more in page
@@ -279,6 +286,67 @@ def _run_spans(make_run, spans: list, dev: torch.device) -> None:
             raise e
 
 
+_NATIVE = _lut is not None and os.environ.get("LOWBIT_NATIVE_DECODE", "1").strip() != "0"
+_NATIVE_BITS = (1, 2, 3, 4, 8)
+_NATIVE_PART = 1 << 18  # values per thread when a decode is split across codec threads
+
+
+def native_decode_available() -> bool:
+    """Whether the compiled table decode (``lowbit.codec._lut``) was built."""
+    return _lut is not None
+
+
+def set_native_decode(on: bool) -> bool:
+    """Use the compiled table decode for fp32 CPU decodes with one scale per tensor (default: on when
+    built, unless ``LOWBIT_NATIVE_DECODE=0``); off, every decode runs the torch ops. Both give the
+    same bits. Returns the previous setting."""
+    global _NATIVE
+    if on and _lut is None:
+        raise ConfigError("the compiled decode lowbit.codec._lut was not built (no C compiler when lowbit "
+                          "was installed?): reinstall with a compiler, or keep the torch-op decode")
+    was, _NATIVE = _NATIVE, bool(on)
+    return was
+
+
+@functools.lru_cache(maxsize=16)
+def _bad_entries(bits: int, width: int) -> torch.Tensor:
+    """uint8 (2^width,): 1 where the ``width // bits`` codes packed in the index include the
+    all-ones code (outside a symmetric or log grid)."""
+    i = torch.arange(1 << width)
+    shifts = torch.arange(0, width, bits)[: width // bits]
+    m = (1 << bits) - 1
+    return (((i.unsqueeze(1) >> shifts) & m) == m).any(1).to(torch.uint8).contiguous()
+
+
+def _native_decode(f: Frame, payload: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, check: bool,
+                   accumulate: bool) -> None:
+    """Decode (or add) the frame's values into the fp32 ``out`` with one pass of the compiled loop:
+    the same tables as the torch path (grid values times the scale in fp32), so the same bits. A
+    large frame is cut into parts of whole 8-code groups, one per codec thread (the loop releases
+    the GIL)."""
+    bits, n = f.bits, out.numel()
+    width = 12 if bits == 3 else 8
+    one = _code_values(f.encoding, bits, bits, "cpu") * scale
+    # a small 3-bit frame goes code by code: scaling the 4096-entry table would cost more
+    tab = None if bits == 3 and n <= SMALL_FRAME else _code_values(f.encoding, bits, width, "cpu") * scale
+    bad = _bad_entries(bits, width) if check else None
+    pp, nbytes, op = payload.data_ptr(), payload.numel(), out.data_ptr()
+    tp, onep, bp = (tab.data_ptr() if tab is not None else 0), one.data_ptr(), (bad.data_ptr() if check else 0)
+
+    def part(a: int, e: int) -> int:  # a: a multiple of 8, so the part starts on a byte
+        skip = a * bits // 8
+        return _lut.decode(pp + skip, nbytes - skip, op + 4 * a, e - a, bits, tp, onep, bp, accumulate)
+
+    threads = min(_THREADS, n // _NATIVE_PART)
+    if threads <= 1:
+        flag = part(0, n)
+    else:
+        cuts = [i * n // threads // 8 * 8 for i in range(threads)] + [n]
+        flag = max(_pool(_THREADS).map(part, cuts[:-1], cuts[1:]))
+    if flag:
+        raise _grid_error(f, (1 << bits) - 1)
+
+
 def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accumulate: bool = False
                         ) -> torch.Tensor:
     payload = f.payload if device is None else f.payload.to(device)
@@ -293,6 +361,11 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
     scale = None if per_row else scales.reshape(())
     out_dtype = torch.float32 if per_row else (f.dtype if dest is None else dest.dtype)
     check = f.encoding in ("sym", "log")  # the one invalid code is 2k+1 = 2^b − 1
+    if (_NATIVE and dev.type == "cpu" and not per_row and out_dtype == torch.float32 and bits in _NATIVE_BITS
+            and payload.dtype == torch.uint8 and payload.is_contiguous()):
+        out = torch.empty(numel, dtype=torch.float32) if dest is None else dest.view(-1)
+        _native_decode(f, payload, out, scale, check, accumulate)
+        return out.view(f.shape)
     if numel <= SMALL_FRAME or 8 % bits and bits != 3:
         table = _value_table(f, bits, scale, out_dtype, dev, wide=False)[0]
     else:
