@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, print_table, write_json  # noqa: E402
 
 import lowbit.codec.codecs as codecs_module  # noqa: E402
-from lowbit.codec import Frame, StochasticGradCodec, WeightCodec, decode_frame, set_codec_threads  # noqa: E402
+from lowbit.codec import Frame, StochasticGradCodec, WeightCodec, decode_frame, native, set_codec_threads  # noqa: E402
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -62,11 +62,15 @@ def main(argv=None) -> int:
                     help="wall: perf_counter; cpu: this process's CPU time (user+system, so page faults "
                          "count), robust when other jobs share the cores (CPU device only)")
     ap.add_argument("--codec-threads", type=int, default=1, help="lowbit decode threads (set_codec_threads)")
+    ap.add_argument("--torch-ops", action="store_true",
+                    help="the torch-op codec only (lowbit.codec.set_native_codec(False)): the compiled loops' baseline")
     ap.add_argument("--decode-chunk", type=int, default=None,
                     help=f"CPU decode chunk in payload bytes (default {codecs_module.CHUNK})")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     set_codec_threads(args.codec_threads)
+    if args.torch_ops:
+        native.set_native_codec(False)
     if args.decode_chunk is not None:
         if args.decode_chunk < 8:
             raise SystemExit("--decode-chunk must be >= 8 bytes")
@@ -128,7 +132,8 @@ def main(argv=None) -> int:
                          "encode_vs_memcpy": t_mem / t_enc, "decode_vs_memcpy": t_mem / t_dec,
                          "payload_bytes": payload, "raw_bytes": raw, "ratio": raw / payload,
                          "device": str(dev), "threads": args.threads, "codec_threads": args.codec_threads,
-                         "decode_chunk": codecs_module.CHUNK, "timer": timer})
+                         "decode_chunk": codecs_module.CHUNK, "timer": timer,
+                         "native": native.native_codec_enabled()})
             print(f"  {name:20s} n={n:>9d} enc {raw / t_enc / 1e9:6.2f} GB/s  dec {raw / t_dec / 1e9:6.2f} GB/s"
                   f"  into {raw / t_into / 1e9:6.2f}  add {raw / t_add / 1e9:6.2f}",
                   file=sys.stderr, flush=True)

@@ -16,17 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.codec import native
 from lowbit.codec.frame import Frame, frame_nbytes
 from lowbit.codec.pack import pack_bits, pack_into, packed_nbytes, unpack_bits, unpack_small, unpack_words_into
 from lowbit.errors import ConfigError, FrameError, NonFiniteGradientError
 from lowbit.quant.grads import _clip_scale, check_finite, qsgd, stochastic_code_chunks, terngrad
 from lowbit.quant.qtensor import QTensor, grid_k, levels
 from lowbit.quant.weights import laq_project, quantize_weight
-
-try:  # the compiled table decode (lowbit/codec/_lut.c, built by setup.py; optional)
-    from lowbit.codec import _lut
-except ImportError:  # not built (no C compiler at install time): the torch-op decode gives the same bits
-    _lut = None
 
 # CPU decode chunk: CHUNK payload bytes for b in {1, 2, 4, 8} (2-bit: 512K values), 4·CHUNK values
 # for the other widths. benchmarks/decode_chunk_ab.py, one thread: 1<<17 decodes 2-bit 46% and
@@ -73,8 +69,8 @@ def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: tor
     one 24-bit word whose two 12-bit halves index a 4096-entry table of 4 values each; for
     b ∈ {5, 6, 7} the codes are unpacked per chunk and looked up in the 2^b-entry table. Codes
     outside the grid raise FrameError as before. An fp32 CPU decode with one scale per tensor runs
-    the same tables through the compiled loop of ``lowbit.codec._lut`` when it was built (one pass:
-    3-4x faster than the torch ops; :func:`set_native_decode`), with the same bits.
+    the same tables through the compiled loop of :mod:`lowbit.codec.native` when it was built (one
+    pass: 3-4x faster than the torch ops), with the same bits.
 
     ``out``: a contiguous floating tensor of the frame's element count to decode into (for example
     a parameter's storage, or a buffer reused every step: a fresh 90 MB tensor costs more in page
@@ -286,26 +282,8 @@ def _run_spans(make_run, spans: list, dev: torch.device) -> None:
             raise e
 
 
-_NATIVE = _lut is not None and os.environ.get("LOWBIT_NATIVE_DECODE", "1").strip() != "0"
 _NATIVE_BITS = (1, 2, 3, 4, 8)
 _NATIVE_PART = 1 << 18  # values per thread when a decode is split across codec threads
-
-
-def native_decode_available() -> bool:
-    """Whether the compiled table decode (``lowbit.codec._lut``) was built."""
-    return _lut is not None
-
-
-def set_native_decode(on: bool) -> bool:
-    """Use the compiled table decode for fp32 CPU decodes with one scale per tensor (default: on when
-    built, unless ``LOWBIT_NATIVE_DECODE=0``); off, every decode runs the torch ops. Both give the
-    same bits. Returns the previous setting."""
-    global _NATIVE
-    if on and _lut is None:
-        raise ConfigError("the compiled decode lowbit.codec._lut was not built (no C compiler when lowbit "
-                          "was installed?): reinstall with a compiler, or keep the torch-op decode")
-    was, _NATIVE = _NATIVE, bool(on)
-    return was
 
 
 @functools.lru_cache(maxsize=16)
@@ -335,7 +313,7 @@ def _native_decode(f: Frame, payload: torch.Tensor, out: torch.Tensor, scale: to
 
     def part(a: int, e: int) -> int:  # a: a multiple of 8, so the part starts on a byte
         skip = a * bits // 8
-        return _lut.decode(pp + skip, nbytes - skip, op + 4 * a, e - a, bits, tp, onep, bp, accumulate)
+        return native.lib.decode(pp + skip, nbytes - skip, op + 4 * a, e - a, bits, tp, onep, bp, accumulate)
 
     threads = min(_THREADS, n // _NATIVE_PART)
     if threads <= 1:
@@ -361,7 +339,7 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
     scale = None if per_row else scales.reshape(())
     out_dtype = torch.float32 if per_row else (f.dtype if dest is None else dest.dtype)
     check = f.encoding in ("sym", "log")  # the one invalid code is 2k+1 = 2^b − 1
-    if (_NATIVE and dev.type == "cpu" and not per_row and out_dtype == torch.float32 and bits in _NATIVE_BITS
+    if (native.native_codec_enabled() and dev.type == "cpu" and not per_row and out_dtype == torch.float32 and bits in _NATIVE_BITS
             and payload.dtype == torch.uint8 and payload.is_contiguous()):
         out = torch.empty(numel, dtype=torch.float32) if dest is None else dest.view(-1)
         _native_decode(f, payload, out, scale, check, accumulate)

@@ -16,6 +16,7 @@ import functools
 
 import torch
 
+from lowbit.codec import native
 from lowbit.errors import ConfigError
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -112,8 +113,8 @@ def _chunk(device: torch.device) -> int:
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 ``codes`` (any shape, values < 2^bits) into a 1-D uint8 tensor of
-    ceil(n·bits/8) bytes. Values >= 2^bits are a caller bug and are masked, not checked (checking
-    would cost a full pass; the quantizers never produce them)."""
+    ceil(n·bits/8) bytes. Values >= 2^bits are a caller bug, not checked (checking would cost a
+    full pass; the quantizers never produce them): their bytes are unspecified."""
     _check_bits(bits)
     if codes.dtype != torch.uint8:
         raise ConfigError(f"codes must be uint8, got {codes.dtype}")
@@ -127,14 +128,19 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack_into(flat: torch.Tensor, bits: int, out: torch.Tensor, step: int | None = None) -> None:
-    """Pack the 1-D uint8 codes ``flat`` into ``out`` (ceil(n·bits/8) bytes). Codes >= 2^bits are
-    masked. For bits=8 this is a copy."""
+    """Pack the 1-D uint8 codes ``flat`` into ``out`` (ceil(n·bits/8) bytes; codes < 2^bits, see
+    :func:`pack_bits`). For bits=8 this is a copy. On CPU the compiled loop
+    (:mod:`lowbit.codec.native`) packs in one pass when it was built."""
     n = flat.numel()
     if bits == 8:
         out.copy_(flat)
         return
     if not flat.is_contiguous():
         flat = flat.contiguous()
+    if (native.native_codec_enabled() and flat.device.type == "cpu" and out.device.type == "cpu"
+            and out.is_contiguous() and out.dtype == torch.uint8 and flat.dtype == torch.uint8):
+        native.lib.pack(flat.data_ptr(), n, bits, out.data_ptr(), out.numel())  # one pass, same bytes
+        return
     step = step or _chunk(flat.device)
     full = n - n % 8
     for a in range(0, full, step):

@@ -1,6 +1,6 @@
-"""The compiled table decode (lowbit.codec._lut): its own argument checks, the switch, and a large
-frame split across codec threads giving the torch path's bits. (Every other codec test also runs
-on both paths: tests/codec/conftest.py.)"""
+"""The compiled codec loops (lowbit.codec._native): their own argument checks, the switch, and large
+frames split across codec threads giving the torch path's bits. (Every other codec test also runs on
+both paths: tests/codec/conftest.py.)"""
 import os
 import subprocess
 import sys
@@ -9,33 +9,40 @@ import pytest
 import torch
 
 import lowbit.codec.codecs as cc
-from lowbit.codec import StochasticGradCodec, decode_frame
+from lowbit.codec import StochasticGradCodec, decode_frame, native
+from lowbit.codec.pack import pack_bits
 from lowbit.errors import ConfigError
 
-needs_native = pytest.mark.skipif(not cc.native_decode_available(), reason="lowbit.codec._lut was not built")
+needs_native = pytest.mark.skipif(not native.native_codec_available(), reason="lowbit.codec._native was not built")
 
 
 @needs_native
-def test_loop_checks_its_arguments():
+def test_loops_check_their_arguments():
     pb, out = torch.zeros(4, dtype=torch.uint8), torch.empty(16)
     tab, one = torch.zeros(256, 4), torch.zeros(4)
+    lib = native.lib
     with pytest.raises(ValueError, match="bits must be 1, 2, 3, 4 or 8, got 5"):
-        cc._lut.decode(pb.data_ptr(), 4, out.data_ptr(), 4, 5, tab.data_ptr(), one.data_ptr(), 0, False)
+        lib.decode(pb.data_ptr(), 4, out.data_ptr(), 4, 5, tab.data_ptr(), one.data_ptr(), 0, False)
     with pytest.raises(ValueError, match="17 codes of 2 bits need 5 payload bytes, got 4"):
-        cc._lut.decode(pb.data_ptr(), 4, out.data_ptr(), 17, 2, tab.data_ptr(), one.data_ptr(), 0, False)
+        lib.decode(pb.data_ptr(), 4, out.data_ptr(), 17, 2, tab.data_ptr(), one.data_ptr(), 0, False)
+    codes = torch.zeros(17, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="17 codes of 3 bits need 7 bytes, got 4"):
+        lib.pack(codes.data_ptr(), 17, 3, pb.data_ptr(), 4)
+    with pytest.raises(ValueError, match="bits must be in 1..8, got 9"):
+        lib.pack(codes.data_ptr(), 17, 9, pb.data_ptr(), 20)
 
 
 def test_switch_refuses_a_missing_module(monkeypatch):
-    monkeypatch.setattr(cc, "_lut", None)
-    with pytest.raises(ConfigError, match="_lut was not built"):
-        cc.set_native_decode(True)
-    assert not cc.native_decode_available()
+    monkeypatch.setattr(native, "lib", None)
+    with pytest.raises(ConfigError, match="_native was not built"):
+        native.set_native_codec(True)
+    assert not native.native_codec_available()
 
 
 @pytest.mark.timeout(60)
 def test_env_var_turns_it_off():
-    code = "import lowbit.codec.codecs as c; print(c._NATIVE)"
-    env = dict(os.environ, LOWBIT_NATIVE_DECODE="0")
+    code = "from lowbit.codec import native; print(native.native_codec_enabled())"
+    env = dict(os.environ, LOWBIT_NATIVE_CODEC="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=50)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
@@ -43,23 +50,29 @@ def test_env_var_turns_it_off():
 @needs_native
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_large_frame_on_threads_equals_the_torch_path(bits, monkeypatch):
-    """Three codec threads, parts of whole 8-code groups, a tail of 5: into, accumulate, allocate."""
+    """Three codec threads, parts of whole 8-code groups, a tail of 5: the encoded bytes, and the
+    decode into a buffer, accumulating and allocating."""
     n = 3 * 4096 + 5
     monkeypatch.setattr(cc, "_NATIVE_PART", 1024)
     x = torch.randn(n, generator=torch.Generator().manual_seed(bits))
-    f = StochasticGradCodec(bits).encode(x, generator=torch.Generator().manual_seed(1))
     base = torch.randn(n, generator=torch.Generator().manual_seed(2))
-    was, threads = cc.set_native_decode(False), cc.get_codec_threads()
+
+    def encode():
+        return StochasticGradCodec(bits).encode(x, generator=torch.Generator().manual_seed(1))
+
+    was, threads = native.set_native_codec(False), cc.get_codec_threads()
     try:
+        f = encode()
         ref = decode_frame(f).clone()
         ref_acc = base.clone()
         decode_frame(f, out=ref_acc, accumulate=True)
-        cc.set_native_decode(True)
+        native.set_native_codec(True)
         cc.set_codec_threads(3)
+        assert torch.equal(encode().payload, f.payload)
         assert torch.equal(decode_frame(f), ref)
         acc = base.clone()
         decode_frame(f, out=acc, accumulate=True)
         assert torch.equal(acc, ref_acc)
     finally:
-        cc.set_native_decode(was)
+        native.set_native_codec(was)
         cc.set_codec_threads(threads)

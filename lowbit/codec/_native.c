@@ -1,9 +1,12 @@
-/* lowbit.codec._lut: table decode of packed b-bit codes, one pass over the payload.
+/* lowbit.codec._native: the codec's two inner loops in C, each one pass over its data.
  *
- * The torch-op decode in codecs.py costs ~8 passes over cache-sized chunks per frame (build the
- * indices, check the grid, index_select, add); this loop reads each payload byte once and writes
- * each output value once. It is optional: codecs.py falls back to the torch ops when this module
- * was not built, and tests/codec check that both give the same bits.
+ *   decode: packed b-bit codes -> fp32 values through a value table (or added to what `out` holds);
+ *   pack:   uint8 codes -> the packed b-bit stream.
+ *
+ * The torch-op versions (codecs.py, pack.py) cost several passes over cache-sized chunks each
+ * (build indices, check the grid, index_select, add; shift/or/mask steps). This module is optional:
+ * lowbit.codec.native says whether it was built, and the torch ops run when it was not; tests/codec
+ * run every codec test on both and check they give the same bits.
  *
  * Layout (lowbit.codec.pack): code j of a tensor sits at bits [b*j, b*j + b) of the little-endian
  * byte stream. Tables (built in Python, already multiplied by the frame's scale in fp32):
@@ -89,18 +92,18 @@ static uint8_t run_groups3(const uint8_t *p, int64_t ng, const float *tab, const
 /* decode(payload, nbytes, out, n, bits, table, one, bad, accumulate) -> 1 if a code outside the grid
  * was seen (bad given), else 0. Pointers are addresses (ints); `bad` 0 = no check; `table` 0 = every
  * code through `one` (a small frame, where building the 4096-entry table would cost more). */
-static PyObject *lut_decode(PyObject *self, PyObject *args) {
+static PyObject *native_decode(PyObject *self, PyObject *args) {
     unsigned long long pp, op, tp, onep, bp;
     long long nbytes, n;
     int bits, acc;
     if (!PyArg_ParseTuple(args, "KLKLiKKKp", &pp, &nbytes, &op, &n, &bits, &tp, &onep, &bp, &acc))
         return NULL;
     if (!(bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8)) {
-        PyErr_Format(PyExc_ValueError, "_lut.decode: bits must be 1, 2, 3, 4 or 8, got %d", bits);
+        PyErr_Format(PyExc_ValueError, "_native.decode: bits must be 1, 2, 3, 4 or 8, got %d", bits);
         return NULL;
     }
     if (n < 0 || nbytes < 0 || (n * bits + 7) / 8 > nbytes) {
-        PyErr_Format(PyExc_ValueError, "_lut.decode: %lld codes of %d bits need %lld payload bytes, got %lld",
+        PyErr_Format(PyExc_ValueError, "_native.decode: %lld codes of %d bits need %lld payload bytes, got %lld",
                      n, bits, (n * bits + 7) / 8, nbytes);
         return NULL;
     }
@@ -137,14 +140,86 @@ static PyObject *lut_decode(PyObject *self, PyObject *args) {
     return PyLong_FromLong(flag ? 1 : 0);
 }
 
+INLINE void pack_bytes(const uint8_t *c, int64_t nb, uint8_t *o, const int bits) {
+    const int per = 8 / bits;
+    const unsigned mask = (1u << bits) - 1;
+    for (int64_t i = 0; i < nb; i++) {
+        unsigned v = 0;
+        for (int k = 0; k < per; k++) v |= (unsigned)(c[i * per + k] & mask) << (bits * k);
+        o[i] = (uint8_t)v;
+    }
+}
+
+/* pack(codes, n, bits, out, out_nbytes): n uint8 codes (masked to b bits) -> ceil(n*b/8) bytes, code j
+ * at bits [b*j, b*j + b) of the little-endian stream, padding bits zero (lowbit.codec.pack). */
+static PyObject *native_pack(PyObject *self, PyObject *args) {
+    unsigned long long cp, op;
+    long long n, out_nbytes;
+    int bits;
+    if (!PyArg_ParseTuple(args, "KLiKL", &cp, &n, &bits, &op, &out_nbytes))
+        return NULL;
+    if (bits < 1 || bits > 8) {
+        PyErr_Format(PyExc_ValueError, "_native.pack: bits must be in 1..8, got %d", bits);
+        return NULL;
+    }
+    if (n < 0 || out_nbytes != (n * bits + 7) / 8) {
+        PyErr_Format(PyExc_ValueError, "_native.pack: %lld codes of %d bits need %lld bytes, got %lld", n, bits,
+                     (n * bits + 7) / 8, out_nbytes);
+        return NULL;
+    }
+    const uint8_t *c = (const uint8_t *)(uintptr_t)cp;
+    uint8_t *o = (uint8_t *)(uintptr_t)op;
+    Py_BEGIN_ALLOW_THREADS
+    const unsigned mask = (1u << bits) - 1;
+    int64_t j = 0;  /* codes packed by the unit loops; they end on a byte boundary */
+    if (bits == 3) {
+        for (; j + 8 <= n; j += 8) {
+            uint32_t w = 0;
+            for (int k = 0; k < 8; k++) w |= (uint32_t)(c[j + k] & 7u) << (3 * k);
+            o[0] = (uint8_t)w;
+            o[1] = (uint8_t)(w >> 8);
+            o[2] = (uint8_t)(w >> 16);
+            o += 3;
+        }
+    } else if (bits == 1 || bits == 2 || bits == 4 || bits == 8) {
+        const int per = 8 / bits;
+        const int64_t nb = n / per;
+        switch (bits) {
+        case 1: pack_bytes(c, nb, o, 1); break;
+        case 2: pack_bytes(c, nb, o, 2); break;
+        case 4: pack_bytes(c, nb, o, 4); break;
+        default: memcpy(o, c, (size_t)nb); break;
+        }
+        j = nb * per;
+        o += nb;
+    }
+    /* other widths, and the last codes: through a bit accumulator */
+    uint64_t acc = 0;
+    int have = 0;
+    for (; j < n; j++) {
+        acc |= (uint64_t)(c[j] & mask) << have;
+        have += bits;
+        while (have >= 8) {
+            *o++ = (uint8_t)acc;
+            acc >>= 8;
+            have -= 8;
+        }
+    }
+    if (have > 0) *o = (uint8_t)acc;
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
-    {"decode", lut_decode, METH_VARARGS,
+    {"decode", native_decode, METH_VARARGS,
      "decode(payload, nbytes, out, n, bits, table, one, bad, accumulate) -> 1 if a code outside the grid "
-     "was seen, else 0 (addresses as ints; bad 0 = no check). See lowbit/codec/_lut.c."},
+     "was seen, else 0 (addresses as ints; bad 0 = no check). See lowbit/codec/_native.c."},
+    {"pack", native_pack, METH_VARARGS,
+     "pack(codes, n, bits, out, out_nbytes): uint8 codes -> packed b-bit stream (addresses as ints)."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lut", "Table decode of packed low-bit codes.", -1,
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "The codec's inner loops: table decode and bit packing.", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__lut(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
