@@ -10,7 +10,6 @@ import torch
 
 import lowbit.codec.codecs as cc
 from lowbit.codec import StochasticGradCodec, decode_frame, native
-from lowbit.codec.pack import pack_bits
 from lowbit.errors import ConfigError
 
 needs_native = pytest.mark.skipif(not native.native_codec_available(), reason="lowbit.codec._native was not built")
