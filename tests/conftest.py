@@ -1,5 +1,7 @@
 """Shared fixtures for every test directory."""
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,3 +21,13 @@ def bench():
         finally:
             sys.path.remove(str(BENCH))
     return load
+
+
+@pytest.fixture
+def python_with_env():
+    """``python_with_env(code, **env)``: run ``python -c code`` in a fresh interpreter with these
+    environment variables added (settings read at import); returns the CompletedProcess (text)."""
+    def run(code: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
+                              text=True, timeout=50)
+    return run

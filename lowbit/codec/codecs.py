@@ -304,9 +304,10 @@ def _native_decode(f: Frame, payload: torch.Tensor, out: torch.Tensor, scale: to
     the GIL)."""
     bits, n = f.bits, out.numel()
     width = 12 if bits == 3 else 8
-    one = _code_values(f.encoding, bits, bits, "cpu") * scale
+    dev = torch.device("cpu")
+    one = _value_table(f, bits, scale, torch.float32, dev, wide=False)[0]
     # a small 3-bit frame goes code by code: scaling the 4096-entry table would cost more
-    tab = None if bits == 3 and n <= SMALL_FRAME else _code_values(f.encoding, bits, width, "cpu") * scale
+    tab = None if bits == 3 and n <= SMALL_FRAME else _value_table(f, width, scale, torch.float32, dev, wide=False)[0]
     bad = _bad_entries(bits, width) if check else None
     pp, nbytes, op = payload.data_ptr(), payload.numel(), out.data_ptr()
     tp, onep, bp = (tab.data_ptr() if tab is not None else 0), one.data_ptr(), (bad.data_ptr() if check else 0)

@@ -1,10 +1,6 @@
 """The compiled codec loops (lowbit.codec._native): their own argument checks, the switch, and large
 frames split across codec threads giving the torch path's bits. (Every other codec test also runs on
 both paths: tests/codec/conftest.py.)"""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -39,10 +35,9 @@ def test_switch_refuses_a_missing_module(monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_env_var_turns_it_off():
-    code = "from lowbit.codec import native; print(native.native_codec_enabled())"
-    env = dict(os.environ, LOWBIT_NATIVE_CODEC="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=50)
+def test_env_var_turns_it_off(python_with_env):
+    out = python_with_env("from lowbit.codec import native; print(native.native_codec_enabled())",
+                          LOWBIT_NATIVE_CODEC="0")
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 

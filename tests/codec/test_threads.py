@@ -2,9 +2,6 @@
 thread, errors raised from any part, and torch's thread settings left as they were."""
 import contextlib
 import dataclasses
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -91,11 +88,9 @@ def test_bad_thread_counts(bad):
 
 
 @pytest.mark.timeout(60)
-def test_env_var_sets_and_rejects():
+def test_env_var_sets_and_rejects(python_with_env):
     code = "import lowbit.codec.codecs as c; print(c.get_codec_threads())"
-    env = dict(os.environ, LOWBIT_CODEC_THREADS="3")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=50)
+    out = python_with_env(code, LOWBIT_CODEC_THREADS="3")
     assert out.returncode == 0 and out.stdout.strip() == "3", out.stderr
-    env["LOWBIT_CODEC_THREADS"] = "many"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=50)
+    out = python_with_env(code, LOWBIT_CODEC_THREADS="many")
     assert out.returncode != 0 and "LOWBIT_CODEC_THREADS='many'" in out.stderr
