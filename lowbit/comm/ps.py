@@ -12,8 +12,8 @@ One synchronous step (``step(step, grads, owner)``)::
                owner.apply(step, sums / counts, counts); V_s = join(owner.weight_frames(step))
                encoded once, isend V_s to every worker
 
-The step is pipelined by key group. Server s's keys are cut into ``chunks`` contiguous groups of
-about equal size (:func:`chunk_keys`); every bundle travels as one chunk message per group (its
+The step is pipelined by key group. Server s's keys are cut into ``chunks`` contiguous groups,
+equal in size but for two smaller last ones (:func:`chunk_keys`, :func:`chunk_shares`); every bundle travels as one chunk message per group (its
 length, then its bytes: :meth:`P2P.send_chunk`). A worker reads ``grads[k]`` for the keys of group
 i only when it posts group i, so ``grads`` may be a :class:`~lowbit.comm.transport.LazyFrames`
 that encodes on access: group i + 1 is then encoded while group i is on the wire. The server
@@ -23,9 +23,12 @@ while group i + 1 is still arriving. Workers decode each weight group into their
 (``out=``) while the next is on the way. An owner without ``apply_keys`` is updated once, after the
 last group; ``"continue"`` mode sends whole bundles (one group).
 
-Both sides receive on one thread per peer (:class:`_Pumps`) that keeps a receive posted at all
-times: gloo stops reading a connection while the message at its head has no receive posted, so a
-receiver that decoded between receives would stall the sender for as long as each decode takes.
+Both sides receive on helper threads (:class:`_Pumps`) that keep every receive of the step posted
+ahead of its message: gloo sends a message only once the receiver has announced its receive, so a
+receiver that decoded between receives would stall the sender for as long as each decode takes,
+and one that posted chunk i + 1 only after taking chunk i would idle the link for a round trip and
+a thread wake-up per chunk. All chunk lengths are posted at the start of the step, each chunk's
+bytes as soon as its length is in.
 
 A worker may leave a key out of ``grads`` (or map it to ``None`` / ``b""``): its nonfinite policy
 skipped that gradient. The server then averages over the contributions that came
@@ -69,7 +72,7 @@ from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport
 from lowbit.errors import ConfigError, FrameError, TransportError
 
 FAILURE_MODES = ("stop", "continue")
-DEFAULT_CHUNKS = 4  # pieces per bundle: the receiver decodes one while the next is on the wire
+DEFAULT_CHUNKS = 8  # pieces per bundle: the receiver decodes one while the next is on the wire
 
 
 def _sizes(shapes: Mapping[int, tuple]) -> dict[int, int]:
@@ -81,17 +84,27 @@ def ps_partition(shapes: Mapping[int, tuple], n_servers: int) -> dict[int, int]:
     return partition(_sizes(shapes), n_servers)
 
 
+def chunk_shares(n: int) -> list[float]:
+    """Relative sizes of ``n`` key groups: equal, except that with 4 or more the last two are half
+    and a quarter of the others. Whatever is still to do once the last gradients are in (average
+    and re-quantize that group, send it to every worker, which decode it) grows with the last
+    group; the other groups' weights leave while later gradients still arrive."""
+    return [1.0] * n if n < 4 else [1.0] * (n - 2) + [0.5, 0.25]
+
+
 def chunk_keys(keys: list[int], sizes: Mapping[int, int], chunks: int) -> list[list[int]]:
-    """``keys`` (in order) cut into at most ``chunks`` contiguous groups of about equal element
-    count, none empty (fewer groups when there are fewer keys)."""
+    """``keys`` (in order) cut into at most ``chunks`` contiguous groups whose element counts follow
+    :func:`chunk_shares` (a key is never split), none empty (fewer groups when there are fewer keys)."""
     keys = list(keys)
     n = max(1, min(int(chunks), len(keys)))
+    shares = chunk_shares(n)
+    ends = [sum(shares[:j + 1]) / sum(shares) for j in range(n)]  # cumulative fraction after group j
     total = sum(sizes[k] for k in keys)
     groups: list[list[int]] = [[]]
     done = 0
     for i, k in enumerate(keys):
         left_keys, left_groups = len(keys) - i, n - len(groups) + 1
-        if groups[-1] and len(groups) < n and (done >= total * len(groups) / n or left_keys < left_groups):
+        if groups[-1] and len(groups) < n and (done >= total * ends[len(groups) - 1] or left_keys < left_groups):
             groups.append([])
         groups[-1].append(k)
         done += sizes[k]
@@ -442,13 +455,16 @@ class ParameterServerTransport(Transport):
 
 
 class _Pumps:
-    """One daemon thread per peer receiving that peer's chunks 0..C−1 of a step (chunk messages,
-    :meth:`P2P.recv_chunk`, each length checked against its bound before anything is allocated)
-    into a queue, so a receive is always posted while the caller decodes. ``in_order``: one queue
-    per peer, taken chunk by chunk with :meth:`get`; otherwise one queue for all, taken in arrival
-    order with :meth:`as_they_come`. A receive error is raised on the caller's thread.
-    :meth:`close` waits for every thread (each ends with its last chunk, an error, or the
-    transport's timeout), so none is left to take a later step's messages."""
+    """Receives every peer's chunks 0..C−1 of a step into a queue, so the caller decodes while the
+    rest arrive. gloo moves a message only after its receive is posted (the receiver announces it
+    to the sender), so a receive posted late idles the connection: per peer, one daemon thread
+    posts the receives of all C lengths at once, then each chunk's bytes the moment its length is
+    in (checked against its bound before anything is allocated); a second thread waits for the
+    bytes in order. The sender's chunk i + 1 therefore never waits for the receiver to have taken
+    chunk i. ``in_order``: one queue per peer, taken chunk by chunk with :meth:`get`; otherwise one
+    queue for all, taken in arrival order with :meth:`as_they_come`. A receive error is raised on
+    the caller's thread. :meth:`close` waits for every thread (each ends with its last chunk, an
+    error, or the transport's timeout), so none is left to take a later step's messages."""
 
     def __init__(self, p2p: P2P, step: int, direction: str, bounds: Mapping[int, list[int]], what: str,
                  in_order: bool) -> None:
@@ -456,17 +472,32 @@ class _Pumps:
         self.bounds = {int(p): list(b) for p, b in bounds.items()}
         shared: queue.Queue = queue.Queue()
         self.queues = {p: queue.Queue() if in_order else shared for p in self.bounds}
-        self.threads = [threading.Thread(target=self._pump, args=(p,), daemon=True,
-                                         name=f"lowbit-recv-{direction}-{p}") for p in self.bounds]
+        self.threads = []
+        for p in self.bounds:
+            posted: queue.Queue = queue.Queue()
+            self.threads += [threading.Thread(target=target, args=(p, posted), daemon=True,
+                                              name=f"lowbit-{name}-{direction}-{p}")
+                             for target, name in ((self._post, "post"), (self._pump, "recv"))]
         for th in self.threads:
             th.start()
 
-    def _pump(self, peer: int) -> None:
-        n = len(self.bounds[peer])
+    def _post(self, peer: int, posted: queue.Queue) -> None:
+        bounds = self.bounds[peer]
         try:
-            for i, bound in enumerate(self.bounds[peer]):
-                self.queues[peer].put((peer, i, self.p2p.recv_chunk(peer, i, self.step, self.direction, bound,
-                                                                    of=n, count=False)))
+            lengths = self.p2p.post_chunk_lengths(peer, range(len(bounds)), self.direction)
+            for i, (bound, length) in enumerate(zip(bounds, lengths)):
+                posted.put((i, self.p2p.post_chunk_body(peer, i, self.step, self.direction, length, bound,
+                                                        of=len(bounds))))
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
+            posted.put((None, e))
+
+    def _pump(self, peer: int, posted: queue.Queue) -> None:
+        try:
+            for _ in self.bounds[peer]:
+                i, body = posted.get()  # the poster always answers: a chunk or its error
+                if i is None:
+                    raise body
+                self.queues[peer].put((peer, i, self.p2p.wait_chunk_body(peer, i, self.step, body)))
         except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
             self.queues[peer].put((peer, None, e))
 
@@ -499,3 +530,5 @@ class _Pumps:
         if wait:
             for th in self.threads:
                 th.join()
+        else:  # receives may still be posted into the pooled buffers: the next step gets new ones
+            self.p2p.drop_recv_pool()

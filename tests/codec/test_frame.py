@@ -71,6 +71,15 @@ def test_corruption_at_every_byte_is_rejected():
             Frame.from_bytes(bytes(bad))
 
 
+def test_frame_crc_is_zlibs_crc32_of_the_frame():
+    """The CRC is computed with zlib-ng when installed: the trailer must stay zlib's CRC-32 (the
+    frame format), whichever library wrote or checks it."""
+    import zlib
+    for shape, bits in (((4, 6), 3), ((300, 7), 2), ((1,), 8)):
+        raw = _gframe(shape, bits)[0].to_bytes()
+        assert struct.unpack("<I", raw[-4:])[0] == zlib.crc32(raw[:-4])
+
+
 def test_truncation_at_every_length_is_rejected():
     f, _ = _gframe((3, 3), 4)
     raw = f.to_bytes()

@@ -214,14 +214,22 @@ def test_partition_balances_by_size(sizes, n):
 @settings(max_examples=200, deadline=None)
 @given(sizes=st.lists(st.integers(0, 1000), min_size=1, max_size=40), chunks=st.integers(1, 9))
 def test_chunk_keys_cover_the_keys_in_order_in_at_most_chunks_groups(sizes, chunks):
-    from lowbit.comm.ps import chunk_keys
+    from lowbit.comm.ps import chunk_keys, chunk_shares
     keys = list(range(len(sizes)))
     groups = chunk_keys(keys, dict(enumerate(sizes)), chunks)
     assert [k for g in groups for k in g] == keys
     assert len(groups) == min(chunks, len(keys)) and all(groups)
-    total = sum(sizes)
-    if total:  # no group holds much more than its share (plus one key that straddles)
-        assert max(sum(sizes[k] for k in g) for g in groups) <= total / len(groups) + max(sizes)
+    total, shares = sum(sizes), chunk_shares(len(groups))
+    for g, share in zip(groups, shares):  # no group holds much more than its share (plus one key that straddles)
+        assert sum(sizes[k] for k in g) <= total * share / sum(shares) + max(sizes)
+
+
+def test_chunk_shares_make_the_last_groups_small():
+    from lowbit.comm.ps import chunk_keys, chunk_shares
+    assert chunk_shares(3) == [1.0, 1.0, 1.0]
+    assert chunk_shares(8)[-2:] == [0.5, 0.25] and set(chunk_shares(8)[:-2]) == {1.0}
+    n = [len(g) for g in chunk_keys(list(range(100)), {k: 10 for k in range(100)}, 8)]
+    assert sum(n) == 100 and n[-1] < n[-2] < min(n[:-2]) and max(n) - min(n[:-2]) <= 1, n
 
 
 def _send_chunks(t, step, chunks):

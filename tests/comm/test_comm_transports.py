@@ -1,5 +1,5 @@
 """PS, ring and tree transports on real gloo groups: fp32 equivalence with dist.all_reduce, 3-bit
-error bounds, dropped contributions, byte counts against the formulas (PS bundles in chunks: 4 for
+error bounds, dropped contributions, byte counts against the formulas (PS bundles in chunks: 6 for
 one server with 6 keys, 3 each for two servers), weights decoded in place (``out=``)."""
 from __future__ import annotations
 
@@ -311,3 +311,32 @@ def test_lazy_gradient_frames_match_eager_and_stream_by_group():
     for rank in (0, 1):  # the servers with a TransportError naming the step (no hang)
         msg = res[rank]["refused"]
         assert msg.startswith("TransportError") and "step 2" in msg and "peer" in msg, msg
+
+
+def _pool_body(rank, world):
+    """Three PS steps with 3-bit gradients: chunk receives land in the same buffers from the second
+    step on, and what the worker gets stays exactly what the server sent."""
+    t = ParameterServerTransport(SHAPES, 1, timeout=30, chunks=3)
+    codec = StochasticGradCodec(3)
+    owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if rank == 0 else None
+    ptrs, exact = [], True
+    for step in (1, 2, 3):
+        grads = None if rank == 0 else {
+            k: codec.encode(grad(rank, step, k), key=k, step=step, generator=torch.Generator().manual_seed(step)
+                            ).to_bytes() for k in SHAPES}
+        got = t.step(step, grads, owner)
+        ptrs.append({key: buf.data_ptr() for key, buf in t.p2p.recv_pool.items()})
+        truth = _bcast_owner_truth(t, owner, lambda o, k: o.w[k].clone())
+        if got is not None:
+            exact &= all(torch.equal(got[k], truth[k]) for k in SHAPES)
+    return {"ptrs": ptrs, "exact": exact}
+
+
+@pytest.mark.timeout(60)
+def test_ps_chunk_receives_reuse_their_buffers_across_steps():
+    res = run_ranks(_pool_body, 2)
+    for rank, direction in ((0, "up"), (1, "down")):
+        ptrs = res[rank]["ptrs"]
+        assert len(ptrs[0]) == 3 and {key[0] for key in ptrs[0]} == {direction}, ptrs[0]  # one per chunk
+        assert ptrs[0] == ptrs[1] == ptrs[2]
+    assert res[1]["exact"] is True
