@@ -26,6 +26,7 @@ frame's size is known from its header. Decoding validates every field and bounds
 """
 from __future__ import annotations
 
+import math
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ from typing import Iterator
 import torch
 
 from lowbit.errors import FrameError
+
+# torch warns that a read-only buffer makes a read-only tensor; payload views are only ever read.
+# (A warnings.catch_warnings() per frame cost more than parsing it, and is not thread-safe.)
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=r"lowbit\.codec\.frame")
 
 try:  # the same CRC-32 (zlib's polynomial) with SIMD folding: ~3.5x zlib's speed here
     from zlib_ng.zlib_ng import crc32
@@ -189,8 +195,11 @@ class Frame:
             raise FrameError(f"frame key {key} does not match expected key {expect_key}")
         scales = torch.frombuffer(bytearray(mv[pos:pos + 4 * n_scales]), dtype=torch.float32) \
             if n_scales else torch.empty(0)
+        # a few scales are checked in Python: a torch reduction costs more than the rest of the parse
+        finite = (all(map(math.isfinite, struct.unpack_from(f"<{n_scales}f", mv, pos))) if n_scales <= 16
+                  else bool(torch.isfinite(scales).all()))
         pos += 4 * n_scales
-        if n_scales and not bool(torch.isfinite(scales).all()):
+        if not finite:
             raise FrameError("frame scales hold NaN/Inf")
         payload = _payload_tensor(mv[pos:pos + plen]) if plen else torch.empty(0, dtype=torch.uint8)
         return cls(_KIND_NAMES[kind], encoding, dtype, bits, tuple(shape), scales, payload,
@@ -203,9 +212,7 @@ def _payload_tensor(mv: memoryview) -> torch.Tensor:
     view must not be written to; every decoder here only reads it."""
     if not mv.readonly:
         return torch.frombuffer(bytearray(mv), dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write
-        return torch.frombuffer(mv, dtype=torch.uint8)
+    return torch.frombuffer(mv, dtype=torch.uint8)  # "not writable" is silenced for this module
 
 
 def _as_memoryview(buf) -> memoryview:
