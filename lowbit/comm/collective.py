@@ -273,7 +273,7 @@ class RingTransport(_ShardedTransport):
                 dst, src = (r + s) % p, (r - s) % p
                 bundle = nxt.result()
                 nxt = self._encoder.submit(bundle_for, (r + s + 1) % p) if s + 1 < p else None
-                got = self.p2p.exchange(step, {dst: bundle}, [src], direction="up", max_recv=bound)
+                got = self.p2p.exchange(step, {dst: bundle}, [src], direction="up", max_recv=bound, reuse=s)
                 for pf in self._parse_grads(got[src], src, step, [r], 1):
                     yield src, pf
         finally:
@@ -290,7 +290,7 @@ class RingTransport(_ShardedTransport):
             for t in range(p - 1):
                 origin = (r - 1 - t) % p
                 got = self.p2p.exchange(step, {dst: cur}, [src], direction="down",
-                                        max_recv=bundle_bound(self.shapes, self.keys_of[origin]))
+                                        max_recv=bundle_bound(self.shapes, self.keys_of[origin]), reuse=t)
                 cur = got[src]
                 overlap.submit(self._decode_weights, cur, src, step, [origin], out, dest)
         return out
@@ -323,7 +323,7 @@ class TreeTransport(_ShardedTransport):
             m = _low_mask(j) | bit
             mine = [q for q in range(p) if q & m == r & m]
             got = self.p2p.exchange(step, {partner: join(pf.raw for _, pf in send)}, [partner], direction="up",
-                                    max_recv=bundle_bound(self.shapes, self.keys_of_ranks(mine), copies=bit))
+                                    max_recv=bundle_bound(self.shapes, self.keys_of_ranks(mine), copies=bit), reuse=j)
             held += [(partner, pf) for pf in self._parse_grads(got[partner], partner, step, mine, bit)]
         return held
 
@@ -337,7 +337,7 @@ class TreeTransport(_ShardedTransport):
                 partner = r ^ (1 << j)
                 theirs = [q for q in range(p) if q >> j == partner >> j]
                 got = self.p2p.exchange(step, {partner: join(held)}, [partner], direction="down",
-                                        max_recv=bundle_bound(self.shapes, self.keys_of_ranks(theirs)))
+                                        max_recv=bundle_bound(self.shapes, self.keys_of_ranks(theirs)), reuse=j)
                 overlap.submit(self._decode_weights, got[partner], partner, step, theirs, out, dest)
                 held.append(got[partner])
         return out

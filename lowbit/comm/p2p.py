@@ -143,12 +143,15 @@ class P2P:
         return dist.batch_isend_irecv(ops)
 
     def exchange(self, step: int, sends: Mapping[int, object], recv_from: Iterable[int], *,
-                 direction: str, max_recv: Mapping[int, int] | int | None = None) -> dict[int, memoryview]:
+                 direction: str, max_recv: Mapping[int, int] | int | None = None,
+                 reuse: object = None) -> dict[int, memoryview]:
         """One round: send ``sends[peer]`` (a bundle) to each peer and receive one bundle from each
         peer in ``recv_from``, all concurrently. ``direction`` ('up' or 'down') picks the counters.
         ``max_recv`` bounds the length a peer may announce (per peer or for all); a larger one is a
         :class:`FrameError`. Returns peer -> received bundle (a read-only memoryview). Any peer
-        that fails is a :class:`TransportError`."""
+        that fails is a :class:`TransportError`. ``reuse``: a name for this round within a step
+        (its index): the bundles are received into the buffers of the same round of the previous
+        step (see :meth:`_pooled`), so they are valid until that round of the next step."""
         recv_from = self._check_round(direction, sends, recv_from)
         dev = self.device
         # Round 1: lengths.
@@ -163,9 +166,15 @@ class P2P:
             self._check_len(p, n, step, max_recv)
         # Round 2: payloads (nothing is sent for an empty bundle).
         send_bufs = {p: _as_uint8(b, dev) for p, b in sends.items() if int(send_lens[p].item()) > 0}
-        recv_bufs = {p: torch.empty(n, dtype=torch.uint8, device=dev) for p, n in lens.items() if n > 0}
-        self._post_all([("send", p, t, 1) for p, t in send_bufs.items()] +
-                       [("recv", p, t, 1) for p, t in recv_bufs.items()], step, direction)
+        recv_bufs = {p: (torch.empty(n, dtype=torch.uint8, device=dev) if reuse is None
+                         else self._pooled((direction, p, "round", reuse), n)) for p, n in lens.items() if n > 0}
+        try:
+            self._post_all([("send", p, t, 1) for p, t in send_bufs.items()] +
+                           [("recv", p, t, 1) for p, t in recv_bufs.items()], step, direction)
+        except BaseException:
+            if reuse is not None:  # a receive may still be posted into a pooled buffer
+                self.drop_recv_pool()
+            raise
         self._count(direction, [int(t.item()) for t in send_lens.values()], list(lens.values()))
         return {p: (_to_memoryview(recv_bufs[p]) if p in recv_bufs else memoryview(b"")) for p in recv_from}
 
@@ -206,18 +215,18 @@ class P2P:
         return (self._post_raw([("recv", peer, buf, 2 * chunk + 1)], direction)[0] if n else None), buf
 
     def _pooled(self, key: tuple, n: int) -> torch.Tensor:
-        """The receive buffer of chunk ``key`` for ``n`` bytes: last step's when it is large enough.
-        A step moves the same chunks every time; receiving into fresh memory cost a page fault per
+        """The receive buffer of chunk or round ``key`` for ``n`` bytes: last step's when it is large
+        enough. A step moves the same chunks every time; receiving into fresh memory cost a page fault per
         4 KiB inside ``recv`` (measured: a tenth of the CPU of a BERT-base step on 2 cores). The
         bytes a chunk receive returns are therefore valid until the same chunk of the next step
-        arrives: the parameter server decodes every chunk within its step."""
+        arrives: the transports decode (or forward) every received bundle within its step."""
         buf = self.recv_pool.get(key)
         if buf is None or buf.numel() < n:
             buf = self.recv_pool[key] = torch.empty(n, dtype=torch.uint8, device=self.device)
         return buf[:n]
 
     def drop_recv_pool(self) -> None:
-        """Forget the chunk receive buffers (a step given up with receives still posted into them)."""
+        """Forget the pooled receive buffers (a step given up with receives still posted into them)."""
         self.recv_pool = {}
 
     def wait_chunk_body(self, peer: int, chunk: int, step: int, posted: tuple[object, torch.Tensor]) -> memoryview:

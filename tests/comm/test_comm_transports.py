@@ -314,29 +314,37 @@ def test_lazy_gradient_frames_match_eager_and_stream_by_group():
 
 
 def _pool_body(rank, world):
-    """Three PS steps with 3-bit gradients: chunk receives land in the same buffers from the second
-    step on, and what the worker gets stays exactly what the server sent."""
-    t = ParameterServerTransport(SHAPES, 1, timeout=30, chunks=3)
+    """Three steps with 3-bit gradients per transport: received bundles land in the same buffers
+    from the second step on, and the weights every rank gets stay exactly what the owners hold."""
     codec = StochasticGradCodec(3)
-    owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if rank == 0 else None
-    ptrs, exact = [], True
-    for step in (1, 2, 3):
-        grads = None if rank == 0 else {
-            k: codec.encode(grad(rank, step, k), key=k, step=step, generator=torch.Generator().manual_seed(step)
-                            ).to_bytes() for k in SHAPES}
-        got = t.step(step, grads, owner)
-        ptrs.append({key: buf.data_ptr() for key, buf in t.p2p.recv_pool.items()})
-        truth = _bcast_owner_truth(t, owner, lambda o, k: o.w[k].clone())
-        if got is not None:
-            exact &= all(torch.equal(got[k], truth[k]) for k in SHAPES)
-    return {"ptrs": ptrs, "exact": exact}
+    out = {}
+    for kind in ("ps1", "ring", "tree"):
+        t = ParameterServerTransport(SHAPES, 1, timeout=30, chunks=3) if kind == "ps1" else _make(kind, rank, world)
+        computes = not (kind == "ps1" and rank == 0)
+        owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if t.owned_keys() else None
+        ptrs, exact = [], True
+        for step in (1, 2, 3):
+            grads = None if not computes else {
+                k: codec.encode(grad(rank, step, k), key=k, step=step, generator=torch.Generator().manual_seed(step)
+                                ).to_bytes() for k in SHAPES}
+            got = t.step(step, grads, owner)
+            ptrs.append({key: buf.data_ptr() for key, buf in t.p2p.recv_pool.items()})
+            truth = _bcast_owner_truth(t, owner, lambda o, k: o.w[k].clone())
+            if got is not None:
+                exact &= sorted(got) == sorted(SHAPES) and all(torch.equal(got[k], truth[k]) for k in SHAPES)
+        out[kind] = {"ptrs": ptrs, "exact": exact}
+    return out
 
 
-@pytest.mark.timeout(60)
-def test_ps_chunk_receives_reuse_their_buffers_across_steps():
+@pytest.mark.timeout(90)
+def test_received_bundles_reuse_their_buffers_across_steps():
     res = run_ranks(_pool_body, 2)
-    for rank, direction in ((0, "up"), (1, "down")):
-        ptrs = res[rank]["ptrs"]
-        assert len(ptrs[0]) == 3 and {key[0] for key in ptrs[0]} == {direction}, ptrs[0]  # one per chunk
-        assert ptrs[0] == ptrs[1] == ptrs[2]
-    assert res[1]["exact"] is True
+    for rank in (0, 1):
+        for kind in ("ps1", "ring", "tree"):
+            ptrs = res[rank][kind]["ptrs"]
+            if kind == "ps1":  # the server receives 3 gradient chunks, the worker 3 weight chunks
+                assert len(ptrs[0]) == 3 and {key[0] for key in ptrs[0]} == {("up", "down")[rank]}, ptrs[0]
+            else:  # one round each way at p = 2
+                assert {key[0] for key in ptrs[0]} == {"up", "down"}, ptrs[0]
+            assert ptrs[0] == ptrs[1] == ptrs[2], (rank, kind)
+            assert res[rank][kind]["exact"] is True, (rank, kind)
