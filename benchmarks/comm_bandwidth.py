@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--codec-threads", type=int, default=None,
                     help="lowbit decode threads per rank (LOWBIT_CODEC_THREADS; default: --threads)")
     ap.add_argument("--ps-chunks", type=int, default=None,
-                    help="key groups the PS pipelines a step in (ParameterServerTransport chunks; default 4)")
+                    help="key groups the PS pipelines a step in (ParameterServerTransport chunks; default 8, the last two smaller)")
     ap.add_argument("--no-weights-channel", action="store_true",
                     help="PS: weights down on the gradients' connections (ParameterServerTransport "
                          "weights_channel=False; gloo then serializes up and down)")

@@ -83,7 +83,7 @@ class TransportConfig:
     timeout_s: float = 300.0
     ray_address: str = ""  # ray only: "" = $LOWBIT_RAY_ADDRESS or a local cluster; "auto" or host:port
     on_worker_failure: str = "stop"  # stop | continue (ps: servers drop a dead worker and go on)
-    chunks: int = 4  # ps: each bundle travels in this many pieces, decoded while the next arrives
+    chunks: int = 8  # ps: key groups per step (the last two smaller), each decoded while the next arrives
     weights_channel: bool = True  # ps: weights go down on connections of their own (see ParameterServerTransport)
 
     def validate(self) -> None:
