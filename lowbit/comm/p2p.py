@@ -75,8 +75,9 @@ def _as_uint8(bundle, device: torch.device) -> torch.Tensor:
 
 def _to_memoryview(t: torch.Tensor) -> memoryview:
     """A received buffer as a read-only memoryview, so frames parsed from it view their payload
-    without a copy (:meth:`Frame.from_bytes` copies writable ones). Bundles of :meth:`P2P.exchange`
-    are never reused; chunk buffers are, from the next step on (see :meth:`P2P.post_chunk_body`)."""
+    without a copy (:meth:`Frame.from_bytes` copies writable ones). A buffer is reused only where
+    the caller asked for it (chunk receives, ``exchange(reuse=...)``), and then from the next step
+    on (:meth:`P2P._pooled`)."""
     return memoryview(t.detach().cpu().numpy()).cast("B").toreadonly()
 
 
@@ -98,7 +99,7 @@ class P2P:
     counter: ByteCounter | None = None
     timeout: float = 300.0
     down_group: object = None
-    recv_pool: dict = field(default_factory=dict, repr=False)  # (direction, peer, chunk) -> buffer
+    recv_pool: dict = field(default_factory=dict, repr=False)  # (direction, peer, chunk or round) -> buffer
 
     def __post_init__(self) -> None:
         if self.group is None:
