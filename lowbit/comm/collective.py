@@ -323,7 +323,8 @@ class TreeTransport(_ShardedTransport):
             m = _low_mask(j) | bit
             mine = [q for q in range(p) if q & m == r & m]
             got = self.p2p.exchange(step, {partner: join(pf.raw for _, pf in send)}, [partner], direction="up",
-                                    max_recv=bundle_bound(self.shapes, self.keys_of_ranks(mine), copies=bit), reuse=j)
+                                    max_recv=bundle_bound(self.shapes, self.keys_of_ranks(mine), copies=bit),
+                                    reuse=j)
             held += [(partner, pf) for pf in self._parse_grads(got[partner], partner, step, mine, bit)]
         return held
 

@@ -13,8 +13,8 @@ One synchronous step (``step(step, grads, owner)``)::
                encoded once, isend V_s to every worker
 
 The step is pipelined by key group. Server s's keys are cut into ``chunks`` contiguous groups,
-equal in size but for two smaller last ones (:func:`chunk_keys`, :func:`chunk_shares`); every bundle travels as one chunk message per group (its
-length, then its bytes: :meth:`P2P.send_chunk`). A worker reads ``grads[k]`` for the keys of group
+equal in size but for two smaller last ones (:func:`chunk_keys`, :func:`chunk_shares`); every
+bundle travels as one chunk message per group (its length, then its bytes: :meth:`P2P.send_chunk`). A worker reads ``grads[k]`` for the keys of group
 i only when it posts group i, so ``grads`` may be a :class:`~lowbit.comm.transport.LazyFrames`
 that encodes on access: group i + 1 is then encoded while group i is on the wire. The server
 decodes and sums group i as it arrives; once group i has come from every worker, the owner updates
