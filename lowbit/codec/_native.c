@@ -22,6 +22,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
@@ -140,6 +141,152 @@ static PyObject *native_decode(PyObject *self, PyObject *args) {
     return PyLong_FromLong(flag ? 1 : 0);
 }
 
+/* ---------------------------------------------------------------- decode_sum
+ * The decode above takes tables already scaled in Python (a few torch calls per frame: for a model's
+ * many small frames they cost more than the decode). decode_sum takes the *unscaled* grid tables
+ * (cached per grid) and each frame's scale, multiplies the tables here (the same fp32 products as
+ * `table * scale` in torch), and decodes S frames of one tensor in a single pass over `out`:
+ *
+ *     out[j] = ((v0[j] + v1[j]) + ... + v_{S-1}[j]) / divisor       (accumulate: out[j] + v0[j] + ...)
+ *
+ * block by block (BLOCK values in an L1-resident buffer), in that order and with plain fp32 adds and
+ * one division, so the result has the bits of decoding v0 into out, adding v1, ... and then
+ * out.div_(divisor), as the torch path does, but `out` is written once instead of S + 1 times. */
+#define BLOCK 2048      /* values per block: a multiple of 8 (whole 3-bit groups and bytes) */
+#define MAX_STREAMS 64
+
+typedef struct {
+    const uint8_t *p;   /* the frame's payload */
+    int64_t nbytes;
+    const float *scale; /* the frame's one fp32 scale */
+    float *tab;         /* scaled unit table (NULL: code by code) */
+    float *one;         /* scaled single-code values */
+} stream_t;
+
+/* codes j0 .. j0 + m of one stream (j0 a multiple of 8) into or onto buf[0 .. m) */
+static uint8_t stream_range(const stream_t *st, int64_t j0, int64_t m, int bits, const uint8_t *bad, float *buf,
+                            int acc) {
+    const int chk = bad != NULL;
+    const uint8_t *p = st->p + (j0 * bits) / 8;
+    uint8_t flag = 0;
+    int64_t done = 0;
+    if (st->tab != NULL) {
+        if (bits == 3) {
+            const int64_t ng = m / 8;
+            flag = run_groups3(p, ng, st->tab, bad, buf, acc, chk);
+            done = 8 * ng;
+        } else {
+            const int per = 8 / bits;
+            const int64_t nb = m / per;
+            flag = run_bytes(p, nb, st->tab, bad, buf, per, acc, chk);
+            done = nb * per;
+        }
+    }
+    const unsigned mask = (1u << bits) - 1;
+    for (int64_t j = done; j < m; j++) {
+        const int64_t pos = (j0 + j) * bits, byte = pos >> 3;
+        unsigned v = st->p[byte];
+        if (byte + 1 < st->nbytes) v |= (unsigned)st->p[byte + 1] << 8;
+        const unsigned c = (v >> (pos & 7)) & mask;
+        if (acc) buf[j] += st->one[c]; else buf[j] = st->one[c];
+        if (chk && c == mask) flag = 1;
+    }
+    return flag;
+}
+
+/* decode_sum(out, a, e, n, bits, utable, uone, bad, streams, divisor, accumulate) -> 0, or 1 + the index
+ * of the first stream holding a code outside the grid (bad given). Values a .. e (a a multiple of 8) of
+ * n-value frames; out is the address of value 0. streams: a sequence of (payload, nbytes, scale) addresses
+ * and sizes; utable 0 = every code through uone (a small frame); divisor <= 1 = no division. */
+static PyObject *native_decode_sum(PyObject *self, PyObject *args) {
+    unsigned long long op, tp, onep, bp;
+    long long a, e, n, divisor;
+    int bits, acc;
+    PyObject *streams;
+    if (!PyArg_ParseTuple(args, "KLLLiKKKOLp", &op, &a, &e, &n, &bits, &tp, &onep, &bp, &streams, &divisor, &acc))
+        return NULL;
+    if (!(bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8)) {
+        PyErr_Format(PyExc_ValueError, "_native.decode_sum: bits must be 1, 2, 3, 4 or 8, got %d", bits);
+        return NULL;
+    }
+    if (n < 0 || a < 0 || a > e || e > n || a % 8) {
+        PyErr_Format(PyExc_ValueError, "_native.decode_sum: range [%lld, %lld) of %lld values is not valid "
+                     "(start a multiple of 8, 0 <= start <= end <= n)", a, e, n);
+        return NULL;
+    }
+    if (n > 0 && (op == 0 || onep == 0)) {
+        PyErr_SetString(PyExc_ValueError, "_native.decode_sum: out and uone must be addresses, got 0");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(streams, "_native.decode_sum: streams must be a sequence");
+    if (seq == NULL) return NULL;
+    const Py_ssize_t S = PySequence_Fast_GET_SIZE(seq);
+    if (S < 1 || S > MAX_STREAMS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "_native.decode_sum: 1..%d streams, got %zd", MAX_STREAMS, S);
+        return NULL;
+    }
+    const int per = bits == 3 ? 4 : 8 / bits;
+    const size_t tab_n = tp ? (size_t)(bits == 3 ? 4096 : 256) * per : 0, one_n = (size_t)1 << bits;
+    stream_t st[MAX_STREAMS];
+    float *mem = (float *)malloc((size_t)S * (tab_n + one_n) * sizeof(float));
+    if (mem == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t s = 0; s < S; s++) {
+        unsigned long long pp, sp;
+        long long nbytes;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, s), "KLK;_native.decode_sum: a stream is "
+                              "(payload, nbytes, scale)", &pp, &nbytes, &sp)) {
+            free(mem);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if ((n > 0 && (pp == 0 || sp == 0)) || nbytes < (n * bits + 7) / 8) {
+            PyErr_Format(PyExc_ValueError, "_native.decode_sum: stream %zd: %lld codes of %d bits need %lld "
+                         "payload bytes, got %lld (addresses must be nonzero)", s, n, bits, (n * bits + 7) / 8, nbytes);
+            free(mem);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        float *m0 = mem + (size_t)s * (tab_n + one_n);
+        st[s] = (stream_t){(const uint8_t *)(uintptr_t)pp, nbytes, (const float *)(uintptr_t)sp,
+                           tab_n ? m0 + one_n : NULL, m0};
+    }
+    Py_DECREF(seq);
+    float *out = (float *)(uintptr_t)op;
+    const float *utab = (const float *)(uintptr_t)tp, *uone = (const float *)(uintptr_t)onep;
+    const uint8_t *bad = (const uint8_t *)(uintptr_t)bp;
+    const float d = (float)divisor;
+    const int divide = divisor > 1;
+    long first_bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t s = 0; s < S; s++) {
+        const float sc = *st[s].scale;
+        for (size_t i = 0; i < one_n; i++) st[s].one[i] = uone[i] * sc;
+        for (size_t i = 0; i < tab_n; i++) st[s].tab[i] = utab[i] * sc;
+    }
+    float local[BLOCK];
+    for (int64_t b0 = a; b0 < e; b0 += BLOCK) {
+        const int64_t m = e - b0 < BLOCK ? e - b0 : BLOCK;
+        float *dst = out + b0;
+        /* one stream and nothing to divide: straight into out */
+        float *buf = (S == 1 && !divide) ? dst : local;
+        if (acc && buf == local) memcpy(local, dst, (size_t)m * sizeof(float));
+        for (Py_ssize_t s = 0; s < S; s++) {
+            if (stream_range(&st[s], b0, m, bits, bad, buf, acc || s > 0) && first_bad < 0) first_bad = (long)s;
+        }
+        if (divide) {
+            for (int64_t j = 0; j < m; j++) buf[j] = buf[j] / d;
+        }
+        if (buf == local) memcpy(dst, local, (size_t)m * sizeof(float));
+    }
+    Py_END_ALLOW_THREADS
+    free(mem);
+    return PyLong_FromLong(first_bad + 1);
+}
+
 INLINE void pack_bytes(const uint8_t *c, int64_t nb, uint8_t *o, const int bits) {
     const int per = 8 / bits;
     const unsigned mask = (1u << bits) - 1;
@@ -214,6 +361,10 @@ static PyMethodDef methods[] = {
     {"decode", native_decode, METH_VARARGS,
      "decode(payload, nbytes, out, n, bits, table, one, bad, accumulate) -> 1 if a code outside the grid "
      "was seen, else 0 (addresses as ints; bad 0 = no check). See lowbit/codec/_native.c."},
+    {"decode_sum", native_decode_sum, METH_VARARGS,
+     "decode_sum(out, a, e, n, bits, utable, uone, bad, streams, divisor, accumulate) -> 0, or 1 + the index "
+     "of the first stream with a code outside the grid: S frames of one tensor decoded, summed and divided "
+     "in one pass over out. See lowbit/codec/_native.c."},
     {"pack", native_pack, METH_VARARGS,
      "pack(codes, n, bits, out, out_nbytes): uint8 codes -> packed b-bit stream (addresses as ints)."},
     {NULL, NULL, 0, NULL},

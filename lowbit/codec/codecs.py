@@ -89,6 +89,9 @@ def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: tor
                               f"{'' if out.is_contiguous() else ' (not contiguous)'}")
         if device is not None and out.device != torch.device(device):
             raise ConfigError(f"decode out= lives on {out.device}, asked for {device}")
+        if _native_fits(f, out.dtype, out.device):  # the common case (a received frame into a kept buffer): no torch calls
+            _native_sum((f,), out, 1, accumulate)
+            return out.view(f.shape)
     if f.encoding == "raw":
         payload = f.payload if device is None and out is None else f.payload.to(out.device if out is not None else device)
         vals = payload.view(f.dtype).reshape(f.shape)
@@ -296,34 +299,101 @@ def _bad_entries(bits: int, width: int) -> torch.Tensor:
     return (((i.unsqueeze(1) >> shifts) & m) == m).any(1).to(torch.uint8).contiguous()
 
 
-def _native_decode(f: Frame, payload: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, check: bool,
-                   accumulate: bool) -> None:
-    """Decode (or add) the frame's values into the fp32 ``out`` with one pass of the compiled loop:
-    the same tables as the torch path (grid values times the scale in fp32), so the same bits. A
-    large frame is cut into parts of whole 8-code groups, one per codec thread (the loop releases
-    the GIL)."""
-    bits, n = f.bits, out.numel()
+def _scale_ptr(f: Frame, keep: list) -> int:
+    """Address of the frame's one fp32 scale (a parsed frame's own buffer; anything else is copied
+    into ``keep``, which the caller holds while the compiled loop runs)."""
+    sc = f.scales
+    if sc.dtype != torch.float32 or sc.device.type != "cpu" or not sc.is_contiguous():
+        sc = sc.to("cpu", torch.float32).contiguous()
+        keep.append(sc)
+    return sc.data_ptr()
+
+
+def _native_fits(f: Frame, out_dtype: torch.dtype, out_device: torch.device) -> bool:
+    """Whether the compiled loop decodes ``f`` into a destination of ``out_dtype`` on ``out_device``:
+    fp32 on the CPU, a b-bit grid (b = 1, 2, 3, 4, 8) with one scale, the payload contiguous uint8
+    bytes on the CPU."""
+    p = f.payload
+    return (native.native_codec_enabled() and f.encoding != "raw" and f.bits in _NATIVE_BITS
+            and out_dtype == torch.float32 and out_device.type == "cpu" and f.scales.numel() == 1
+            and p.dtype == torch.uint8 and p.device.type == "cpu" and p.is_contiguous())
+
+
+def _native_sum(frames, out: torch.Tensor, divisor: int, accumulate: bool) -> None:
+    """``out`` (fp32, contiguous, one value per element) = (Σ_i decode(frames[i])) / divisor, or
+    ``out`` + Σ with ``accumulate``, in one pass of the compiled loop (``_native.decode_sum``): the
+    unscaled grid tables are cached per grid and multiplied by each frame's scale in C, the same fp32
+    products as the torch path's ``table * scale``, and the sum is taken in frame order with one
+    division at the end, so the bits are those of decoding, adding and ``div_`` one after another. A
+    large tensor is cut into parts of whole 8-code groups, one per codec thread (the loop releases
+    the GIL). A code outside the grid raises FrameError with ``index``, the first such frame."""
+    f0 = frames[0]
+    bits, enc, n = f0.bits, f0.encoding, out.numel()
+    if n == 0:
+        return
+    for f in frames[1:]:
+        if f.bits != bits or f.encoding != enc:
+            raise ConfigError(f"decode_sum: frames of one tensor must share their grid, got {enc} {bits}-bit "
+                              f"and {f.encoding} {f.bits}-bit")
     width = 12 if bits == 3 else 8
-    dev = torch.device("cpu")
-    one = _value_table(f, bits, scale, torch.float32, dev, wide=False)[0]
     # a small 3-bit frame goes code by code: scaling the 4096-entry table would cost more
-    tab = None if bits == 3 and n <= SMALL_FRAME else _value_table(f, width, scale, torch.float32, dev, wide=False)[0]
-    bad = _bad_entries(bits, width) if check else None
-    pp, nbytes, op = payload.data_ptr(), payload.numel(), out.data_ptr()
-    tp, onep, bp = (tab.data_ptr() if tab is not None else 0), one.data_ptr(), (bad.data_ptr() if check else 0)
+    tp = 0 if bits == 3 and n <= SMALL_FRAME else _code_values(enc, bits, width, "cpu").data_ptr()
+    onep = _code_values(enc, bits, bits, "cpu").data_ptr()
+    bp = _bad_entries(bits, width).data_ptr() if enc in ("sym", "log") else 0
+    keep: list = []
+    streams = tuple((f.payload.data_ptr(), f.payload.numel(), _scale_ptr(f, keep)) for f in frames)
+    op = out.data_ptr()
 
     def part(a: int, e: int) -> int:  # a: a multiple of 8, so the part starts on a byte
-        skip = a * bits // 8
-        return native.lib.decode(pp + skip, nbytes - skip, op + 4 * a, e - a, bits, tp, onep, bp, accumulate)
+        return native.lib.decode_sum(op, a, e, n, bits, tp, onep, bp, streams, divisor, accumulate)
 
     threads = min(_THREADS, n // _NATIVE_PART)
     if threads <= 1:
-        flag = part(0, n)
+        bad = part(0, n)
     else:
         cuts = [i * n // threads // 8 * 8 for i in range(threads)] + [n]
-        flag = max(_pool(_THREADS).map(part, cuts[:-1], cuts[1:]))
-    if flag:
-        raise _grid_error(f, (1 << bits) - 1)
+        bad = min((b for b in _pool(_THREADS).map(part, cuts[:-1], cuts[1:]) if b), default=0)
+    if bad:
+        err = _grid_error(frames[bad - 1], (1 << bits) - 1)
+        err.index = bad - 1
+        raise err
+
+
+def decode_sum(frames, out: torch.Tensor, *, divisor: int = 1, accumulate: bool = False) -> torch.Tensor:
+    """S frames of one tensor (a gradient from S workers) decoded and summed into ``out``:
+
+        out = (decode(frames[0]) + ... + decode(frames[S-1])) / divisor     (accumulate: out + Σ ...)
+
+    with the bits of :func:`decode_frame` into ``out``, ``accumulate=True`` for the others, then
+    ``out.div_(divisor)``. Where the compiled loop applies (fp32 CPU, one scale per frame) this is
+    one pass that writes ``out`` once, instead of S + 1 passes over it. ``out``: a contiguous
+    floating tensor of the frames' element count. A frame whose codes leave its grid raises
+    FrameError with ``index`` = its position in ``frames``."""
+    frames = list(frames)
+    if not frames:
+        raise ConfigError("decode_sum needs at least one frame")
+    if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+        raise ConfigError(f"decode_sum divisor must be an integer >= 1, got {divisor!r}")
+    n = math.prod(frames[0].shape)
+    for i, f in enumerate(frames):
+        if tuple(f.shape) != tuple(frames[0].shape):
+            raise ConfigError(f"decode_sum: frame {i} has shape {tuple(f.shape)}, frame 0 {tuple(frames[0].shape)}")
+    if not out.is_floating_point() or not out.is_contiguous() or out.numel() != n:
+        raise ConfigError(f"decode_sum out= must be a contiguous floating tensor of {n} elements (frame shape "
+                          f"{tuple(frames[0].shape)}), got {out.dtype} {tuple(out.shape)}")
+    flat = out.view(-1)
+    if all(_native_fits(f, flat.dtype, flat.device) for f in frames):
+        _native_sum(frames, flat, divisor, accumulate)
+        return out
+    for i, f in enumerate(frames):
+        try:
+            decode_frame(f, out=flat, accumulate=accumulate or i > 0)
+        except FrameError as e:
+            e.index = i
+            raise
+    if divisor > 1:
+        flat.div_(divisor)
+    return out
 
 
 def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accumulate: bool = False
@@ -340,10 +410,9 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
     scale = None if per_row else scales.reshape(())
     out_dtype = torch.float32 if per_row else (f.dtype if dest is None else dest.dtype)
     check = f.encoding in ("sym", "log")  # the one invalid code is 2k+1 = 2^b − 1
-    if (native.native_codec_enabled() and dev.type == "cpu" and not per_row and out_dtype == torch.float32
-            and bits in _NATIVE_BITS and payload.dtype == torch.uint8 and payload.is_contiguous()):
+    if payload is f.payload and _native_fits(f, out_dtype, dev):
         out = torch.empty(numel, dtype=torch.float32) if dest is None else dest.view(-1)
-        _native_decode(f, payload, out, scale, check, accumulate)
+        _native_sum((f,), out, 1, accumulate)
         return out.view(f.shape)
     if numel <= SMALL_FRAME or 8 % bits and bits != 3:
         table = _value_table(f, bits, scale, out_dtype, dev, wide=False)[0]

@@ -324,13 +324,22 @@ class ParameterServerTransport(Transport):
             except TransportError:  # a worker lost at the very end; nothing left to serve
                 pass
 
-    def _add_chunk(self, step: int, w: int, i: int, chunk) -> None:
-        """Decode chunk i of worker w's gradients and add them to the accumulator."""
-        for pf in parse_bundle(chunk, peer=w, step=step, kind="grad", shapes=self.shapes,
-                               allowed_keys=self.groups_of[self.rank][i], rank=self.rank):
+    def _sum_group(self, step: int, i: int, chunks: Mapping[int, object], average: bool) -> None:
+        """Key group i from every worker in ``chunks`` (worker -> bundle): each bundle validated,
+        then every key's frames decoded, summed (in worker order: the fp32 sums do not depend on
+        timing) and, with ``average``, averaged in one pass over its buffer (GradAccumulator.add_all)."""
+        by_key: dict[int, list] = {}
+        senders: dict[int, list[int]] = {}
+        for w, chunk in chunks.items():
+            for pf in parse_bundle(chunk, peer=w, step=step, kind="grad", shapes=self.shapes,
+                                   allowed_keys=self.groups_of[self.rank][i], rank=self.rank):
+                by_key.setdefault(pf.frame.key, []).append(pf.frame)
+                senders.setdefault(pf.frame.key, []).append(w)
+        for k, frames in by_key.items():
             try:
-                self._acc.add(pf.frame)
+                self._acc.add_all(frames, average=average)
             except FrameError as e:
+                w = senders[k][getattr(e, "index", 0)]
                 raise FrameError(f"rank {self.rank}: bundle from peer {w} at step {step}: {e}") from e
 
     def _serve_step(self, step: int, owner: Owner) -> None:
@@ -342,16 +351,6 @@ class ParameterServerTransport(Transport):
         self._acc.reset()
         pending = Pending("down")
         parts = hasattr(owner, "apply_keys")
-        seen = [0] * len(groups)
-
-        def on_chunk(w: int, i: int, chunk) -> None:
-            self._add_chunk(step, w, i, chunk)
-            seen[i] += 1
-            if parts and seen[i] == len(self.workers):
-                owner.apply_keys(step, self._acc.averages(groups[i]), {k: self._acc.counts[k] for k in groups[i]
-                                                                        if k in self._acc.counts},
-                                 groups[i], i == len(groups) - 1)
-                self._send_group(step, owner, i, pending)
 
         with self._finishing(pending, step):
             pumps = _Pumps(self.p2p, step, "up", {w: [bundle_bound(self.shapes, g) for g in groups]
@@ -360,13 +359,19 @@ class ParameterServerTransport(Transport):
             error: FrameError | None = None  # a bad chunk: the rest of the step is still drained
             try:
                 for i in range(len(groups)):
-                    for w in self.workers:  # in worker order: the fp32 sums do not depend on timing
-                        chunk = pumps.get(w)  # chunk i
-                        if error is None:
-                            try:
-                                on_chunk(w, i, chunk)
-                            except FrameError as e:
-                                error = e
+                    chunks = {w: pumps.get(w) for w in self.workers}  # chunk i of every worker
+                    if error is not None:
+                        continue
+                    try:
+                        self._sum_group(step, i, chunks, average=True)
+                    except FrameError as e:
+                        error = e
+                        continue
+                    if parts:
+                        owner.apply_keys(step, self._acc.averages(groups[i]),
+                                         {k: self._acc.counts[k] for k in groups[i] if k in self._acc.counts},
+                                         groups[i], i == len(groups) - 1)
+                        self._send_group(step, owner, i, pending)
             finally:
                 pumps.close()
             if error is not None:
@@ -408,8 +413,7 @@ class ParameterServerTransport(Transport):
         got, failed = self.p2p.exchange_tolerant(step, {}, self._live, direction="up",
                                                  max_recv=bundle_bound(self.shapes, self.keys_of[self.rank]))
         self._drop(step, failed, "gradient upload")
-        for w in got:
-            self._add_chunk(step, w, 0, got[w])
+        self._sum_group(step, 0, {w: got[w] for w in sorted(got)}, average=True)  # worker order
         owner.apply(step, self._acc.averages(), dict(self._acc.counts))
 
     def _send_weights(self, step: int, owner: Owner, publish: bool = True) -> None:

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 
-from lowbit.codec.codecs import decode_frame
+from lowbit.codec.codecs import decode_frame, decode_sum
 from lowbit.codec.frame import Frame
 from lowbit.errors import ConfigError, FrameError
 
@@ -87,6 +87,8 @@ class GradAccumulator:
 
     The first frame of a key is decoded into a buffer, later ones are added to it chunk by chunk
     (:func:`~lowbit.codec.codecs.decode_frame` with ``accumulate=True``: no full-size temporary).
+    :meth:`add_all` takes every sender's frame of a key at once and decodes, sums and averages them
+    in one pass over the buffer (:func:`~lowbit.codec.codecs.decode_sum`), the same bits.
     :meth:`reset` starts the next step and keeps the buffers: a transport holds one accumulator
     for the whole run, so the shard's gradient memory is allocated (and page-faulted) once, not
     every step. The tensors :meth:`averages` returns are those buffers: valid until the next
@@ -96,13 +98,39 @@ class GradAccumulator:
     sums: dict[int, torch.Tensor] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)
     spare: dict[int, torch.Tensor] = field(default_factory=dict)
+    averaged: set = field(default_factory=set)  # keys whose sum add_all already divided
 
     def reset(self) -> None:
         self.spare.update(self.sums)
-        self.sums, self.counts = {}, {}
+        self.sums, self.counts, self.averaged = {}, {}, set()
+
+    def add_all(self, frames: list[Frame], *, average: bool = False) -> None:
+        """Frames of one key (one per sender, in a fixed sender order) decoded and summed into the
+        key's buffer in one pass; with ``average`` also divided by the key's number of
+        contributions, which are then complete (:meth:`averages` leaves the key as it is). A frame
+        whose codes leave its grid raises FrameError with ``index``, its position in ``frames``."""
+        k = frames[0].key
+        if k in self.averaged:
+            raise FrameError(f"gradient for key {k} arrived after its average was taken")
+        buf = self.sums.get(k)
+        if buf is not None and buf.shape != tuple(frames[0].shape):
+            raise FrameError(f"gradient for key {k} has shape {tuple(frames[0].shape)}, "
+                             f"earlier contributions had {tuple(buf.shape)}")
+        have = buf is not None
+        if not have:
+            buf = self.spare.pop(k, None)
+            if buf is None or buf.shape != tuple(frames[0].shape):
+                buf = torch.empty(frames[0].shape, dtype=torch.float32, device=self.device)
+        count = self.counts.get(k, 0) + len(frames)
+        decode_sum(frames, buf, divisor=count if average else 1, accumulate=have)
+        self.sums[k], self.counts[k] = buf, count
+        if average:
+            self.averaged.add(k)
 
     def add(self, frame: Frame) -> None:
         k = frame.key
+        if k in self.averaged:
+            raise FrameError(f"gradient for key {k} arrived after its average was taken")
         if k in self.sums:
             if self.sums[k].shape != tuple(frame.shape):
                 raise FrameError(f"gradient for key {k} has shape {tuple(frame.shape)}, "
@@ -121,7 +149,10 @@ class GradAccumulator:
         """The mean per key (of ``keys``, default all), computed in place (the sums are not used
         afterwards: one pass less over the shard's gradients than allocating a new tensor)."""
         keys = self.sums if keys is None else [k for k in keys if k in self.sums]
-        return {k: self.sums[k].div_(self.counts[k]) if self.counts[k] > 1 else self.sums[k] for k in keys}
+        out = {k: self.sums[k].div_(self.counts[k]) if self.counts[k] > 1 and k not in self.averaged
+               else self.sums[k] for k in keys}
+        self.averaged.update(out)
+        return out
 
 
 def decode_weight(frame: Frame, device: torch.device | str, out: Mapping[int, torch.Tensor] | None
