@@ -7,7 +7,10 @@ For each size and codec: encode (quantize + pack + frame bytes) and decode (vali
 + dequantize) throughput in GB/s of fp32 input, next to a torch.clone of the same tensor measured in
 the same run; payload bytes and the ratio to fp32. Decode three ways: into a new tensor
 (``decode_gbps``), into a warm buffer as the transports' workers do (``decode_into_gbps``), and added
-into a warm buffer as a server sums gradients (``decode_add_gbps``). ``--codec-threads N`` decodes on
+into a warm buffer as a server sums gradients (``decode_add_gbps``); and a server's whole op on two
+workers' frames of a tensor, their mean into a warm buffer: ``decode_sum`` in one pass
+(``mean2_gbps``) and the same as decode into, decode add, ``div_`` (``mean2_sequential_gbps``); GB/s
+there count the fp32 output once. ``--codec-threads N`` decodes on
 N threads (lowbit.codec.set_codec_threads); ``--decode-chunk BYTES`` overrides the decode chunk
 (A/B of lowbit.codec.codecs.CHUNK in one run).
 """
@@ -24,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, print_table, write_json  # noqa: E402
 
 import lowbit.codec.codecs as codecs_module  # noqa: E402
-from lowbit.codec import Frame, StochasticGradCodec, WeightCodec, decode_frame, native, set_codec_threads  # noqa: E402
+from lowbit.codec import (Frame, StochasticGradCodec, WeightCodec, decode_frame, decode_sum, native,  # noqa: E402
+                          set_codec_threads)
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -119,14 +123,29 @@ def main(argv=None) -> int:
             def dec_add():
                 decode_frame(Frame.from_bytes(box["b"]), out=flat, accumulate=True)
                 sync()
+
+            def mean2():  # a server's op: two workers' frames of a tensor averaged into a warm buffer
+                f = Frame.from_bytes(box["b"])
+                decode_sum([f, f], flat, divisor=2)
+                sync()
+
+            def mean2_seq():  # the same, one frame after the other, then the division
+                f = Frame.from_bytes(box["b"])
+                decode_frame(f, out=flat)
+                decode_frame(f, out=flat, accumulate=True)
+                flat.div_(2)
+                sync()
             t_enc = best_time(enc, reps, clock)
             t_dec = best_time(dec, reps, clock)
             t_into = best_time(dec_into, reps, clock)
             t_add = best_time(dec_add, reps, clock)
+            t_mean2, t_mean2_seq = best_time(mean2, reps, clock), best_time(mean2_seq, reps, clock)
             payload = len(box["b"])
             recs.append({"codec": name, "bits": bits, "numel": n, "encode_gbps": raw / t_enc / 1e9,
                          "decode_gbps": raw / t_dec / 1e9, "decode_into_gbps": raw / t_into / 1e9,
-                         "decode_add_gbps": raw / t_add / 1e9, "memcpy_gbps": raw / t_mem / 1e9,
+                         "decode_add_gbps": raw / t_add / 1e9,
+                         "mean2_gbps": raw / t_mean2 / 1e9, "mean2_sequential_gbps": raw / t_mean2_seq / 1e9,
+                         "memcpy_gbps": raw / t_mem / 1e9,
                          "copy_into_gbps": raw / t_copy / 1e9, "encode_vs_copy_into": t_copy / t_enc,
                          "decode_vs_copy_into": t_copy / t_dec,
                          "encode_vs_memcpy": t_mem / t_enc, "decode_vs_memcpy": t_mem / t_dec,
@@ -135,13 +154,16 @@ def main(argv=None) -> int:
                          "decode_chunk": codecs_module.CHUNK, "timer": timer,
                          "native": native.native_codec_enabled()})
             print(f"  {name:20s} n={n:>9d} enc {raw / t_enc / 1e9:6.2f} GB/s  dec {raw / t_dec / 1e9:6.2f} GB/s"
-                  f"  into {raw / t_into / 1e9:6.2f}  add {raw / t_add / 1e9:6.2f}",
+                  f"  into {raw / t_into / 1e9:6.2f}  add {raw / t_add / 1e9:6.2f}"
+                  f"  mean2 {raw / t_mean2 / 1e9:6.2f} (sequential {raw / t_mean2_seq / 1e9:6.2f})",
                   file=sys.stderr, flush=True)
     print_table(recs, ["codec", "numel", "encode_gbps", "decode_gbps", "decode_into_gbps", "decode_add_gbps",
+                       "mean2_gbps", "mean2_sequential_gbps",
                        "memcpy_gbps", "copy_into_gbps",
                        "encode_vs_memcpy", "decode_vs_memcpy", "payload_bytes", "ratio"],
                 {"encode_gbps": "{:.2f}", "decode_gbps": "{:.2f}", "decode_into_gbps": "{:.2f}",
-                 "decode_add_gbps": "{:.2f}", "memcpy_gbps": "{:.2f}", "copy_into_gbps": "{:.2f}",
+                 "decode_add_gbps": "{:.2f}", "mean2_gbps": "{:.2f}", "mean2_sequential_gbps": "{:.2f}",
+                 "memcpy_gbps": "{:.2f}", "copy_into_gbps": "{:.2f}",
                  "encode_vs_memcpy": "{:.3f}", "decode_vs_memcpy": "{:.3f}", "ratio": "{:.1f}"})
     write_json(args.json, recs, {"command": "python benchmarks/codec_throughput.py " + " ".join(argv or sys.argv[1:])})
     return 0
