@@ -69,8 +69,9 @@ def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: tor
     one 24-bit word whose two 12-bit halves index a 4096-entry table of 4 values each; for
     b ∈ {5, 6, 7} the codes are unpacked per chunk and looked up in the 2^b-entry table. Codes
     outside the grid raise FrameError as before. An fp32 CPU decode with one scale per tensor runs
-    the same tables through the compiled loop of :mod:`lowbit.codec.native` when it was built (one
-    pass: 2-3x faster than the torch ops for 3 bits, 1.6x for 2), with the same bits.
+    the compiled loop of :mod:`lowbit.codec.native` when it was built (:func:`decode_sum` with one
+    frame: the grid's values times the scale in fp32, for 1-4 bits by AVX2 where the CPU has it),
+    with the same bits.
 
     ``out``: a contiguous floating tensor of the frame's element count to decode into (for example
     a parameter's storage, or a buffer reused every step: a fresh 90 MB tensor costs more in page
@@ -89,8 +90,8 @@ def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: tor
                               f"{'' if out.is_contiguous() else ' (not contiguous)'}")
         if device is not None and out.device != torch.device(device):
             raise ConfigError(f"decode out= lives on {out.device}, asked for {device}")
-        if _native_fits(f, out.dtype, out.device):  # the common case (a received frame into a kept buffer): no torch calls
-            _native_sum((f,), out, 1, accumulate)
+        if _native_fits(f, out.dtype, out.device):  # the common case, a received frame into a kept buffer:
+            _native_sum((f,), out, 1, accumulate)  # no torch calls at all
             return out.view(f.shape)
     if f.encoding == "raw":
         payload = f.payload if device is None and out is None else f.payload.to(out.device if out is not None else device)
@@ -336,11 +337,16 @@ def _native_sum(frames, out: torch.Tensor, divisor: int, accumulate: bool) -> No
             raise ConfigError(f"decode_sum: frames of one tensor must share their grid, got {enc} {bits}-bit "
                               f"and {f.encoding} {f.bits}-bit")
     width = 12 if bits == 3 else 8
-    # a small 3-bit frame goes code by code: scaling the 4096-entry table would cost more
-    tp = 0 if bits == 3 and n <= SMALL_FRAME else _code_values(enc, bits, width, "cpu").data_ptr()
-    onep = _code_values(enc, bits, bits, "cpu").data_ptr()
-    bp = _bad_entries(bits, width).data_ptr() if enc in ("sym", "log") else 0
-    keep: list = []
+    # The tables are held in locals while the loop runs: lru_cache does not store the result of a
+    # call that raced another thread to the same key, so a bare ``_code_values(...).data_ptr()`` can
+    # point into a tensor freed right after it (measured: garbage values under Ray's threaded actors).
+    # A small 3-bit frame goes code by code: scaling the 4096-entry table would cost more.
+    tab = None if bits == 3 and n <= SMALL_FRAME else _code_values(enc, bits, width, "cpu")
+    one = _code_values(enc, bits, bits, "cpu")
+    bad_tab = _bad_entries(bits, width) if enc in ("sym", "log") else None
+    tp, onep = (0 if tab is None else tab.data_ptr()), one.data_ptr()
+    bp = 0 if bad_tab is None else bad_tab.data_ptr()
+    keep: list = [tab, one, bad_tab]
     streams = tuple((f.payload.data_ptr(), f.payload.numel(), _scale_ptr(f, keep)) for f in frames)
     op = out.data_ptr()
 

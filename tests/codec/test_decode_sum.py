@@ -122,3 +122,30 @@ def test_compiled_loop_checks_its_arguments():
         lib.decode_sum(out.data_ptr(), 0, 16, 16, 3, 0, one.data_ptr(), 0, (), 1, False)
     with pytest.raises(TypeError, match="a stream is"):
         lib.decode_sum(out.data_ptr(), 0, 16, 16, 3, 0, one.data_ptr(), 0, ((1, 2),), 1, False)
+
+
+def test_threads_racing_for_the_cached_tables():
+    """Threads that miss the table caches at the same moment (a Ray actor's concurrent pushes):
+    lru_cache keeps only one thread's table, so the decode must hold the one it was given while the
+    compiled loop reads it (it once took a bare ``.data_ptr()`` and read freed memory)."""
+    import threading
+    frames = {n: _frames(n, bits, 1, n)[0] for n, bits in ((7, 3), (30, 3), (12, 2), (5000, 3), (100, 4))}
+    refs = {n: _sequential([f], torch.zeros(n), 1, False) for n, f in frames.items()}
+    bad = []
+    for _ in range(30):
+        cc._code_values.cache_clear()
+        cc._bad_entries.cache_clear()
+        start = threading.Barrier(8)
+
+        def work():
+            start.wait()
+            for n, f in frames.items():
+                if not torch.equal(decode_frame(f), refs[n]):
+                    bad.append(n)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not bad, f"wrong values for frames of {sorted(set(bad))} values"
