@@ -1,15 +1,21 @@
-/* lowbit.codec._native: the codec's two inner loops in C, each one pass over its data.
+/* lowbit.codec._native: the codec's inner loops in C, each one pass over its data.
  *
- *   decode: packed b-bit codes -> fp32 values through a value table (or added to what `out` holds);
- *   pack:   uint8 codes -> the packed b-bit stream.
+ *   decode_sum: S packed b-bit frames of one tensor -> their fp32 values, summed in frame order and
+ *               divided once (or added to what `out` holds); S = 1 is a plain decode. Every CPU fp32
+ *               decode of lowbit.codec goes through it (AVX2 for b <= 4 where the CPU has it).
+ *   decode:     one frame through tables already scaled in Python: the loop every frame went through
+ *               before decode_sum, kept as the baseline of benchmarks/decode_sum_ab.py.
+ *   pack:       uint8 codes -> the packed b-bit stream.
  *
  * The torch-op versions (codecs.py, pack.py) cost several passes over cache-sized chunks each
  * (build indices, check the grid, index_select, add; shift/or/mask steps). This module is optional:
  * lowbit.codec.native says whether it was built, and the torch ops run when it was not; tests/codec
- * run every codec test on both and check they give the same bits.
+ * run every codec test on the torch ops, the scalar loops and the AVX2 path and check they give the
+ * same bits.
  *
  * Layout (lowbit.codec.pack): code j of a tensor sits at bits [b*j, b*j + b) of the little-endian
- * byte stream. Tables (built in Python, already multiplied by the frame's scale in fp32):
+ * byte stream. Unit tables (decode_sum: unscaled, multiplied by each frame's scale here; decode:
+ * already multiplied by the frame's scale in fp32 by the caller):
  *   b in {1, 2, 4, 8}: 256 entries of 8/b floats, entry i = the values of the codes in byte i;
  *   b == 3:            4096 entries of 4 floats, entry i = the values of the 4 codes in the 12-bit
  *                      field i (a 3-byte group of 8 codes is two such fields);
