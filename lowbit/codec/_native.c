@@ -96,6 +96,24 @@ static uint8_t run_groups3(const uint8_t *p, int64_t ng, const float *tab, const
     return DISPATCH(G3);
 }
 
+/* codes j0 .. j1 of the payload p (nbytes) one at a time through the single-code values `one`, into
+ * or onto out[0 .. j1 - j0): the codes that share a unit with padding, and small frames without a
+ * unit table. Returns 1 if one of them is the all-ones code (chk). */
+static uint8_t codes_one_by_one(const uint8_t *p, int64_t nbytes, int64_t j0, int64_t j1, int bits,
+                                const float *one, float *out, int acc, int chk) {
+    const unsigned mask = (1u << bits) - 1;
+    uint8_t flag = 0;
+    for (int64_t j = j0; j < j1; j++) {
+        const int64_t pos = j * bits, byte = pos >> 3;
+        unsigned v = p[byte];
+        if (byte + 1 < nbytes) v |= (unsigned)p[byte + 1] << 8;
+        const unsigned c = (v >> (pos & 7)) & mask;
+        if (acc) out[j - j0] += one[c]; else out[j - j0] = one[c];
+        if (chk && c == mask) flag = 1;
+    }
+    return flag;
+}
+
 /* decode(payload, nbytes, out, n, bits, table, one, bad, accumulate) -> 1 if a code outside the grid
  * was seen (bad given), else 0. Pointers are addresses (ints); `bad` 0 = no check; `table` 0 = every
  * code through `one` (a small frame, where building the 4096-entry table would cost more). */
@@ -119,7 +137,6 @@ static PyObject *native_decode(PyObject *self, PyObject *args) {
     const float *tab = (const float *)(uintptr_t)tp, *one = (const float *)(uintptr_t)onep;
     const uint8_t *bad = (const uint8_t *)(uintptr_t)bp;
     const int chk = bad != NULL;
-    const unsigned mask = (1u << bits) - 1;
     uint8_t flag = 0;
     Py_BEGIN_ALLOW_THREADS
     int64_t done = 0;  /* values written by the unit loop (none without a table: a small frame) */
@@ -135,14 +152,7 @@ static PyObject *native_decode(PyObject *self, PyObject *args) {
         done = nb * per;
     }
     /* the last codes share a unit with padding: one at a time */
-    for (int64_t j = done; j < n; j++) {
-        const int64_t pos = j * bits, byte = pos >> 3;
-        unsigned v = p[byte];
-        if (byte + 1 < nbytes) v |= (unsigned)p[byte + 1] << 8;
-        const unsigned c = (v >> (pos & 7)) & mask;
-        if (acc) out[j] += one[c]; else out[j] = one[c];
-        if (chk && c == mask) flag = 1;
-    }
+    flag |= codes_one_by_one(p, nbytes, done, n, bits, one, out + done, acc, chk);
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(flag ? 1 : 0);
 }
@@ -188,16 +198,7 @@ static uint8_t stream_range(const stream_t *st, int64_t j0, int64_t m, int bits,
             done = nb * per;
         }
     }
-    const unsigned mask = (1u << bits) - 1;
-    for (int64_t j = done; j < m; j++) {
-        const int64_t pos = (j0 + j) * bits, byte = pos >> 3;
-        unsigned v = st->p[byte];
-        if (byte + 1 < st->nbytes) v |= (unsigned)st->p[byte + 1] << 8;
-        const unsigned c = (v >> (pos & 7)) & mask;
-        if (acc) buf[j] += st->one[c]; else buf[j] = st->one[c];
-        if (chk && c == mask) flag = 1;
-    }
-    return flag;
+    return flag | codes_one_by_one(st->p, st->nbytes, j0 + done, j0 + m, bits, st->one, buf + done, acc, chk);
 }
 
 /* The AVX2 path of decode_sum for b in {1, 2, 3, 4}: 8 codes (b bytes) at a time per frame, all frames

@@ -90,9 +90,6 @@ def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: tor
                               f"{'' if out.is_contiguous() else ' (not contiguous)'}")
         if device is not None and out.device != torch.device(device):
             raise ConfigError(f"decode out= lives on {out.device}, asked for {device}")
-        if _native_fits(f, out.dtype, out.device):  # the common case, a received frame into a kept buffer:
-            _native_sum((f,), out, 1, accumulate)  # no torch calls at all
-            return out.view(f.shape)
     if f.encoding == "raw":
         payload = f.payload if device is None and out is None else f.payload.to(out.device if out is not None else device)
         vals = payload.view(f.dtype).reshape(f.shape)
@@ -408,6 +405,11 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
     dev = payload.device
     bits, numel = f.bits, math.prod(f.shape)
     per_row = f.scales.numel() != 1
+    if payload is f.payload and _native_fits(f, f.dtype if dest is None else dest.dtype, dev):
+        # the common case (a received frame into a kept buffer): the compiled loop, no torch ops
+        out = torch.empty(numel, dtype=torch.float32) if dest is None else dest.view(-1)
+        _native_sum((f,), out, 1, accumulate)
+        return out.view(f.shape)
     if per_row and dest is not None:  # per-row scales multiply whole rows afterwards: via a temporary
         t = _dequantize_payload(f, dev)
         o = dest.view(f.shape)
@@ -416,10 +418,6 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
     scale = None if per_row else scales.reshape(())
     out_dtype = torch.float32 if per_row else (f.dtype if dest is None else dest.dtype)
     check = f.encoding in ("sym", "log")  # the one invalid code is 2k+1 = 2^b − 1
-    if payload is f.payload and _native_fits(f, out_dtype, dev):
-        out = torch.empty(numel, dtype=torch.float32) if dest is None else dest.view(-1)
-        _native_sum((f,), out, 1, accumulate)
-        return out.view(f.shape)
     if numel <= SMALL_FRAME or 8 % bits and bits != 3:
         table = _value_table(f, bits, scale, out_dtype, dev, wide=False)[0]
     else:

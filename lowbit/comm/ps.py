@@ -66,6 +66,7 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+from lowbit.codec.frame import Frame
 from lowbit.comm.board import Board
 from lowbit.comm.p2p import LEN_PREFIX, P2P, Pending, bundle_bound, join, parse_bundle
 from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, decode_weight, partition
@@ -328,18 +329,16 @@ class ParameterServerTransport(Transport):
         """Key group i from every worker in ``chunks`` (worker -> bundle): each bundle validated,
         then every key's frames decoded, summed (in worker order: the fp32 sums do not depend on
         timing) and, with ``average``, averaged in one pass over its buffer (GradAccumulator.add_all)."""
-        by_key: dict[int, list] = {}
-        senders: dict[int, list[int]] = {}
+        by_key: dict[int, list[tuple[int, Frame]]] = {}  # key -> (worker, frame), in worker order
         for w, chunk in chunks.items():
             for pf in parse_bundle(chunk, peer=w, step=step, kind="grad", shapes=self.shapes,
                                    allowed_keys=self.groups_of[self.rank][i], rank=self.rank):
-                by_key.setdefault(pf.frame.key, []).append(pf.frame)
-                senders.setdefault(pf.frame.key, []).append(w)
-        for k, frames in by_key.items():
+                by_key.setdefault(pf.frame.key, []).append((w, pf.frame))
+        for sent in by_key.values():
             try:
-                self._acc.add_all(frames, average=average)
+                self._acc.add_all([f for _, f in sent], average=average)
             except FrameError as e:
-                w = senders[k][getattr(e, "index", 0)]
+                w = sent[getattr(e, "index", 0)][0]
                 raise FrameError(f"rank {self.rank}: bundle from peer {w} at step {step}: {e}") from e
 
     def _serve_step(self, step: int, owner: Owner) -> None:

@@ -128,22 +128,8 @@ class GradAccumulator:
             self.averaged.add(k)
 
     def add(self, frame: Frame) -> None:
-        k = frame.key
-        if k in self.averaged:
-            raise FrameError(f"gradient for key {k} arrived after its average was taken")
-        if k in self.sums:
-            if self.sums[k].shape != tuple(frame.shape):
-                raise FrameError(f"gradient for key {k} has shape {tuple(frame.shape)}, "
-                                 f"earlier contributions had {tuple(self.sums[k].shape)}")
-            decode_frame(frame, out=self.sums[k].view(-1), accumulate=True)
-            self.counts[k] += 1
-            return
-        buf = self.spare.pop(k, None)
-        if buf is None or buf.shape != tuple(frame.shape):
-            buf = torch.empty(frame.shape, dtype=torch.float32, device=self.device)
-        decode_frame(frame, out=buf.view(-1))
-        self.sums[k] = buf
-        self.counts[k] = 1
+        """One sender's frame of a key: decoded into the key's buffer, or added to it."""
+        self.add_all([frame])
 
     def averages(self, keys: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
         """The mean per key (of ``keys``, default all), computed in place (the sums are not used
