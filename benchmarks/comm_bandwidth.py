@@ -163,6 +163,11 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot(records: list[dict], path: Path) -> Path | None:
+    """Step time against link rate, one line per method, a panel per model; None (and a message)
+    when there is nothing to plot, e.g. every rate of the run failed."""
+    if not records:
+        print("comm_bandwidth: no measurements: no plot", file=sys.stderr)
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -1,6 +1,6 @@
 """Smoke run of the shaped-link communication benchmark machinery (benchmarks/comm_bandwidth.py):
 2 ranks in their own namespaces, 2 small tensors, one 50 Mbit/s link, fp32 all_reduce and lowbit
-ring w2/g3, one timed step each."""
+ring w2/g3, one timed step each (skipped without netns); and its plot of an empty run."""
 import math
 
 import pytest
@@ -8,13 +8,15 @@ import pytest
 from lowbit.net.netns import list_namespaces, netns_available
 
 OK, WHY = netns_available()
-pytestmark = [pytest.mark.netns, pytest.mark.skipif(not OK, reason=f"netns testbed not available: {WHY}")]
+needs_netns = [pytest.mark.netns, pytest.mark.skipif(not OK, reason=f"netns testbed not available: {WHY}")]
 
 SHAPES = [(512, 512), (256, 1024)]
 FIELDS = ("method", "bandwidth", "model", "step_s", "bytes_per_rank", "speedup_vs_fp32", "ideal_s", "efficiency",
           "wire_bytes_per_rank", "step_total_s")
 
 
+@needs_netns[0]
+@needs_netns[1]
 @pytest.mark.timeout(180)
 def test_comm_bandwidth_smoke_two_ranks_50mbit(tmp_path, bench):
     comm_bandwidth = bench("comm_bandwidth")
@@ -66,3 +68,13 @@ def test_comm_bandwidth_smoke_two_ranks_50mbit(tmp_path, bench):
         assert low[f] > 0, f
     assert low["step_enc_total_s"] == pytest.approx(low["step_enc_s"] + low["weight_quant_s"])
     assert low["step_total_s"] == pytest.approx(low["step_s"] + low["grad_encode_s"] + low["weight_quant_s"])
+
+
+@pytest.mark.timeout(60)
+def test_plot_of_a_run_that_measured_nothing_is_skipped_with_a_message(tmp_path, bench, capsys):
+    """A run whose every rate failed (e.g. a sysctl or tc refused) still writes its JSON; the plot
+    then says there is nothing to draw instead of failing inside matplotlib."""
+    comm_bandwidth = bench("comm_bandwidth")
+    assert comm_bandwidth.plot([], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+    assert "no measurements" in capsys.readouterr().err
