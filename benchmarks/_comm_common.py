@@ -184,6 +184,27 @@ def estimate_step_s(method: str, shapes: list[tuple], p: int, ps_servers: int, r
     return max(payload_bytes(method, shapes, p, ps_servers)) * 8 / rate
 
 
+def timeline_summary(timelines: list[dict]) -> dict:
+    """Milestones of one PS step from every rank's StepTimeline (seconds after the earliest rank
+    began; the ranks share one host's monotonic clock): first and last gradient chunk in at a
+    server, last weight chunk posted by a server, last weight chunk in at and decoded by a worker,
+    and the end of the slowest rank. ``tail_s`` = end − last gradient chunk in: what the step
+    spends after its up-link half is over."""
+    t0 = min(t["t0"] for t in timelines)
+
+    def at(what, pick):
+        ts = [t["t0"] - t0 + e[0] for t in timelines for e in t["events"] if e[1] == what]
+        return pick(ts) if ts else None
+
+    out = {"first_grads_in_s": at("grads_in", min), "grads_done_s": at("grads_in", max),
+           "weights_posted_s": at("weights_posted", max), "weights_in_s": at("weights_in", max),
+           "weights_decoded_s": at("weights_decoded", max), "end_s": at("end", max),
+           "start_skew_s": max(t["t0"] for t in timelines) - t0}
+    if out["end_s"] is not None and out["grads_done_s"] is not None:
+        out["tail_s"] = out["end_s"] - out["grads_done_s"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- rank side
 def netdev(ifname: str) -> tuple[int, int]:
     """(rx_bytes, tx_bytes) of ``ifname`` in this process's network namespace (/proc/net/dev)."""
@@ -400,7 +421,10 @@ class RankBench:
         w = rec["wire_bytes_per_rank"] / max(rec["bytes_per_rank"], 1)
         self.log(f"{model['name']} {method}: step {rec['step_s']:.4f}s (reps {reps}), total "
                  f"{rec['step_total_s']:.4f}s, {rec['bytes_per_rank'] / 1e6:.2f} MB/rank payload, wire/payload {w:.3f}"
-                 + (f", efficiency {rec['efficiency']:.2f}" if rec["efficiency"] else ""))
+                 + (f", efficiency {rec['efficiency']:.2f}" if rec["efficiency"] else "")
+                 + (", timeline: gradients in {first_grads_in_s:.4f}..{grads_done_s:.4f}s, end {end_s:.4f}s "
+                    "(tail {tail_s:.4f}s, start skew {start_skew_s:.4f}s)".format(**rec["timeline_summary"])
+                    if rec.get("timeline_summary", {}).get("tail_s") is not None else ""))
 
     # -------------------------------------------------------------- methods
     def run_allreduce(self, model, flat, method):
@@ -471,7 +495,7 @@ class RankBench:
         from lowbit.codec.frame import Frame
         from lowbit.comm.collective import RingTransport, TreeTransport
         from lowbit.comm.ps import DEFAULT_CHUNKS, ParameterServerTransport
-        from lowbit.comm.transport import LazyFrames
+        from lowbit.comm.transport import LazyFrames, StepTimeline
 
         shapes = {k: tuple(s) for k, s in enumerate(lowbit_pieces(model["shapes"]))}
         offs, a = {}, 0
@@ -547,7 +571,8 @@ class RankBench:
             if t == "ps":
                 tr = ParameterServerTransport(shapes, n_servers=S, timeout=float(self.spec["timeout_s"]), device=dev,
                                               chunks=int(self.spec.get("ps_chunks") or DEFAULT_CHUNKS),
-                                              weights_channel=bool(self.spec.get("weights_channel", True)))
+                                              weights_channel=bool(self.spec.get("weights_channel", True)),
+                                              timeline=StepTimeline() if self.spec.get("trace") else None)
                 computes, owns = not tr.is_server, tr.is_server
             else:
                 cls = RingTransport if t == "ring" else TreeTransport
@@ -586,6 +611,7 @@ class RankBench:
             ts, wire = self.timed(fn, reps)
             d = tr.counter.delta(c0)
             trace = self.last_trace
+            timeline = tr.timeline.last() if t == "ps" and self.spec.get("trace") else None  # the last timed step
 
             def fn_enc():  # the workers' gradient encode inside the step: LazyFrames, group by group
                 g = LazyFrames(shapes, lambda k: enc_codec.encode(tensor(k), key=k, step=0, generator=gen).to_bytes()
@@ -597,7 +623,8 @@ class RankBench:
             enc_ts, _ = self.timed(fn_enc, reps)
             self.last_trace = trace  # the plot shows the step with precomputed frames
             per_rank = self.gather({"times": ts, "wire": wire, "counter": {k: v // reps for k, v in d.items()},
-                                    "enc_times": enc_ts})
+                                    "enc_times": enc_ts, "timeline": timeline})
+            timelines = [r["timeline"] for r in per_rank] if timeline is not None else None
             counters = [r["counter"] for r in per_rank]
             step_enc_s = statistics.median(max(r["enc_times"][i] for r in per_rank) for i in range(reps))
             self.emit(model, method, per_rank, lambda steps: {
@@ -610,6 +637,7 @@ class RankBench:
                 "weights_channel": (tr.p2p.down_group is not None) if t == "ps" else None,
                 "step_total_s": statistics.median(steps) + genc_s + wq_s,
                 "step_enc_s": step_enc_s, "step_enc_total_s": step_enc_s + wq_s,
+                **({"timeline": timelines, "timeline_summary": timeline_summary(timelines)} if timelines else {}),
                 "timed": "Transport.step with precomputed gradient and weight frames (wire + framing + CRC + "
                          "decode/sum of gradients + decode of weights); encoding timed separately. step_enc_s: "
                          "the same step with the workers' gradient encode inside it (LazyFrames: the PS encodes "

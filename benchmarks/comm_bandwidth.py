@@ -197,17 +197,35 @@ def plot(records: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+TIMELINE_STYLE = {  # event -> (marker, size, label)
+    "grads_posted": ("|", 40, "gradient chunk posted (worker)"),
+    "grads_in": ("o", 18, "gradient chunk in (server)"),
+    "group_averaged": ("x", 30, "group averaged (server)"),
+    "weights_posted": ("^", 26, "weight chunk posted (server)"),
+    "weights_in": ("v", 18, "weight chunk in (worker)"),
+    "weights_decoded": (".", 22, "weight chunk decoded (worker)"),
+    "end": ("s", 40, "end of step"),
+}
+
+
 def plot_traces(records: list[dict], path: Path) -> Path | None:
     """Receive and send rates of every rank over one step, a panel per traced record: where the
-    bytes of a step go, and whether the up and down directions overlap."""
+    bytes of a step go, and whether the up and down directions overlap. A PS record also gets its
+    step timeline below (every rank's events, coloured by key group, on the shared clock) with the
+    wire-time ideal marked: which chunk came late, and how long the step ran after its last
+    gradients were in."""
     traced = [r for r in records if r.get("trace")]
     if not traced:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(traced), 1, figsize=(10, 2.6 * len(traced)), squeeze=False)
-    for ax, r in zip(axes[:, 0], traced):
+    panels = [p for r in traced for p in ([(r, "rates")] + ([(r, "timeline")] if r.get("timeline") else []))]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)), squeeze=False)
+    for ax, (r, kind) in zip(axes[:, 0], panels):
+        if kind == "timeline":
+            _plot_timeline(ax, r)
+            continue
         for rank, rows in enumerate(r["trace"]):
             if not rows or len(rows) < 2:
                 continue
@@ -223,8 +241,42 @@ def plot_traces(records: list[dict], path: Path) -> Path | None:
         ax.set_ylabel("Mbit/s")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6, ncol=4, loc="upper right")
-    axes[-1, 0].set_xlabel("seconds into the step (interface counters every 10 ms)")
+        ax.set_xlabel("seconds into the step (interface counters every 10 ms)", fontsize=8)
     return _save(fig, path)
+
+
+def _plot_timeline(ax, r: dict) -> None:
+    import matplotlib.pyplot as plt
+    tls = r["timeline"]
+    t0 = min(t["t0"] for t in tls)
+    groups = max((e[3] for t in tls for e in t["events"] if e[3] is not None), default=0) + 1
+    cmap = plt.get_cmap("viridis")
+    seen = set()
+    for rank, tl in enumerate(tls):
+        for what, (marker, size, label) in TIMELINE_STYLE.items():
+            ev = [e for e in tl["events"] if e[1] == what]
+            if not ev:
+                continue
+            xs = [tl["t0"] - t0 + e[0] for e in ev]
+            # servers' arrivals per worker and workers' per server on their own sub-rows
+            ys = [rank + (0.0 if e[2] is None else 0.12 * ((e[2] % 4) - 1.5)) for e in ev]
+            cs = [cmap(e[3] / max(groups - 1, 1)) if e[3] is not None else "k" for e in ev]
+            ax.scatter(xs, ys, marker=marker, s=size, c=cs, label=None if what in seen else label, lw=1)
+            seen.add(what)
+    sm = r.get("timeline_summary", {})
+    if r.get("ideal_s"):
+        ax.axvline(r["ideal_s"], color="r", lw=0.8, ls="--", label=f"ideal {r['ideal_s']:.3f} s")
+    if sm.get("grads_done_s") is not None:
+        ax.axvline(sm["grads_done_s"], color="0.4", lw=0.8, ls=":",
+                   label=f"last gradients in {sm['grads_done_s']:.3f} s")
+    ax.set_yticks(range(len(tls)), [f"rank {i} ({'server' if i < (r.get('ps_servers') or 0) else 'worker'})"
+                                    for i in range(len(tls))], fontsize=7)
+    ax.set_ylim(-1.7, len(tls) - 0.4)  # the legend sits below the ranks' rows
+    ax.set_title(f"timeline of the last timed step (colour = key group 0..{groups - 1}; tail after the last "
+                 f"gradients {sm.get('tail_s') or 0:.3f} s)", fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=6, ncol=5, loc="lower center")
+    ax.set_xlabel("seconds since the first rank began the step", fontsize=8)
 
 
 def main(argv=None) -> int:
@@ -252,7 +304,8 @@ def main(argv=None) -> int:
                          "weights_channel=False; gloo then serializes up and down)")
     ap.add_argument("--trace", metavar="PNG", default=None,
                     help="sample every rank's interface counters every 10 ms of each method's last step "
-                         "(kept in the JSON) and plot receive/send rates over the step to PNG")
+                         "and record the PS step timeline (both kept in the JSON); plot receive/send "
+                         "rates over the step, and the PS timeline, to PNG")
     ap.add_argument("--codec-device", default="cpu", choices=["cpu", "cuda"],
                     help="where lowbit's codec runs (cuda: the ranks share the GPU; payloads still go through "
                          "gloo on the CPU; baselines stay on CPU tensors)")

@@ -69,7 +69,8 @@ import torch.distributed as dist
 from lowbit.codec.frame import Frame
 from lowbit.comm.board import Board
 from lowbit.comm.p2p import LEN_PREFIX, P2P, Pending, bundle_bound, join, parse_bundle
-from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, decode_weight, partition
+from lowbit.comm.transport import (ByteCounter, GradAccumulator, Owner, StepTimeline, Transport, decode_weight,
+                                   partition)
 from lowbit.errors import ConfigError, FrameError, TransportError
 
 FAILURE_MODES = ("stop", "continue")
@@ -153,12 +154,14 @@ class ParameterServerTransport(Transport):
             it gloo serializes the two directions (a worker's "ready to receive" waits behind its
             own outgoing gradients). Creating a group is collective: every rank of ``group`` must
             construct the transport (as training and the benchmarks do). Not in ``"continue"`` mode.
+        timeline: a :class:`~lowbit.comm.transport.StepTimeline` that records when each chunk of a
+            step left and arrived (``self.timeline``; default off). Not in ``"continue"`` mode.
     """
 
     def __init__(self, shapes: Mapping[int, tuple], n_servers: int = 1, group=None, *,
                  timeout: float = 300.0, device: torch.device | str = "cpu",
                  on_worker_failure: str = "stop", store=None, chunks: int = DEFAULT_CHUNKS,
-                 weights_channel: bool = False) -> None:
+                 weights_channel: bool = False, timeline: StepTimeline | None = None) -> None:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -177,6 +180,7 @@ class ParameterServerTransport(Transport):
         self.counter = ByteCounter()
         self.p2p = P2P(self.group, self.counter, timeout)
         self._acc = GradAccumulator(self.device)  # buffers reused every step (see GradAccumulator)
+        self.timeline = timeline if timeline is not None else StepTimeline(keep=0)
         if on_worker_failure not in FAILURE_MODES:
             raise ConfigError(f"on_worker_failure must be one of {FAILURE_MODES}, got {on_worker_failure!r}")
         self.tolerant = on_worker_failure == "continue"
@@ -223,6 +227,8 @@ class ParameterServerTransport(Transport):
 
     def step(self, step: int, grads: dict[int, bytes] | None, owner: Owner | None, *,
              out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
+        tl = self.timeline
+        tl.begin(step)
         if self.is_server:
             self._check_owner(owner)
             if self.tolerant:
@@ -230,6 +236,7 @@ class ParameterServerTransport(Transport):
                 self._send_weights(step, owner)
             else:
                 self._serve_step(step, owner)
+            tl.mark("end")
             return None
         if grads is None:
             raise ConfigError(f"worker rank {self.rank} must pass its gradient frames to step()")
@@ -252,10 +259,12 @@ class ParameterServerTransport(Transport):
             raise
         weights = self._pull_weights(step, out, pumps)  # while the last gradient chunks may still be leaving
         self.p2p.finish(pending, step)
+        tl.mark("end")
         return weights
 
     def fetch_weights(self, step: int, owner: Owner | None, *,
                       out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
+        self.timeline.begin(step)
         if self.is_server:
             self._check_owner(owner)
             self._send_weights(step, owner, publish=False)
@@ -285,6 +294,7 @@ class ParameterServerTransport(Transport):
                 if i < len(self.groups_of[s]):
                     bundle = join(grads[k] for k in self.groups_of[s][i] if grads.get(k))
                     self.p2p.send_chunk(s, i, bundle, "up", pending)
+                    self.timeline.mark("grads_posted", s, i)
 
     def _drop(self, step: int, failed: Mapping[int, str], half: str) -> None:
         """Agree with the other servers on the workers lost in this half and stop serving them."""
@@ -354,7 +364,7 @@ class ParameterServerTransport(Transport):
         with self._finishing(pending, step):
             pumps = _Pumps(self.p2p, step, "up", {w: [bundle_bound(self.shapes, g) for g in groups]
                                                   for w in self.workers}, f"rank {self.rank}: gradients",
-                           in_order=True)
+                           in_order=True, timeline=self.timeline)
             error: FrameError | None = None  # a bad chunk: the rest of the step is still drained
             try:
                 for i in range(len(groups)):
@@ -366,11 +376,13 @@ class ParameterServerTransport(Transport):
                     except FrameError as e:
                         error = e
                         continue
+                    self.timeline.mark("group_averaged", None, i)
                     if parts:
                         owner.apply_keys(step, self._acc.averages(groups[i]),
                                          {k: self._acc.counts[k] for k in groups[i] if k in self._acc.counts},
                                          groups[i], i == len(groups) - 1)
                         self._send_group(step, owner, i, pending)
+                        self.timeline.mark("weights_posted", None, i)
             finally:
                 pumps.close()
             if error is not None:
@@ -380,6 +392,7 @@ class ParameterServerTransport(Transport):
                 frames = owner.weight_frames(step)
                 for i in range(len(groups)):
                     self._send_group(step, owner, i, pending, frames)
+                    self.timeline.mark("weights_posted", None, i)
 
     @contextlib.contextmanager
     def _finishing(self, pending: Pending, step: int):
@@ -435,7 +448,8 @@ class ParameterServerTransport(Transport):
 
     def _weight_pumps(self, step: int) -> "_Pumps":
         return _Pumps(self.p2p, step, "down", {s: [bundle_bound(self.shapes, g) for g in self.groups_of[s]]
-                                               for s in self.servers}, f"rank {self.rank}: weights", in_order=False)
+                                               for s in self.servers}, f"rank {self.rank}: weights", in_order=False,
+                      timeline=self.timeline)
 
     def _pull_weights(self, step: int, dest: Mapping[int, torch.Tensor] | None,
                       pumps: "_Pumps | None" = None) -> dict[int, torch.Tensor]:
@@ -452,6 +466,7 @@ class ParameterServerTransport(Transport):
                         out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
                     except FrameError as e:
                         raise FrameError(f"rank {self.rank}: bundle from peer {s} at step {step}: {e}") from e
+                self.timeline.mark("weights_decoded", s, i)
         finally:
             pumps.close()
         return out
@@ -470,8 +485,9 @@ class _Pumps:
     error, or the transport's timeout), so none is left to take a later step's messages."""
 
     def __init__(self, p2p: P2P, step: int, direction: str, bounds: Mapping[int, list[int]], what: str,
-                 in_order: bool) -> None:
+                 in_order: bool, timeline: StepTimeline) -> None:
         self.p2p, self.step, self.direction, self.what = p2p, step, direction, what
+        self.timeline, self.arrived = timeline, "grads_in" if direction == "up" else "weights_in"
         self.bounds = {int(p): list(b) for p, b in bounds.items()}
         shared: queue.Queue = queue.Queue()
         self.queues = {p: queue.Queue() if in_order else shared for p in self.bounds}
@@ -500,7 +516,9 @@ class _Pumps:
                 i, body = posted.get()  # the poster always answers: a chunk or its error
                 if i is None:
                     raise body
-                self.queues[peer].put((peer, i, self.p2p.wait_chunk_body(peer, i, self.step, body)))
+                buf = self.p2p.wait_chunk_body(peer, i, self.step, body)
+                self.timeline.mark(self.arrived, peer, i)
+                self.queues[peer].put((peer, i, buf))
         except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
             self.queues[peer].put((peer, None, e))
 

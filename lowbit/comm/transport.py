@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import heapq
 import math
+import threading
+import time
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
@@ -79,6 +82,52 @@ class ByteCounter:
     def delta(self, before: dict[str, int]) -> dict[str, int]:
         now = self.snapshot()
         return {k: now[k] - before.get(k, 0) for k in now}
+
+
+class StepTimeline:
+    """When each piece of a step happened on this rank, for the last ``keep`` steps: where a
+    pipelined step loses time against its wire-time ideal (a late first chunk, a slow flow, the
+    tail after the last gradients are in) is read off these, not guessed.
+
+    A step is ``{"step", "t0", "events"}``: ``t0`` is ``time.perf_counter()`` when the step began
+    (CLOCK_MONOTONIC on Linux, so the ranks of one host line up), and each event is
+    ``(seconds since t0, what, peer, group)``. The parameter server records ``grads_posted``
+    (worker, per server and key group), ``grads_in`` (server, as each worker's chunk arrives),
+    ``group_averaged`` and ``weights_posted`` (server, per group), ``weights_in`` and
+    ``weights_decoded`` (worker, per server and group) and ``end``. Off (``keep=0``) a mark costs
+    one attribute test; on, one clock read and a list append (safe from the receive threads)."""
+
+    def __init__(self, keep: int = 8) -> None:
+        if not isinstance(keep, int) or keep < 0:
+            raise ConfigError(f"StepTimeline keep must be an int >= 0, got {keep!r}")
+        self.keep = keep
+        self.steps: deque = deque(maxlen=max(keep, 1))
+        self._t0 = 0.0
+        self._events: list | None = None
+        self._lock = threading.Lock()
+
+    def begin(self, step: int) -> None:
+        """Start recording ``step`` (the oldest kept step is dropped beyond ``keep``)."""
+        if not self.keep:
+            return
+        self._t0 = time.perf_counter()
+        self._events = []
+        self.steps.append({"step": int(step), "t0": self._t0, "events": self._events})
+
+    def mark(self, what: str, peer: int | None = None, group: int | None = None) -> None:
+        events = self._events
+        if events is not None:
+            t = time.perf_counter() - self._t0
+            with self._lock:
+                events.append((t, what, peer, group))
+
+    def last(self) -> dict | None:
+        """The most recent step (its events sorted by time), or None before the first."""
+        if not self.keep or not self.steps:
+            return None
+        st = self.steps[-1]
+        with self._lock:
+            return {"step": st["step"], "t0": st["t0"], "events": sorted(st["events"], key=lambda e: e[0])}
 
 
 @dataclass

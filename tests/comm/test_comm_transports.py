@@ -348,3 +348,61 @@ def test_received_bundles_reuse_their_buffers_across_steps():
                 assert {key[0] for key in ptrs[0]} == {"up", "down"}, ptrs[0]
             assert ptrs[0] == ptrs[1] == ptrs[2], (rank, kind)
             assert res[rank][kind]["exact"] is True, (rank, kind)
+
+
+def _timeline_body(rank, world):
+    """Two steps of a 2-server PS with a StepTimeline (keep=1), then a fetch_weights: what each
+    rank recorded, the chunk groups, and the clock before and after the last step."""
+    from lowbit.comm.transport import StepTimeline
+    codec = StochasticGradCodec(3)
+    t = ParameterServerTransport(SHAPES, 2, timeout=30, chunks=2, weights_channel=True,
+                                 timeline=StepTimeline(keep=1))
+    owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if t.is_server else None
+    import time
+    for step in (1, 2):
+        grads = None if t.is_server else {
+            k: codec.encode(grad(rank, step, k), key=k, step=step, generator=torch.Generator().manual_seed(step)
+                            ).to_bytes() for k in SHAPES}
+        before = time.perf_counter()
+        t.step(step, grads, owner)
+        after = time.perf_counter()
+    last = t.timeline.last()
+    t.fetch_weights(3, owner)
+    return {"last": last, "n_kept": len(t.timeline.steps), "fetched": t.timeline.last(), "before": before,
+            "after": after, "groups": {s: [len(g) for g in gs] for s, gs in t.groups_of.items()}}
+
+
+@pytest.mark.timeout(90)
+def test_ps_step_timeline_records_every_chunk_in_order():
+    res = run_ranks(_timeline_body, 4)
+    groups = res[0]["groups"]
+    for rank, out in res.items():
+        last = out["last"]
+        assert last["step"] == 2 and out["n_kept"] == 1
+        assert out["before"] <= last["t0"] <= out["after"]
+        ev = last["events"]
+        assert [e[0] for e in ev] == sorted(e[0] for e in ev) and all(e[0] >= 0 for e in ev)
+        assert ev[-1][1] == "end" and last["t0"] + ev[-1][0] <= out["after"]
+        kinds = {e[1] for e in ev}
+        if rank < 2:  # server: every worker's chunk i arrives before group i is averaged and posted
+            assert kinds == {"grads_in", "group_averaged", "weights_posted", "end"}, kinds
+            n = len(groups[rank])
+            assert sorted((e[2], e[3]) for e in ev if e[1] == "grads_in") == [(w, i) for w in (2, 3) for i in range(n)]
+            for i in range(n):
+                t_in = max(e[0] for e in ev if e[1] == "grads_in" and e[3] == i)
+                t_avg = next(e[0] for e in ev if e[1] == "group_averaged" and e[3] == i)
+                t_post = next(e[0] for e in ev if e[1] == "weights_posted" and e[3] == i)
+                assert t_in <= t_avg <= t_post
+        else:  # worker: posted every group to both servers, got and decoded each server's weights
+            assert kinds == {"grads_posted", "weights_in", "weights_decoded", "end"}, kinds
+            want = sorted((s, i) for s in (0, 1) for i in range(len(groups[s])))
+            for what in ("grads_posted", "weights_in", "weights_decoded"):
+                assert sorted((e[2], e[3]) for e in ev if e[1] == what) == want, what
+            for s, i in want:
+                t_in = next(e[0] for e in ev if e[1] == "weights_in" and (e[2], e[3]) == (s, i))
+                assert t_in <= next(e[0] for e in ev if e[1] == "weights_decoded" and (e[2], e[3]) == (s, i))
+        # fetch_weights is a step of its own in the timeline (down half only)
+        f = out["fetched"]
+        assert f["step"] == 3 and f["t0"] > last["t0"]
+        assert {e[1] for e in f["events"]} <= {"weights_in", "weights_decoded"}
+        assert bool(f["events"]) == (rank >= 2)

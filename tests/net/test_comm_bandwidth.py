@@ -25,11 +25,11 @@ def test_comm_bandwidth_smoke_two_ranks_50mbit(tmp_path, bench):
 
     n = sum(math.prod(s) for s in SHAPES)
     models = [{"name": "tiny", "shapes": [list(s) for s in SHAPES], "n": n}]
-    recs = comm_bandwidth.run_rate(50, models, ["fp32_allreduce", "lowbit_ring_w2g3"], ranks=2, reps=1,
-                                   prefix="lbct", timeout_s=60, codec_threads=2, trace=True)
+    recs = comm_bandwidth.run_rate(50, models, ["fp32_allreduce", "lowbit_ring_w2g3", "lowbit_ps_w2g3"], ranks=2,
+                                   reps=1, ps_servers=1, prefix="lbct", timeout_s=60, codec_threads=2, trace=True)
     assert [n for n in list_namespaces() if n.startswith("lbct")] == []
     by = {r["method"]: r for r in recs}
-    assert set(by) == {"fp32_allreduce", "lowbit_ring_w2g3"}
+    assert set(by) == {"fp32_allreduce", "lowbit_ring_w2g3", "lowbit_ps_w2g3"}
     for r in recs:
         for f in FIELDS:
             assert f in r and r[f] is not None, (r["method"], f)
@@ -43,12 +43,25 @@ def test_comm_bandwidth_smoke_two_ranks_50mbit(tmp_path, bench):
     # about what the interface carried in a step
     for r in recs:
         assert len(r["trace"]) == 2
-        for rows in r["trace"]:
+        for rank, rows in enumerate(r["trace"]):
             assert len(rows) >= 2 and [x[0] for x in rows] == sorted(x[0] for x in rows)
             tx = rows[-1][2] - rows[0][2]
-            assert 0.5 * r["bytes_per_rank"] <= tx <= 1.3 * r["wire_bytes_per_rank"] + 20_000, (r["method"], tx)
+            sent = r["counters"][rank]["sent"] if "counters" in r else r["bytes_per_rank"]  # PS: ranks differ
+            assert 0.5 * sent <= tx <= 1.3 * r["wire_bytes_per_rank"] + 20_000, (r["method"], rank, tx)
     png = comm_bandwidth.plot_traces(recs, tmp_path / "trace.png")
     assert png is not None and png.stat().st_size > 10_000
+
+    # the PS step's timeline: the server's and the worker's events of the last timed step, and
+    # its milestones in order (gradients in before the weights, the tail after them)
+    ps = by["lowbit_ps_w2g3"]
+    assert "timeline" not in by["lowbit_ring_w2g3"]
+    server, worker = ps["timeline"]
+    assert {e[1] for e in server["events"]} == {"grads_in", "group_averaged", "weights_posted", "end"}
+    assert {e[1] for e in worker["events"]} == {"grads_posted", "weights_in", "weights_decoded", "end"}
+    sm = ps["timeline_summary"]
+    assert 0 <= sm["first_grads_in_s"] <= sm["grads_done_s"] <= sm["weights_posted_s"] <= sm["weights_in_s"]
+    assert sm["weights_in_s"] <= sm["weights_decoded_s"] <= sm["end_s"] <= ps["step_s"] + sm["start_skew_s"] + 0.05
+    assert sm["tail_s"] == pytest.approx(sm["end_s"] - sm["grads_done_s"])
 
     fp32, low = by["fp32_allreduce"], by["lowbit_ring_w2g3"]
     assert fp32["bytes_per_rank"] == pytest.approx(2 * (2 - 1) / 2 * 4 * n)  # ring all-reduce formula
