@@ -67,10 +67,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+BENCH_SCRIPTS = {"codec": "codec_throughput.py", "comm": "comm_bandwidth.py", "loopback": "comm_loopback.py",
+                 "train": "train_sst2.py", "glue": "glue.py", "federated": "federated.py"}
+
+
 def cmd_bench(args, rest) -> int:
-    scripts = {"codec": "codec_throughput.py", "comm": "comm_bandwidth.py", "loopback": "comm_loopback.py",
-               "train": "train_sst2.py", "glue": "glue.py", "federated": "federated.py"}
-    path = REPO / "benchmarks" / scripts[args.what]
+    path = REPO / "benchmarks" / BENCH_SCRIPTS[args.what]
     if not path.exists():
         print(f"benchmark script {path} not found (benchmarks ship with the source tree)", file=sys.stderr)
         return 2
@@ -109,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lowbit", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     add_train_args(sub.add_parser("train", help="distributed low-bit training on this machine"))
-    b = sub.add_parser("bench", help="run a benchmark (codec | comm | loopback | train | glue | federated)")
-    b.add_argument("what", choices=["codec", "comm", "loopback", "train", "glue", "federated"])
+    # no -h of its own: `lowbit bench comm --help` is the benchmark script's help
+    b = sub.add_parser("bench", help="run a benchmark (codec | comm | loopback | train | glue | federated); "
+                       "`lowbit bench NAME --help` for its options", add_help=False)
+    b.add_argument("what", nargs="?", choices=list(BENCH_SCRIPTS))
     e = sub.add_parser("export", help="packed low-bit checkpoint (safetensors)")
     e.add_argument("--model", default="minilm")
     e.add_argument("--scheme", default="ternarybert")
@@ -123,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", default="runs/demo")
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "bench":
+        if args.what is None:  # `lowbit bench` or `lowbit bench --help`
+            b.print_help(sys.stdout if {"-h", "--help"} & set(rest) else sys.stderr)
+            return 0 if {"-h", "--help"} & set(rest) else 2
         return cmd_bench(args, rest)
     if args.cmd == "simulate":
         return cmd_simulate(args, rest)

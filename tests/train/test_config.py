@@ -63,3 +63,17 @@ def test_cli_export_writes_a_packed_checkpoint_that_loads(tmp_path):
     with torch.no_grad():
         logits = m(input_ids=torch.tensor([[101, 2023, 102]])).logits
     assert logits.shape == (1, 2) and torch.isfinite(logits).all()
+
+
+def test_cli_bench_help_is_the_benchmarks_own(capsys):
+    """`lowbit bench comm --help` shows the benchmark script's options (not the bench parser's),
+    and `lowbit bench` alone says which benchmarks there are."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "comm", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--trace" in out and "--rates" in out
+    assert main(["bench"]) == 2
+    assert "codec,comm,loopback" in capsys.readouterr().err
+    assert main(["bench", "--help"]) == 0
+    assert "lowbit bench" in capsys.readouterr().out
