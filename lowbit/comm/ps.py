@@ -487,7 +487,7 @@ class _Pumps:
     def __init__(self, p2p: P2P, step: int, direction: str, bounds: Mapping[int, list[int]], what: str,
                  in_order: bool, timeline: StepTimeline) -> None:
         self.p2p, self.step, self.direction, self.what = p2p, step, direction, what
-        self.timeline, self.arrived = timeline, "grads_in" if direction == "up" else "weights_in"
+        self.mark, self.arrived = timeline.marker(), "grads_in" if direction == "up" else "weights_in"
         self.bounds = {int(p): list(b) for p, b in bounds.items()}
         shared: queue.Queue = queue.Queue()
         self.queues = {p: queue.Queue() if in_order else shared for p in self.bounds}
@@ -517,7 +517,7 @@ class _Pumps:
                 if i is None:
                     raise body
                 buf = self.p2p.wait_chunk_body(peer, i, self.step, body)
-                self.timeline.mark(self.arrived, peer, i)
+                self.mark(self.arrived, peer, i)
                 self.queues[peer].put((peer, i, buf))
         except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
             self.queues[peer].put((peer, None, e))

@@ -121,6 +121,19 @@ class StepTimeline:
             with self._lock:
                 events.append((t, what, peer, group))
 
+    def marker(self) -> Callable[..., None]:
+        """:meth:`mark`, bound to the step being recorded now: a receive thread that outlives its
+        step (a step given up with receives still posted) marks that step, not the next one."""
+        events, t0, lock = self._events, self._t0, self._lock
+        if events is None:
+            return _no_mark
+
+        def mark(what: str, peer: int | None = None, group: int | None = None) -> None:
+            t = time.perf_counter() - t0
+            with lock:
+                events.append((t, what, peer, group))
+        return mark
+
     def last(self) -> dict | None:
         """The most recent step (its events sorted by time), or None before the first."""
         if not self.keep or not self.steps:
@@ -128,6 +141,10 @@ class StepTimeline:
         st = self.steps[-1]
         with self._lock:
             return {"step": st["step"], "t0": st["t0"], "events": sorted(st["events"], key=lambda e: e[0])}
+
+
+def _no_mark(what: str, peer: int | None = None, group: int | None = None) -> None:
+    pass
 
 
 @dataclass

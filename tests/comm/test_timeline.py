@@ -53,3 +53,20 @@ def test_marks_from_threads_all_land_sorted():
 def test_bad_keep_is_named(keep):
     with pytest.raises(ConfigError, match="keep"):
         StepTimeline(keep=keep)
+
+
+def test_a_marker_keeps_marking_its_own_step():
+    """A receive thread left over from a step that gave up (marker taken then) must not put its
+    arrivals into the next step."""
+    tl = StepTimeline()
+    tl.begin(1)
+    late = tl.marker()
+    tl.begin(2)
+    late("grads_in", 3, 0)
+    tl.mark("end")
+    assert [e[1:] for e in tl.steps[0]["events"]] == [("grads_in", 3, 0)]
+    assert [e[1:] for e in tl.last()["events"]] == [("end", None, None)]
+    off = StepTimeline(keep=0)
+    off.begin(1)
+    off.marker()("grads_in", 0, 0)  # a no-op when off
+    assert off.last() is None
