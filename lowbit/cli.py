@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "bench":
         if args.what is None:  # `lowbit bench` or `lowbit bench --help`
-            b.print_help(sys.stdout if {"-h", "--help"} & set(rest) else sys.stderr)
-            return 0 if {"-h", "--help"} & set(rest) else 2
+            asked = bool({"-h", "--help"} & set(rest))
+            b.print_help(sys.stdout if asked else sys.stderr)
+            return 0 if asked else 2
         return cmd_bench(args, rest)
     if args.cmd == "simulate":
         return cmd_simulate(args, rest)

@@ -94,45 +94,36 @@ class StepTimeline:
     ``(seconds since t0, what, peer, group)``. The parameter server records ``grads_posted``
     (worker, per server and key group), ``grads_in`` (server, as each worker's chunk arrives),
     ``group_averaged`` and ``weights_posted`` (server, per group), ``weights_in`` and
-    ``weights_decoded`` (worker, per server and group) and ``end``. Off (``keep=0``) a mark costs
-    one attribute test; on, one clock read and a list append (safe from the receive threads)."""
+    ``weights_decoded`` (worker, per server and group) and ``end``. Off (``keep=0``) a mark is a
+    call of a no-op; on, one clock read and a list append (safe from the receive threads)."""
 
     def __init__(self, keep: int = 8) -> None:
         if not isinstance(keep, int) or keep < 0:
             raise ConfigError(f"StepTimeline keep must be an int >= 0, got {keep!r}")
         self.keep = keep
         self.steps: deque = deque(maxlen=max(keep, 1))
-        self._t0 = 0.0
-        self._events: list | None = None
         self._lock = threading.Lock()
+        # mark(what, peer=None, group=None): record an event of the step begun last (a no-op when off)
+        self.mark: Callable[..., None] = _no_mark
 
     def begin(self, step: int) -> None:
-        """Start recording ``step`` (the oldest kept step is dropped beyond ``keep``)."""
+        """Start recording ``step`` (the oldest kept step is dropped beyond ``keep``); from now on
+        :attr:`mark` records into it."""
         if not self.keep:
             return
-        self._t0 = time.perf_counter()
-        self._events = []
-        self.steps.append({"step": int(step), "t0": self._t0, "events": self._events})
-
-    def mark(self, what: str, peer: int | None = None, group: int | None = None) -> None:
-        events = self._events
-        if events is not None:
-            t = time.perf_counter() - self._t0
-            with self._lock:
-                events.append((t, what, peer, group))
-
-    def marker(self) -> Callable[..., None]:
-        """:meth:`mark`, bound to the step being recorded now: a receive thread that outlives its
-        step (a step given up with receives still posted) marks that step, not the next one."""
-        events, t0, lock = self._events, self._t0, self._lock
-        if events is None:
-            return _no_mark
+        t0, events, lock = time.perf_counter(), [], self._lock
+        self.steps.append({"step": int(step), "t0": t0, "events": events})
 
         def mark(what: str, peer: int | None = None, group: int | None = None) -> None:
             t = time.perf_counter() - t0
             with lock:
                 events.append((t, what, peer, group))
-        return mark
+        self.mark = mark
+
+    def marker(self) -> Callable[..., None]:
+        """:attr:`mark`, bound to the step being recorded now: a receive thread that outlives its
+        step (a step given up with receives still posted) marks that step, not the next one."""
+        return self.mark
 
     def last(self) -> dict | None:
         """The most recent step (its events sorted by time), or None before the first."""
