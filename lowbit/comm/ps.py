@@ -14,7 +14,7 @@ One synchronous step (``step(step, grads, owner)``)::
 
 The step is pipelined by key group. Server s's keys are cut into ``chunks`` contiguous groups,
 equal in size but for two smaller last ones (:func:`chunk_keys`, :func:`chunk_shares`); every
-bundle travels as one chunk message per group (its length, then its bytes: :meth:`P2P.send_chunk`). A worker reads ``grads[k]`` for the keys of group
+bundle travels as one chunk message per group (its length and its bytes: :meth:`P2P.send_chunk`). A worker reads ``grads[k]`` for the keys of group
 i only when it posts group i, so ``grads`` may be a :class:`~lowbit.comm.transport.LazyFrames`
 that encodes on access: group i + 1 is then encoded while group i is on the wire. The server
 decodes and sums group i as it arrives; once group i has come from every worker, the owner updates
@@ -27,8 +27,11 @@ Both sides receive on helper threads (:class:`_Pumps`) that keep every receive o
 ahead of its message: gloo sends a message only once the receiver has announced its receive, so a
 receiver that decoded between receives would stall the sender for as long as each decode takes,
 and one that posted chunk i + 1 only after taking chunk i would idle the link for a round trip and
-a thread wake-up per chunk. All chunk lengths are posted at the start of the step, each chunk's
-bytes as soon as its length is in.
+a thread wake-up per chunk. On gloo every chunk's receive (into a buffer of the chunk's bound) is
+posted at the start of the step, the server's at the start of its step, a worker's weight receives
+right after its gradient group 0 has been posted (no weight can come before it); in the
+length-then-bytes protocol (NCCL, ``"continue"`` mode) all lengths are posted at the start, each
+chunk's bytes as soon as its length is in.
 
 A worker may leave a key out of ``grads`` (or map it to ``None`` / ``b""``): its nonfinite policy
 skipped that gradient. The server then averages over the contributions that came
@@ -179,6 +182,8 @@ class ParameterServerTransport(Transport):
         self.device = torch.device(device)
         self.counter = ByteCounter()
         self.p2p = P2P(self.group, self.counter, timeout)
+        if on_worker_failure == "continue":  # whole bundles as length, then bytes (P2P.exchange_tolerant),
+            self.p2p.one_message = False     # which the workers' chunk receives must then speak too
         self._acc = GradAccumulator(self.device)  # buffers reused every step (see GradAccumulator)
         self.timeline = timeline if timeline is not None else StepTimeline(keep=0)
         if on_worker_failure not in FAILURE_MODES:
@@ -189,6 +194,7 @@ class ParameterServerTransport(Transport):
         self.chunks = 1 if self.tolerant else chunks
         sizes = _sizes(self.shapes)
         self.groups_of = {s: chunk_keys(self.keys_of[s], sizes, self.chunks) for s in self.servers}
+        self.bounds_of = {s: [bundle_bound(self.shapes, g) for g in self.groups_of[s]] for s in self.servers}
         if self.tolerant and not self.is_server:
             # A server may wait ``timeout`` for a silent worker's length, again for its bundle and
             # once more sending its weights before it answers the others: workers wait longer.
@@ -248,15 +254,17 @@ class ParameterServerTransport(Transport):
             weights = self._pull_weights(step, out)
             self._read_live(step)
             return weights
-        pumps = self._weight_pumps(step)  # weights may arrive while later gradient groups are encoded
+        pumps: list[_Pumps] = []  # posted once group 0 is on its way: no weight can come before it
         pending = Pending("up")
         try:
-            self._push_grads(step, grads, pending)
+            self._push_grads(step, grads, pending, after_first=lambda: pumps.append(self._weight_pumps(step)))
         except BaseException:  # e.g. a gradient the lazy encoder refused: fail now, not after a timeout
-            pumps.close(wait=False)
+            for pu in pumps:
+                pu.close(wait=False)
             with contextlib.suppress(TransportError):
                 self.p2p.finish(pending, step)
             raise
+        pumps = pumps[0]
         weights = self._pull_weights(step, out, pumps)  # while the last gradient chunks may still be leaving
         self.p2p.finish(pending, step)
         tl.mark("end")
@@ -281,10 +289,12 @@ class ParameterServerTransport(Transport):
             raise ConfigError(f"server rank {self.rank} must own keys {self.keys_of[self.rank]} "
                               f"(partition by size), its Owner holds {have}")
 
-    def _push_grads(self, step: int, grads: Mapping[int, bytes | None], pending: Pending | None = None) -> None:
+    def _push_grads(self, step: int, grads: Mapping[int, bytes | None], pending: Pending | None = None,
+                    after_first=None) -> None:
         """Post group i of every server's bundle, i = 0, 1, ...: ``grads`` is read group by group,
-        so a lazy mapping encodes group i + 1 while group i is on the wire. The sends complete in
-        ``finish(pending)``; ``"continue"`` mode sends whole bundles and waits for them."""
+        so a lazy mapping encodes group i + 1 while group i is on the wire. ``after_first()`` is
+        called once group 0 is posted to every server. The sends complete in ``finish(pending)``;
+        ``"continue"`` mode sends whole bundles and waits for them."""
         if self.tolerant:
             bundles = {s: join(grads[k] for k in self.keys_of[s] if grads.get(k)) for s in self.servers}
             self.p2p.exchange(step, bundles, [], direction="up")
@@ -293,8 +303,10 @@ class ParameterServerTransport(Transport):
             for s in self.servers:
                 if i < len(self.groups_of[s]):
                     bundle = join(grads[k] for k in self.groups_of[s][i] if grads.get(k))
-                    self.p2p.send_chunk(s, i, bundle, "up", pending)
+                    self.p2p.send_chunk(s, i, bundle, "up", pending, bound=self.bounds_of[s][i])
                     self.timeline.mark("grads_posted", s, i)
+            if i == 0 and after_first is not None:
+                after_first()
 
     def _drop(self, step: int, failed: Mapping[int, str], half: str) -> None:
         """Agree with the other servers on the workers lost in this half and stop serving them."""
@@ -362,8 +374,7 @@ class ParameterServerTransport(Transport):
         parts = hasattr(owner, "apply_keys")
 
         with self._finishing(pending, step):
-            pumps = _Pumps(self.p2p, step, "up", {w: [bundle_bound(self.shapes, g) for g in groups]
-                                                  for w in self.workers}, f"rank {self.rank}: gradients",
+            pumps = _Pumps(self.p2p, step, "up", {w: self.bounds_of[self.rank] for w in self.workers}, f"rank {self.rank}: gradients",
                            in_order=True, timeline=self.timeline)
             error: FrameError | None = None  # a bad chunk: the rest of the step is still drained
             try:
@@ -417,7 +428,7 @@ class ParameterServerTransport(Transport):
             raise ConfigError(f"server rank {self.rank}: Owner.weight_frames lacks keys {missing}")
         bundle = join(frames[k] for k in keys)  # encoded once, sent W times
         for w in self.workers:
-            self.p2p.send_chunk(w, i, bundle, "down", pending)
+            self.p2p.send_chunk(w, i, bundle, "down", pending, bound=self.bounds_of[self.rank][i])
 
     def _serve_grads(self, step: int, owner: Owner) -> None:
         """``"continue"`` mode: whole bundles, each worker on its own thread (see the module docstring)."""
@@ -447,8 +458,7 @@ class ParameterServerTransport(Transport):
                 self._send_group(step, owner, i, pending, frames)
 
     def _weight_pumps(self, step: int) -> "_Pumps":
-        return _Pumps(self.p2p, step, "down", {s: [bundle_bound(self.shapes, g) for g in self.groups_of[s]]
-                                               for s in self.servers}, f"rank {self.rank}: weights", in_order=False,
+        return _Pumps(self.p2p, step, "down", dict(self.bounds_of), f"rank {self.rank}: weights", in_order=False,
                       timeline=self.timeline)
 
     def _pull_weights(self, step: int, dest: Mapping[int, torch.Tensor] | None,
@@ -475,10 +485,12 @@ class ParameterServerTransport(Transport):
 class _Pumps:
     """Receives every peer's chunks 0..C−1 of a step into a queue, so the caller decodes while the
     rest arrive. gloo moves a message only after its receive is posted (the receiver announces it
-    to the sender), so a receive posted late idles the connection: per peer, one daemon thread
-    posts the receives of all C lengths at once, then each chunk's bytes the moment its length is
-    in (checked against its bound before anything is allocated); a second thread waits for the
-    bytes in order. The sender's chunk i + 1 therefore never waits for the receiver to have taken
+    to the sender), so a receive posted late idles the connection. One-message chunks
+    (``p2p.one_message``): every chunk's receive is posted here, at once, and per peer one daemon
+    thread waits for them in order. Length, then bytes: per peer, one daemon thread posts the
+    receives of all C lengths at once, then each chunk's bytes the moment its length is in
+    (checked against its bound before anything is allocated); a second thread waits for the
+    bytes in order. Either way the sender's chunk i + 1 never waits for the receiver to have taken
     chunk i. ``in_order``: one queue per peer, taken chunk by chunk with :meth:`get`; otherwise one
     queue for all, taken in arrival order with :meth:`as_they_come`. A receive error is raised on
     the caller's thread. :meth:`close` waits for every thread (each ends with its last chunk, an
@@ -492,11 +504,20 @@ class _Pumps:
         shared: queue.Queue = queue.Queue()
         self.queues = {p: queue.Queue() if in_order else shared for p in self.bounds}
         self.threads = []
+        self.failed = False  # a receive failed: the later chunks' receives may still be posted
         for p in self.bounds:
             posted: queue.Queue = queue.Queue()
+            if p2p.one_message:  # every chunk's receive posted now; one thread waits for them in order
+                try:
+                    for i, item in enumerate(p2p.post_chunks(p, self.bounds[p], direction)):
+                        posted.put((i, item))
+                except BaseException as e:  # noqa: BLE001 - raised on the caller's thread by _take
+                    posted.put((None, e))
+                targets = ((self._pump, "recv"),)
+            else:
+                targets = ((self._post, "post"), (self._pump, "recv"))
             self.threads += [threading.Thread(target=target, args=(p, posted), daemon=True,
-                                              name=f"lowbit-{name}-{direction}-{p}")
-                             for target, name in ((self._post, "post"), (self._pump, "recv"))]
+                                              name=f"lowbit-{name}-{direction}-{p}") for target, name in targets]
         for th in self.threads:
             th.start()
 
@@ -516,10 +537,12 @@ class _Pumps:
                 i, body = posted.get()  # the poster always answers: a chunk or its error
                 if i is None:
                     raise body
-                buf = self.p2p.wait_chunk_body(peer, i, self.step, body)
+                buf = (self.p2p.wait_chunk(peer, i, self.step, body, of=len(self.bounds[peer])) if self.p2p.one_message
+                       else self.p2p.wait_chunk_body(peer, i, self.step, body))
                 self.mark(self.arrived, peer, i)
                 self.queues[peer].put((peer, i, buf))
         except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
+            self.failed = True
             self.queues[peer].put((peer, None, e))
 
     def _take(self, peer: int | None) -> tuple[int, int, memoryview]:
@@ -551,5 +574,5 @@ class _Pumps:
         if wait:
             for th in self.threads:
                 th.join()
-        else:  # receives may still be posted into the pooled buffers: the next step gets new ones
-            self.p2p.drop_recv_pool()
+        if self.failed or not wait:  # receives may still be posted into the pooled buffers: the next
+            self.p2p.drop_recv_pool()  # step gets new ones

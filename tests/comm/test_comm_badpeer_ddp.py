@@ -64,7 +64,7 @@ def _badpeer_body(rank, world):
     for i, name in enumerate(names):
         step = 10 + i
         if rank == 1:  # the bad worker: push a crafted bundle with the transport's own protocol
-            t.p2p.exchange(step, {0: _bad_bundles(step)[name]}, [], direction="up")
+            _send_chunks(t, step, [_bad_bundles(step)[name]])
         else:
             try:
                 t.step(step, None, owner)
@@ -72,7 +72,8 @@ def _badpeer_body(rank, world):
             except FrameError as e:
                 out[name] = str(e)
         dist.barrier()
-    # A length nobody could fill: rejected before any allocation.
+    # A length nobody could fill: rejected (one-message mode: the announced length is checked
+    # against the receive buffer, which is the chunk's bound; otherwise before any allocation).
     if rank == 1:
         dist.send(torch.tensor([1 << 50], dtype=torch.int64), 0, tag=0)
     else:
@@ -84,7 +85,7 @@ def _badpeer_body(rank, world):
     dist.barrier()
     # Down-link: a server that leaves out a key -> FrameError on the worker.
     if rank == 0:
-        t.p2p.exchange(51, {1: _good(0, 51, "weight")}, [], direction="down")
+        _send_chunks(t, 51, [_good(0, 51, "weight")], peer=1, direction="down")
     else:
         try:
             t.fetch_weights(51, None)
@@ -232,21 +233,24 @@ def test_chunk_shares_make_the_last_groups_small():
     assert sum(n) == 100 and n[-1] < n[-2] < min(n[:-2]) and max(n) - min(n[:-2]) <= 1, n
 
 
-def _send_chunks(t, step, chunks):
-    """A worker's upload with the transport's own protocol (chunk messages), contents crafted."""
+def _send_chunks(t, step, chunks, peer=0, direction="up"):
+    """An upload (or download) with the transport's own protocol (chunk messages), contents crafted."""
     from lowbit.comm.p2p import Pending
-    pending = Pending("up")
+    pending = Pending(direction)
     for i, c in enumerate(chunks):
-        t.p2p.send_chunk(0, i, c, "up", pending)
+        t.p2p.send_chunk(peer, i, c, direction, pending)
     t.p2p.finish(pending, step)
 
 
-def _chunked_badpeer(rank, world):
+def _chunked_badpeer(rank, world, one_message):
     """Chunked bundles: a frame in the wrong chunk (the receiver drains the round, then raises; the
-    next round works), then a chunk longer than its bound (rejected before anything is allocated)."""
+    next round works), then a chunk longer than its bound (refused by a lowbit sender; announced by
+    a lying one, rejected by the receiver), in either chunk protocol (one message on gloo, length
+    then bytes on NCCL)."""
     from lowbit.comm.ps import ParameterServerTransport
     from lowbit.errors import FrameError, TransportError
     t = ParameterServerTransport(SHAPES, 1, timeout=20, chunks=2)  # chunk 0: key 0, chunk 1: key 1
+    t.p2p.one_message = one_message
     owner = _Owner(t.owned_keys()) if rank == 0 else None
     out = {}
     if rank == 1:
@@ -264,10 +268,24 @@ def _chunked_badpeer(rank, world):
     else:
         t.step(9, None, owner)
     dist.barrier()
-    if rank == 1:  # the server stops listening at the bad length: this send cannot complete
-        t.p2p.timeout = 2.0
+    if rank == 1:
+        from lowbit.comm.p2p import Pending
+        long = _good(0, 10) + _good(0, 10)
+        try:  # the sender knows the bound too and refuses before sending
+            t.p2p.send_chunk(0, 0, long, "up", Pending("up"), bound=t.bounds_of[0][0])
+            out["long_sent"] = "no error"
+        except FrameError as e:
+            out["long_sent"] = str(e)
+        t.p2p.timeout = 2.0  # the server stops listening at the bad length: chunk 1 may not complete
+        pending = Pending("up")
         try:
-            _send_chunks(t, 10, [_good(0, 10) + _good(0, 10), _good(1, 10)])
+            if t.p2p.one_message:  # a peer that lies: a short message announcing more than the bound
+                head = torch.tensor([t.bounds_of[0][0] + 1], dtype=torch.int64).view(torch.uint8)
+                dist.send(torch.cat([head, torch.zeros(16, dtype=torch.uint8)]), 0, tag=0)
+            else:  # the length message comes first and is checked before the bytes are received
+                t.p2p.send_chunk(0, 0, long, "up", pending)
+            t.p2p.send_chunk(0, 1, _good(1, 10), "up", pending)
+            t.p2p.finish(pending, 10)
         except TransportError:
             pass
     else:
@@ -280,8 +298,10 @@ def _chunked_badpeer(rank, world):
 
 
 @pytest.mark.timeout(120)
-def test_chunked_bundles_reject_frames_in_the_wrong_chunk():
-    res = run_ranks(_chunked_badpeer, 2)
+@pytest.mark.parametrize("one_message", [True, False], ids=["one-message", "length-then-bytes"])
+def test_chunked_bundles_reject_frames_in_the_wrong_chunk(one_message):
+    res = run_ranks(_chunked_badpeer, 2, one_message)
     assert "key 1, which this peer may not send here" in res[0]["wrong_chunk"], res[0]
     assert "announced chunk 0 of" in res[0]["long_chunk"], res[0]
+    assert "chunk 0 for peer 0 has" in res[1]["long_sent"] and "at most" in res[1]["long_sent"], res[1]
     assert res[1]["good"] is True

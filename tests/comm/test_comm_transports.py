@@ -49,6 +49,10 @@ class SGDOwner:
 
 
 def _make(kind, rank, world):
+    if kind.endswith("L"):  # chunk messages as length, then bytes (NCCL's protocol), here on gloo
+        t = _make(kind[:-1], rank, world)
+        t.p2p.one_message = False
+        return t
     if kind == "ps1":
         return ParameterServerTransport(SHAPES, 1, timeout=30)
     if kind == "ps2":
@@ -151,10 +155,10 @@ def _transports_body(rank, world, configs):
 
 
 CONFIGS_4 = [(kind, mode, ()) for kind in ("ps1", "ps2", "ps2w", "ring", "tree") for mode in ("raw", "3bit", "laq")]
-CONFIGS_4 += [("ps1w", "laq", ())]
+CONFIGS_4 += [("ps1w", "laq", ()), ("ps2L", "3bit", ()), ("ps2wL", "laq", ())]
 # Dropped contributions at step 1 (a worker's nonfinite policy skipped these keys).
 CONFIGS_4 += [("ps1", "raw", ((1, 0), (2, 0), (3, 5))), ("ps2", "raw", ((2, 1), (3, 4))),
-              ("ps2w", "raw", ((2, 1), (3, 4))),
+              ("ps2w", "raw", ((2, 1), (3, 4))), ("ps2wL", "raw", ((2, 1), (3, 4))),
               ("ring", "raw", ((0, 2), (1, 2), (3, 0))), ("tree", "raw", ((2, 3),))]
 
 
