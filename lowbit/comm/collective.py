@@ -273,7 +273,8 @@ class RingTransport(_ShardedTransport):
                 dst, src = (r + s) % p, (r - s) % p
                 bundle = nxt.result()
                 nxt = self._encoder.submit(bundle_for, (r + s + 1) % p) if s + 1 < p else None
-                got = self.p2p.exchange(step, {dst: bundle}, [src], direction="up", max_recv=bound, reuse=s)
+                got = self.p2p.exchange(step, {dst: bundle}, [src], direction="up", max_recv=bound,
+                                        send_bound=bundle_bound(self.shapes, self.keys_of[dst]), reuse=s)
                 for pf in self._parse_grads(got[src], src, step, [r], 1):
                     yield src, pf
         finally:
@@ -288,9 +289,10 @@ class RingTransport(_ShardedTransport):
         with self._overlapped() as overlap:
             overlap.submit(self._decode_weights, cur, r, step, [r], out, dest)
             for t in range(p - 1):
-                origin = (r - 1 - t) % p
+                origin = (r - 1 - t) % p  # whose weights arrive; this rank forwards (r - t) % p's
                 got = self.p2p.exchange(step, {dst: cur}, [src], direction="down",
-                                        max_recv=bundle_bound(self.shapes, self.keys_of[origin]), reuse=t)
+                                        max_recv=bundle_bound(self.shapes, self.keys_of[origin]),
+                                        send_bound=bundle_bound(self.shapes, self.keys_of[(r - t) % p]), reuse=t)
                 cur = got[src]
                 overlap.submit(self._decode_weights, cur, src, step, [origin], out, dest)
         return out
@@ -322,8 +324,10 @@ class TreeTransport(_ShardedTransport):
             held = [(src, pf) for src, pf in held if self.owner_of[pf.frame.key] & bit == r & bit]
             m = _low_mask(j) | bit
             mine = [q for q in range(p) if q & m == r & m]
+            theirs = [q for q in range(p) if q & m == partner & m]
             got = self.p2p.exchange(step, {partner: join(pf.raw for _, pf in send)}, [partner], direction="up",
                                     max_recv=bundle_bound(self.shapes, self.keys_of_ranks(mine), copies=bit),
+                                    send_bound=bundle_bound(self.shapes, self.keys_of_ranks(theirs), copies=bit),
                                     reuse=j)
             held += [(partner, pf) for pf in self._parse_grads(got[partner], partner, step, mine, bit)]
         return held
@@ -337,8 +341,10 @@ class TreeTransport(_ShardedTransport):
             for j in range(self.levels):
                 partner = r ^ (1 << j)
                 theirs = [q for q in range(p) if q >> j == partner >> j]
+                ours = [q for q in range(p) if q >> j == r >> j]
                 got = self.p2p.exchange(step, {partner: join(held)}, [partner], direction="down",
-                                        max_recv=bundle_bound(self.shapes, self.keys_of_ranks(theirs)), reuse=j)
+                                        max_recv=bundle_bound(self.shapes, self.keys_of_ranks(theirs)),
+                                        send_bound=bundle_bound(self.shapes, self.keys_of_ranks(ours)), reuse=j)
                 overlap.submit(self._decode_weights, got[partner], partner, step, theirs, out, dest)
                 held.append(got[partner])
         return out

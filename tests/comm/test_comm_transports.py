@@ -337,6 +337,15 @@ def _pool_body(rank, world):
             if got is not None:
                 exact &= sorted(got) == sorted(SHAPES) and all(torch.equal(got[k], truth[k]) for k in SHAPES)
         out[kind] = {"ptrs": ptrs, "exact": exact}
+    # A bounded round checks what it sends before anything is posted (gloo would abort a receiver
+    # whose buffer is too small): a bundle over its send_bound, or no send_bound at all.
+    peer = 1 - rank
+    for name, kw in (("over", {"max_recv": 100, "send_bound": 5}), ("missing", {"max_recv": 100})):
+        try:
+            t.p2p.exchange(99, {peer: b"x" * 10}, [peer], direction="up", **kw)
+            out[name] = "no error"
+        except Exception as e:  # noqa: BLE001 - the type is asserted by the test
+            out[name] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -352,6 +361,9 @@ def test_received_bundles_reuse_their_buffers_across_steps():
                 assert {key[0] for key in ptrs[0]} == {"up", "down"}, ptrs[0]
             assert ptrs[0] == ptrs[1] == ptrs[2], (rank, kind)
             assert res[rank][kind]["exact"] is True, (rank, kind)
+        assert res[rank]["over"].startswith("FrameError") and "a bundle for peer" in res[rank]["over"] \
+            and "10 bytes; at most 5" in res[rank]["over"], res[rank]["over"]
+        assert res[rank]["missing"].startswith("ValueError") and "send_bound" in res[rank]["missing"], res[rank]
 
 
 def _timeline_body(rank, world):
