@@ -303,7 +303,7 @@ class ParameterServerTransport(Transport):
             for s in self.servers:
                 if i < len(self.groups_of[s]):
                     bundle = join(grads[k] for k in self.groups_of[s][i] if grads.get(k))
-                    self.p2p.send_chunk(s, i, bundle, "up", pending, bound=self.bounds_of[s][i])
+                    self.p2p.send_chunk(s, i, bundle, "up", pending, bound=self.bounds_of[s][i], reuse=i)
                     self.timeline.mark("grads_posted", s, i)
             if i == 0 and after_first is not None:
                 after_first()
@@ -428,7 +428,7 @@ class ParameterServerTransport(Transport):
             raise ConfigError(f"server rank {self.rank}: Owner.weight_frames lacks keys {missing}")
         bundle = join(frames[k] for k in keys)  # encoded once, sent W times
         for w in self.workers:
-            self.p2p.send_chunk(w, i, bundle, "down", pending, bound=self.bounds_of[self.rank][i])
+            self.p2p.send_chunk(w, i, bundle, "down", pending, bound=self.bounds_of[self.rank][i], reuse=i)
 
     def _serve_grads(self, step: int, owner: Owner) -> None:
         """``"continue"`` mode: whole bundles, each worker on its own thread (see the module docstring)."""

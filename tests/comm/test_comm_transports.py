@@ -319,24 +319,25 @@ def test_lazy_gradient_frames_match_eager_and_stream_by_group():
 
 def _pool_body(rank, world):
     """Three steps with 3-bit gradients per transport: received bundles land in the same buffers
-    from the second step on, and the weights every rank gets stay exactly what the owners hold."""
+    from the second step on (and sent messages are laid out in the same buffers), and the weights every rank gets stay exactly what the owners hold."""
     codec = StochasticGradCodec(3)
     out = {}
     for kind in ("ps1", "ring", "tree"):
         t = ParameterServerTransport(SHAPES, 1, timeout=30, chunks=3) if kind == "ps1" else _make(kind, rank, world)
         computes = not (kind == "ps1" and rank == 0)
         owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if t.owned_keys() else None
-        ptrs, exact = [], True
+        ptrs, sptrs, exact = [], [], True
         for step in (1, 2, 3):
             grads = None if not computes else {
                 k: codec.encode(grad(rank, step, k), key=k, step=step, generator=torch.Generator().manual_seed(step)
                                 ).to_bytes() for k in SHAPES}
             got = t.step(step, grads, owner)
             ptrs.append({key: buf.data_ptr() for key, buf in t.p2p.recv_pool.items()})
+            sptrs.append({key: buf.data_ptr() for key, buf in t.p2p.send_pool.items()})
             truth = _bcast_owner_truth(t, owner, lambda o, k: o.w[k].clone())
             if got is not None:
                 exact &= sorted(got) == sorted(SHAPES) and all(torch.equal(got[k], truth[k]) for k in SHAPES)
-        out[kind] = {"ptrs": ptrs, "exact": exact}
+        out[kind] = {"ptrs": ptrs, "sptrs": sptrs, "exact": exact}
     # A bounded round checks what it sends before anything is posted (gloo would abort a receiver
     # whose buffer is too small): a bundle over its send_bound, or no send_bound at all.
     peer = 1 - rank
@@ -360,6 +361,12 @@ def test_received_bundles_reuse_their_buffers_across_steps():
             else:  # one round each way at p = 2
                 assert {key[0] for key in ptrs[0]} == {"up", "down"}, ptrs[0]
             assert ptrs[0] == ptrs[1] == ptrs[2], (rank, kind)
+            sptrs = res[rank][kind]["sptrs"]  # and the messages sent are laid out in the same buffers
+            if kind == "ps1":  # the worker sends 3 gradient chunks, the server 3 weight chunks
+                assert len(sptrs[0]) == 3 and {key[0] for key in sptrs[0]} == {("down", "up")[rank]}, sptrs[0]
+            else:
+                assert {key[0] for key in sptrs[0]} == {"up", "down"}, sptrs[0]
+            assert sptrs[0] == sptrs[1] == sptrs[2], (rank, kind)
             assert res[rank][kind]["exact"] is True, (rank, kind)
         assert res[rank]["over"].startswith("FrameError") and "a bundle for peer" in res[rank]["over"] \
             and "10 bytes; at most 5" in res[rank]["over"], res[rank]["over"]
