@@ -19,7 +19,7 @@ unexport PYTHONDONTWRITEBYTECODE
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py lowbit/codec/_native.c
+$(VENV)/.installed: pyproject.toml setup.py lowbit/codec/_native.c lowbit/quant/_laq.c
 ifneq ($(UV),)
 	[ -x $(VPY) ] || $(UV) venv --python $(PY) $(VENV)
 	$(UV) pip install --python $(VPY) --compile-bytecode --find-links $(TORCH_WHEELS) "$(TORCH_SPEC)"

@@ -20,10 +20,18 @@ scale is always finite and > 0 and dequantizes to exact zeros. The binary grid h
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lowbit.errors import ConfigError
 from lowbit.quant.qtensor import QTensor, grid_k
+
+try:  # LAQ's linear-grid round in one pass (lowbit/quant/_laq.c), built by setup.py where it can be
+    from lowbit.quant import _laq
+except ImportError:
+    _laq = None
+_native_on = _laq is not None and os.environ.get("LOWBIT_NATIVE_LAQ", "1").strip() != "0"
 
 __all__ = [
     "binarize",
@@ -33,6 +41,8 @@ __all__ = [
     "weight_objective",
     "quantize_weight",
     "WEIGHT_SCHEMES",
+    "native_laq_available",
+    "set_native_laq",
 ]
 
 WEIGHT_SCHEMES = ("binary", "twn", "lat", "lat2", "laq-linear", "laq-log")
@@ -216,34 +226,69 @@ def _project(w2: torch.Tensor, alpha: torch.Tensor, k: int, grid: str,
 CHUNK = 1 << 17  # elements per chunk on CPU
 
 
+def native_laq_available() -> bool:
+    """Whether ``lowbit.quant._laq`` was built (it is optional: the torch ops give the same codes)."""
+    return _laq is not None
+
+
+def set_native_laq(on: bool) -> bool:
+    """Run LAQ's linear-grid round through the compiled loop (``True``) or the torch ops (``False``);
+    returns the previous setting. ``LOWBIT_NATIVE_LAQ=0`` turns it off for a process."""
+    global _native_on
+    if on and _laq is None:
+        raise ConfigError("lowbit.quant._laq was not built (no C compiler when lowbit was installed?): "
+                          "reinstall with one, or keep the torch ops")
+    was, _native_on = _native_on, bool(on)
+    return was
+
+
+def _native_ok(*ts: torch.Tensor | None) -> bool:
+    return _native_on and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32
+                                            and t.is_contiguous()) for t in ts)
+
+
 def _laq_alternate_fused(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tensor, k: int,
                          iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_laq_alternate` for one row on the linear grid, without full-size temporaries: a round
-    is q = round(clamp(w·k/α, −k, k)) per cache-sized chunk, reduced at once into
-    Σ d w q / k and Σ d q² / k² (float64 across chunks); the codes q + k are materialised once,
-    for the α the last round projected with."""
+    is q = round(clamp(w·k/α, −k, k)) reduced at once into Σ d w q / k and Σ d q² / k²; the codes
+    q + k are materialised once, for the α the last round projected with. A round is one pass of
+    the compiled loop (``lowbit.quant._laq``: fp32 CPU tensors, sums in double) or torch ops per
+    cache-sized chunk (fp32 dot products summed in double across chunks); q, and so the codes for
+    a given α, are the same bits either way."""
     w = w2.reshape(-1)
     d = None if d2 is None else d2.reshape(-1)
     n = w.numel()
-    step = CHUNK if w.device.type == "cpu" else n
-    tmp = torch.empty(min(step, n), dtype=torch.float32, device=w.device)
-    tmp2 = torch.empty_like(tmp) if d is not None else None
+    if _native_ok(w, d):
+        def round_(s: float) -> tuple[float, float]:
+            return _laq.round(w.data_ptr(), 0 if d is None else d.data_ptr(), n, s, k)
+
+        def codes_(s: float, out: torch.Tensor) -> None:
+            _laq.codes(w.data_ptr(), n, s, k, out.data_ptr())
+    else:
+        step = CHUNK if w.device.type == "cpu" else n
+        tmp = torch.empty(min(step, n), dtype=torch.float32, device=w.device)
+        tmp2 = torch.empty_like(tmp) if d is not None else None
+
+        def round_(s: float) -> tuple[float, float]:
+            num = den = 0.0
+            for i in range(0, n, step):
+                wc = w[i:i + step]
+                q = torch.mul(wc, s, out=tmp[:wc.numel()]).clamp_(-k, k).round_()
+                dq = q if d is None else torch.mul(d[i:i + step], q, out=tmp2[:wc.numel()])
+                num += float(torch.dot(wc, dq))
+                den += float(torch.dot(dq, q))
+            return num, den
+
+        def codes_(s: float, out: torch.Tensor) -> None:
+            for i in range(0, n, step):
+                wc = w[i:i + step]
+                out[i:i + wc.numel()].copy_(torch.mul(wc, s, out=tmp[:wc.numel()]).clamp_(-k, k).round_().add_(k))
+
     a = float(alpha.reshape(()))
     used = a
     for _ in range(iters):
         used = a
-        num = den = 0.0
-        for s in range(0, n, step):
-            wc = w[s:s + step]
-            m = wc.numel()
-            q = torch.mul(wc, k / a, out=tmp[:m]).clamp_(-k, k).round_()
-            if d is None:
-                num += float(torch.dot(wc, q))
-                den += float(torch.dot(q, q))
-            else:
-                dq = torch.mul(d[s:s + step], q, out=tmp2[:m])
-                num += float(torch.dot(wc, dq))
-                den += float(torch.dot(dq, q))
+        num, den = round_(k / a)
         num, den = num / k, den / (k * k)
         new = num / den if (den > 0 and num > 0) else a
         new = float(torch.tensor(new, dtype=torch.float32))
@@ -252,11 +297,7 @@ def _laq_alternate_fused(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch
         if done:
             break
     codes = torch.empty(n, dtype=torch.uint8, device=w.device)
-    for s in range(0, n, step):
-        wc = w[s:s + step]
-        m = wc.numel()
-        q = torch.mul(wc, k / used, out=tmp[:m]).clamp_(-k, k).round_().add_(k)
-        codes[s:s + m].copy_(q)
+    codes_(k / used, codes)
     return torch.tensor([a], dtype=torch.float32, device=w.device), codes.reshape(1, -1)
 
 

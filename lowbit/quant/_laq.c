@@ -1,0 +1,161 @@
+/* lowbit.quant._laq: the inner loop of LAQ's linear-grid alternation (lowbit/quant/weights.py,
+ * _laq_alternate_fused), one pass over w (and d) per round instead of the torch ops' five.
+ *
+ *   round(w, d, n, s, k) -> (num, den):  q_i = rint(clamp(w_i * s, -k, k)),
+ *                                        num = sum d_i w_i q_i,  den = sum d_i q_i^2   (d 0: d_i = 1)
+ *   codes(w, n, s, k, out):              out_i = q_i + k  (uint8)
+ *
+ * w, d: fp32, n contiguous values; addresses as ints. s is the fp32 scalar k / alpha.
+ * Floating point: q_i is the torch path's q bit for bit (one fp32 multiply by the fp32 scalar, the
+ * clamp, round half to even; no FMA, no reassociation: built without -ffast-math and with
+ * -ffp-contract=off). The sums are in double, in lanes (#pragma omp simd, -fopenmp-simd): the torch
+ * path sums fp32 dot products per chunk, so the two agree to float rounding, not bit for bit, and
+ * this one is the more accurate. The AVX2 build of each loop is chosen at run time where the CPU has it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <math.h>
+
+#define ROUND_BODY(w, d, n, s, k, num, den)                                      \
+    do {                                                                         \
+        const float lo_ = -(float)(k), hi_ = (float)(k);                         \
+        if (d) {                                                                 \
+            _Pragma("omp simd reduction(+:num, den)")                            \
+            for (int64_t i = 0; i < (n); i++) {                                  \
+                float x = (w)[i] * (s);                                          \
+                x = x < lo_ ? lo_ : (x > hi_ ? hi_ : x);                         \
+                float q = rintf(x);                                              \
+                double dq = (double)(d)[i] * (double)q;                          \
+                num += dq * (double)(w)[i];                                      \
+                den += dq * (double)q;                                           \
+            }                                                                    \
+        } else {                                                                 \
+            _Pragma("omp simd reduction(+:num, den)")                            \
+            for (int64_t i = 0; i < (n); i++) {                                  \
+                float x = (w)[i] * (s);                                          \
+                x = x < lo_ ? lo_ : (x > hi_ ? hi_ : x);                         \
+                double q = (double)rintf(x);                                     \
+                num += q * (double)(w)[i];                                       \
+                den += q * q;                                                    \
+            }                                                                    \
+        }                                                                        \
+    } while (0)
+
+#define CODES_BODY(w, n, s, k, out)                                              \
+    do {                                                                         \
+        const float lo_ = -(float)(k), hi_ = (float)(k);                         \
+        _Pragma("omp simd")                                                      \
+        for (int64_t i = 0; i < (n); i++) {                                      \
+            float x = (w)[i] * (s);                                              \
+            x = x < lo_ ? lo_ : (x > hi_ ? hi_ : x);                             \
+            (out)[i] = (uint8_t)(int32_t)(rintf(x) + hi_);                       \
+        }                                                                        \
+    } while (0)
+
+static void round_plain(const float *w, const float *d, int64_t n, float s, int k, double *pn, double *pd) {
+    double num = 0.0, den = 0.0;
+    ROUND_BODY(w, d, n, s, k, num, den);
+    *pn = num;
+    *pd = den;
+}
+
+static void codes_plain(const float *w, int64_t n, float s, int k, uint8_t *out) { CODES_BODY(w, n, s, k, out); }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HAVE_AVX2_PATH 1
+__attribute__((target("avx2")))
+static void round_avx2(const float *w, const float *d, int64_t n, float s, int k, double *pn, double *pd) {
+    double num = 0.0, den = 0.0;
+    ROUND_BODY(w, d, n, s, k, num, den);
+    *pn = num;
+    *pd = den;
+}
+
+__attribute__((target("avx2")))
+static void codes_avx2(const float *w, int64_t n, float s, int k, uint8_t *out) { CODES_BODY(w, n, s, k, out); }
+#endif
+
+static int simd_wanted = 1;
+
+static int simd_on(void) {
+#ifdef HAVE_AVX2_PATH
+    return simd_wanted && __builtin_cpu_supports("avx2");
+#else
+    return 0;
+#endif
+}
+
+static int check_args(long long n, int k, const char *fn) {
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "_laq.%s: n must be >= 0, got %lld", fn, n);
+        return 0;
+    }
+    if (k < 1 || k > 127) {
+        PyErr_Format(PyExc_ValueError, "_laq.%s: k must be in 1..127 (bits 2..8), got %d", fn, k);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *laq_round(PyObject *self, PyObject *args) {
+    unsigned long long wp, dp;
+    long long n;
+    float s;
+    int k;
+    if (!PyArg_ParseTuple(args, "KKLfi", &wp, &dp, &n, &s, &k) || !check_args(n, k, "round")) return NULL;
+    double num = 0.0, den = 0.0;
+    const float *w = (const float *)(uintptr_t)wp, *d = (const float *)(uintptr_t)dp;
+    int avx2 = simd_on();
+    Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_PATH
+    if (avx2) round_avx2(w, d, n, s, k, &num, &den);
+    else
+#endif
+        round_plain(w, d, n, s, k, &num, &den);
+    Py_END_ALLOW_THREADS
+    (void)avx2;
+    return Py_BuildValue("dd", num, den);
+}
+
+static PyObject *laq_codes(PyObject *self, PyObject *args) {
+    unsigned long long wp, op;
+    long long n;
+    float s;
+    int k;
+    if (!PyArg_ParseTuple(args, "KLfiK", &wp, &n, &s, &k, &op) || !check_args(n, k, "codes")) return NULL;
+    const float *w = (const float *)(uintptr_t)wp;
+    uint8_t *out = (uint8_t *)(uintptr_t)op;
+    int avx2 = simd_on();
+    Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_PATH
+    if (avx2) codes_avx2(w, n, s, k, out);
+    else
+#endif
+        codes_plain(w, n, s, k, out);
+    Py_END_ALLOW_THREADS
+    (void)avx2;
+    Py_RETURN_NONE;
+}
+
+/* simd(on) -> whether the AVX2 loops are used now: on = 1 / 0 asks for them or not, -1 only reads. */
+static PyObject *laq_simd(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "i", &on)) return NULL;
+    if (on >= 0) simd_wanted = on != 0;
+    return PyBool_FromLong(simd_on());
+}
+
+static PyMethodDef methods[] = {
+    {"round", laq_round, METH_VARARGS,
+     "round(w, d, n, s, k) -> (num, den): one LAQ round on the linear grid, q = rint(clamp(w*s, -k, k)), "
+     "num = sum d w q, den = sum d q^2 (d 0: unweighted). Addresses as ints; see lowbit/quant/_laq.c."},
+    {"codes", laq_codes, METH_VARARGS, "codes(w, n, s, k, out): out = rint(clamp(w*s, -k, k)) + k as uint8."},
+    {"simd", laq_simd, METH_VARARGS, "simd(on) -> whether the AVX2 loops are used (on 1 / 0 / -1 = read)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_laq", "LAQ's linear-grid round in one pass.", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__laq(void) { return PyModule_Create(&module); }
