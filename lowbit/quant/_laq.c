@@ -76,6 +76,8 @@ __attribute__((target("avx2")))
 static void codes_avx2(const float *w, int64_t n, float s, int k, uint8_t *out) { CODES_BODY(w, n, s, k, out); }
 #endif
 
+/* The same switch as lowbit/codec/_native.c's, kept per extension: quant and codec know nothing of
+ * each other (DESIGN.md), and each is built, and tested on both paths, on its own. */
 static int simd_wanted = 1;
 
 static int simd_on(void) {
@@ -98,6 +100,24 @@ static int check_args(long long n, int k, const char *fn) {
     return 1;
 }
 
+typedef void round_fn(const float *, const float *, int64_t, float, int, double *, double *);
+typedef void codes_fn(const float *, int64_t, float, int, uint8_t *);
+
+/* The loops to run now: the AVX2 builds where simd_on(), else the plain ones. */
+static round_fn *round_impl(void) {
+#ifdef HAVE_AVX2_PATH
+    if (simd_on()) return round_avx2;
+#endif
+    return round_plain;
+}
+
+static codes_fn *codes_impl(void) {
+#ifdef HAVE_AVX2_PATH
+    if (simd_on()) return codes_avx2;
+#endif
+    return codes_plain;
+}
+
 static PyObject *laq_round(PyObject *self, PyObject *args) {
     unsigned long long wp, dp;
     long long n;
@@ -105,16 +125,10 @@ static PyObject *laq_round(PyObject *self, PyObject *args) {
     int k;
     if (!PyArg_ParseTuple(args, "KKLfi", &wp, &dp, &n, &s, &k) || !check_args(n, k, "round")) return NULL;
     double num = 0.0, den = 0.0;
-    const float *w = (const float *)(uintptr_t)wp, *d = (const float *)(uintptr_t)dp;
-    int avx2 = simd_on();
+    round_fn *fn = round_impl();
     Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_AVX2_PATH
-    if (avx2) round_avx2(w, d, n, s, k, &num, &den);
-    else
-#endif
-        round_plain(w, d, n, s, k, &num, &den);
+    fn((const float *)(uintptr_t)wp, (const float *)(uintptr_t)dp, n, s, k, &num, &den);
     Py_END_ALLOW_THREADS
-    (void)avx2;
     return Py_BuildValue("dd", num, den);
 }
 
@@ -124,17 +138,10 @@ static PyObject *laq_codes(PyObject *self, PyObject *args) {
     float s;
     int k;
     if (!PyArg_ParseTuple(args, "KLfiK", &wp, &n, &s, &k, &op) || !check_args(n, k, "codes")) return NULL;
-    const float *w = (const float *)(uintptr_t)wp;
-    uint8_t *out = (uint8_t *)(uintptr_t)op;
-    int avx2 = simd_on();
+    codes_fn *fn = codes_impl();
     Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_AVX2_PATH
-    if (avx2) codes_avx2(w, n, s, k, out);
-    else
-#endif
-        codes_plain(w, n, s, k, out);
+    fn((const float *)(uintptr_t)wp, n, s, k, (uint8_t *)(uintptr_t)op);
     Py_END_ALLOW_THREADS
-    (void)avx2;
     Py_RETURN_NONE;
 }
 
