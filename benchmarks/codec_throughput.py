@@ -12,7 +12,10 @@ workers' frames of a tensor, their mean into a warm buffer: ``decode_sum`` in on
 (``mean2_gbps``) and the same as decode into, decode add, ``div_`` (``mean2_sequential_gbps``); GB/s
 there count the fp32 output once. ``--codec-threads N`` decodes on
 N threads (lowbit.codec.set_codec_threads); ``--decode-chunk BYTES`` overrides the decode chunk
-(A/B of lowbit.codec.codecs.CHUNK in one run).
+(A/B of lowbit.codec.codecs.CHUNK in one run); ``--nt-stores BYTES`` sets the output size from
+which the compiled decode writes with streaming stores (``off``: never; A/B of the default). The
+bounds next to them: ``copy_into_gbps`` (read and write, a warm buffer) and ``fill_gbps`` (write
+only: what a decode, which reads 1/16-1/4 of what it writes, is bound by).
 """
 from __future__ import annotations
 
@@ -70,6 +73,9 @@ def main(argv=None) -> int:
                     help="the torch-op codec only (lowbit.codec.set_native_codec(False)): the compiled loops' baseline")
     ap.add_argument("--decode-chunk", type=int, default=None,
                     help=f"CPU decode chunk in payload bytes (default {codecs_module.CHUNK})")
+    ap.add_argument("--nt-stores", default=None,
+                    help="output bytes from which the compiled decode uses streaming stores, or 'off' "
+                         "(default: the extension's, lowbit.codec._native.nt_stores(-1))")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     set_codec_threads(args.codec_threads)
@@ -79,6 +85,11 @@ def main(argv=None) -> int:
         if args.decode_chunk < 8:
             raise SystemExit("--decode-chunk must be >= 8 bytes")
         codecs_module.CHUNK = args.decode_chunk
+    if args.nt_stores is not None:
+        if not native.native_codec_available():
+            raise SystemExit("--nt-stores needs the compiled codec (lowbit.codec._native)")
+        native.lib.nt_stores(1 << 62 if args.nt_stores == "off" else int(float(args.nt_stores)))
+    nt_min = native.lib.nt_stores(-1) if native.native_codec_available() else None
     dev = torch.device(args.device)
     sizes = [int(float(s[:-1]) * 2**20) if s[-1] in "Mm" else int(s) for s in args.sizes.split(",")]
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
@@ -101,6 +112,11 @@ def main(argv=None) -> int:
             dst.copy_(x)
             sync()
         t_copy = best_time(copy_into, reps, clock)
+
+        def fill():  # write only, no read: the bound of a decode's output
+            dst.fill_(1.0)
+            sync()
+        t_fill = best_time(fill, reps, clock)
         raw = n * 4
         for name, bits, codec, needs_d in codecs():
             kw = {"d": d} if needs_d else {"generator": torch.Generator(device=dev).manual_seed(1)}
@@ -146,12 +162,12 @@ def main(argv=None) -> int:
                          "decode_add_gbps": raw / t_add / 1e9,
                          "mean2_gbps": raw / t_mean2 / 1e9, "mean2_sequential_gbps": raw / t_mean2_seq / 1e9,
                          "memcpy_gbps": raw / t_mem / 1e9,
-                         "copy_into_gbps": raw / t_copy / 1e9, "encode_vs_copy_into": t_copy / t_enc,
+                         "copy_into_gbps": raw / t_copy / 1e9, "fill_gbps": raw / t_fill / 1e9, "encode_vs_copy_into": t_copy / t_enc,
                          "decode_vs_copy_into": t_copy / t_dec,
                          "encode_vs_memcpy": t_mem / t_enc, "decode_vs_memcpy": t_mem / t_dec,
                          "payload_bytes": payload, "raw_bytes": raw, "ratio": raw / payload,
                          "device": str(dev), "threads": args.threads, "codec_threads": args.codec_threads,
-                         "decode_chunk": codecs_module.CHUNK, "timer": timer,
+                         "decode_chunk": codecs_module.CHUNK, "nt_min_bytes": nt_min, "timer": timer,
                          "native": native.native_codec_enabled()})
             print(f"  {name:20s} n={n:>9d} enc {raw / t_enc / 1e9:6.2f} GB/s  dec {raw / t_dec / 1e9:6.2f} GB/s"
                   f"  into {raw / t_into / 1e9:6.2f}  add {raw / t_add / 1e9:6.2f}"
@@ -159,11 +175,11 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
     print_table(recs, ["codec", "numel", "encode_gbps", "decode_gbps", "decode_into_gbps", "decode_add_gbps",
                        "mean2_gbps", "mean2_sequential_gbps",
-                       "memcpy_gbps", "copy_into_gbps",
+                       "memcpy_gbps", "copy_into_gbps", "fill_gbps",
                        "encode_vs_memcpy", "decode_vs_memcpy", "payload_bytes", "ratio"],
                 {"encode_gbps": "{:.2f}", "decode_gbps": "{:.2f}", "decode_into_gbps": "{:.2f}",
                  "decode_add_gbps": "{:.2f}", "mean2_gbps": "{:.2f}", "mean2_sequential_gbps": "{:.2f}",
-                 "memcpy_gbps": "{:.2f}", "copy_into_gbps": "{:.2f}",
+                 "memcpy_gbps": "{:.2f}", "copy_into_gbps": "{:.2f}", "fill_gbps": "{:.2f}",
                  "encode_vs_memcpy": "{:.3f}", "decode_vs_memcpy": "{:.3f}", "ratio": "{:.1f}"})
     write_json(args.json, recs, {"command": "python benchmarks/codec_throughput.py " + " ".join(argv or sys.argv[1:])})
     return 0

@@ -8,20 +8,28 @@ import pytest
 def test_codec_throughput_smoke(tmp_path, bench):
     codec_throughput = bench("codec_throughput")
     import lowbit.codec.codecs as cc
+    from lowbit.codec import native
     from lowbit.codec.codecs import get_codec_threads, set_codec_threads
     chunk, threads = cc.CHUNK, get_codec_threads()
+    has_native = native.native_codec_available()
+    nt = native.lib.nt_stores(-1) if has_native else None
     out = tmp_path / "codec.json"
     try:
         assert codec_throughput.main(["--sizes", "65536", "--reps", "1", "--json", str(out),
-                                      "--decode-chunk", "256", "--codec-threads", "2"]) == 0
+                                      "--decode-chunk", "256", "--codec-threads", "2"]
+                                     + (["--nt-stores", "4096"] if has_native else [])) == 0
     finally:
         cc.CHUNK = chunk
         set_codec_threads(threads)
+        if has_native:
+            native.lib.nt_stores(nt)
     recs = json.loads(out.read_text())["records"]
     assert {r["codec"] for r in recs} == {"grad-2bit", "grad-3bit", "grad-4bit", "grad-8bit",
                                           "weight-ternary-laq", "weight-4bit-laq"}
     for r in recs:
         assert r["decode_chunk"] == 256 and r["codec_threads"] == 2
+        assert r["nt_min_bytes"] == (4096 if has_native else None)
+        assert r["fill_gbps"] > 0
         assert min(r["encode_gbps"], r["decode_gbps"], r["decode_into_gbps"], r["decode_add_gbps"],
                    r["mean2_gbps"], r["mean2_sequential_gbps"]) > 0
         # payload: bits per element plus the frame's fixed header/shape/scale/CRC bytes

@@ -70,3 +70,57 @@ def test_large_frame_on_threads_equals_the_torch_path(bits, monkeypatch):
     finally:
         native.set_native_codec(was)
         cc.set_codec_threads(threads)
+
+
+@pytest.fixture
+def nt_threshold():
+    """The streaming-store threshold of decode_sum, restored after the test."""
+    was = native.lib.nt_stores(-1)
+    yield native.lib.nt_stores
+    native.lib.nt_stores(was)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_streaming_stores_give_the_plain_stores_bits(bits, offset, nt_threshold, monkeypatch):
+    """decode_sum with streaming stores (threshold 0: every call that does not accumulate) writes the
+    same bits as with plain ones (threshold out of reach), one stream and two, with a division, on
+    three codec threads, into a 32-byte aligned buffer and (offset 1: an unaligned view, which
+    keeps the plain stores) not; an accumulating call is left alone."""
+    from lowbit.codec import decode_sum
+    from lowbit.codec.frame import Frame
+
+    n = 3 * 4096 + 5
+    monkeypatch.setattr(cc, "_NATIVE_PART", 1024)
+    frames = [Frame.from_bytes(StochasticGradCodec(bits).encode(
+        torch.randn(n, generator=torch.Generator().manual_seed(s)), generator=torch.Generator().manual_seed(9 + s)
+    ).to_bytes()) for s in range(2)]
+    base = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    threads = cc.get_codec_threads()
+    try:
+        cc.set_codec_threads(3)
+        results = {}
+        for mode, threshold in (("plain", 1 << 62), ("nt", 0)):
+            assert nt_threshold(threshold) == threshold
+            for S, divisor, acc in ((1, 1, False), (2, 2, False), (2, 1, True)):
+                store = torch.empty(n + 16)
+                out = store[offset:offset + n]
+                assert (out.data_ptr() % 32 == 0) == (offset == 0)
+                if acc:
+                    out.copy_(base)
+                decode_sum(frames[:S], out, divisor=divisor, accumulate=acc)
+                results[mode, S, divisor, acc] = out.clone()
+        for key in [k for k in results if k[0] == "plain"]:
+            assert torch.equal(results[("nt",) + key[1:]], results[key]), key
+        ref = (decode_frame(frames[0]) + decode_frame(frames[1])) / 2
+        assert torch.equal(results["nt", 2, 2, False], ref)
+    finally:
+        cc.set_codec_threads(threads)
+
+
+@needs_native
+def test_streaming_store_threshold_reads_and_sets(nt_threshold):
+    was = nt_threshold(-1)
+    assert was >= 0
+    assert nt_threshold(123) == 123 and nt_threshold(-1) == 123
