@@ -39,6 +39,13 @@ What is timed (per step; every rank starts after a barrier, a step's time is the
   region ends with ``torch.cuda.synchronize()``. The baselines (all_reduce, DDP hooks) stay on CPU
   tensors over gloo either way.
 
+CPU per step (every method; over each rank's timed window, divided by the reps):
+``cpu_per_rank`` = each rank process's user and system seconds (all its threads, getrusage) and
+context switches, voluntary and not; ``cpu_host_core_s`` = the whole machine's core-seconds by kind
+(/proc/stat: user, system, softirq (the kernel's network stack), idle, ...) as rank 0 saw them, and
+``cpu_host_busy`` = the busy share of them. A step whose ``cpu_host_busy`` is near 1 waits for the
+CPU, not for the link.
+
 Bytes: ``bytes_per_rank`` = payload bytes the busiest rank sends per step (lowbit: the transport's
 ByteCounter; all_reduce / DDP: the ring formula 2(p−1)/p·P, PowerSGD from its P, Q and
 uncompressed sizes); ``wire_bytes_per_rank`` = max over ranks of max(tx, rx) bytes of the rank's
@@ -52,6 +59,7 @@ import gc
 import json
 import math
 import os
+import resource
 import statistics
 import sys
 import threading
@@ -217,6 +225,17 @@ def netdev(ifname: str) -> tuple[int, int]:
     return 0, 0
 
 
+_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def host_cpu() -> list[int]:
+    """The machine's CPU time so far, in clock ticks, per ``_STAT_FIELDS`` (/proc/stat's "cpu"
+    line: all cores together; the same in every network namespace)."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:1 + len(_STAT_FIELDS)]]
+
+
 class _Sampler:
     """Samples this namespace's interface counters every ``period`` seconds on a thread."""
 
@@ -370,24 +389,34 @@ class RankBench:
         counters are sampled every 10 ms (``self.last_trace``: [seconds, rx bytes, tx bytes] rows)."""
         dist.barrier()
         rx0, tx0 = netdev(self.ifname)
-        ts = []
+        ts, host = [], [0] * len(_STAT_FIELDS)
+        ru = [0.0] * 4  # user s, system s, voluntary and involuntary context switches
         self.last_trace = None
         for i in range(reps):
             if prep is not None:
                 prep()
             dist.barrier()
             sampler = _Sampler(self.ifname) if self.spec.get("trace") and i == reps - 1 else None
-            t0 = time.perf_counter()
+            h0, r0, t0 = host_cpu(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            ru = [a + getattr(r1, f) - getattr(r0, f) for a, f in zip(ru, ("ru_utime", "ru_stime", "ru_nvcsw", "ru_nivcsw"))]
+            host = [a + b - c for a, b, c in zip(host, host_cpu(), h0)]
             if sampler is not None:
                 self.last_trace = sampler.stop()
         dist.barrier()
         rx1, tx1 = netdev(self.ifname)
+        # CPU per step: this process's (user + system, all its threads) and the whole machine's
+        # (core-seconds by kind, over this rank's own timed window)
+        self.last_cpu = {"process_s": (ru[0] + ru[1]) / reps, "user_s": ru[0] / reps, "system_s": ru[1] / reps,
+                         "ctx_switches": ru[2] / reps, "involuntary_ctx_switches": ru[3] / reps,
+                         "host_core_s": {k: v / _HZ / reps for k, v in zip(_STAT_FIELDS, host)}}
         return ts, ((rx1 - rx0) // reps, (tx1 - tx0) // reps)
 
     def emit(self, model: dict, method: str, per_rank: list[dict], extra: dict) -> None:
         traces = self.gather(getattr(self, "last_trace", None)) if self.spec.get("trace") else None
+        cpus = self.gather(getattr(self, "last_cpu", None))
         if self.rank != 0:
             return
         p = self.p
@@ -409,6 +438,13 @@ class RankBench:
         }
         rec.update(extra(steps) if callable(extra) else extra)
         rec.setdefault("step_total_s", rec["step_s"])
+        if cpus[0] is not None:  # CPU per step: each rank's process, and the machine as rank 0 saw it
+            host = cpus[0]["host_core_s"]
+            rec["cpu_process_s_per_rank"] = [round(c["process_s"], 5) for c in cpus]
+            rec["cpu_per_rank"] = [{k: round(v, 5) for k, v in c.items() if k != "host_core_s"} for c in cpus]
+            rec["cpu_host_core_s"] = {k: round(v, 5) for k, v in host.items()}
+            busy = sum(v for k, v in host.items() if k not in ("idle", "iowait"))
+            rec["cpu_host_busy"] = busy / max(busy + host["idle"] + host["iowait"], 1e-9)
         if traces is not None:
             rec["trace"] = traces  # per rank: [seconds, rx bytes, tx bytes] every 10 ms of the last step
         if self.rate:
@@ -422,6 +458,9 @@ class RankBench:
         self.log(f"{model['name']} {method}: step {rec['step_s']:.4f}s (reps {reps}), total "
                  f"{rec['step_total_s']:.4f}s, {rec['bytes_per_rank'] / 1e6:.2f} MB/rank payload, wire/payload {w:.3f}"
                  + (f", efficiency {rec['efficiency']:.2f}" if rec["efficiency"] else "")
+                 + (f", CPU/step: ranks {sum(rec['cpu_process_s_per_rank']):.3f}s, host busy "
+                    f"{rec['cpu_host_busy']:.2f} (softirq {rec['cpu_host_core_s']['softirq']:.3f} core-s)"
+                    if "cpu_host_busy" in rec else "")
                  + (", timeline: gradients in {first_grads_in_s:.4f}..{grads_done_s:.4f}s, end {end_s:.4f}s "
                     "(tail {tail_s:.4f}s, start skew {start_skew_s:.4f}s)".format(**rec["timeline_summary"])
                     if rec.get("timeline_summary", {}).get("tail_s") is not None else ""))
@@ -610,7 +649,7 @@ class RankBench:
             c0 = tr.counter.snapshot()
             ts, wire = self.timed(fn, reps)
             d = tr.counter.delta(c0)
-            trace = self.last_trace
+            trace, cpu = self.last_trace, self.last_cpu
             timeline = tr.timeline.last() if t == "ps" and self.spec.get("trace") else None  # the last timed step
 
             def fn_enc():  # the workers' gradient encode inside the step: LazyFrames, group by group
@@ -621,7 +660,7 @@ class RankBench:
 
             enc_codec = StochasticGradCodec(g_bits)
             enc_ts, _ = self.timed(fn_enc, reps)
-            self.last_trace = trace  # the plot shows the step with precomputed frames
+            self.last_trace, self.last_cpu = trace, cpu  # the plot and the CPU figures: the step with precomputed frames
             per_rank = self.gather({"times": ts, "wire": wire, "counter": {k: v // reps for k, v in d.items()},
                                     "enc_times": enc_ts, "timeline": timeline})
             timelines = [r["timeline"] for r in per_rank] if timeline is not None else None

@@ -136,10 +136,11 @@ def add_speedups(records: list[dict]) -> None:
 
 COLS = ["model", "bandwidth", "method", "reps", "step_s", "step_enc_s", "step_total_s", "bytes_per_rank", "wire_ratio",
         "speedup_vs_fp32", "speedup_total_vs_fp32", "ideal_s", "efficiency", "decode_est_s", "grad_encode_s",
-        "weight_quant_s"]
+        "weight_quant_s", "cpu_core_s", "cpu_host_busy"]
 FMT = {"step_s": "{:.4f}", "step_enc_s": "{:.4f}", "step_total_s": "{:.4f}", "bytes_per_rank": "{:.3e}", "wire_ratio": "{:.3f}",
        "speedup_vs_fp32": "{:.2f}", "speedup_total_vs_fp32": "{:.2f}", "ideal_s": "{:.4f}", "efficiency": "{:.2f}",
-       "decode_est_s": "{:.3f}", "grad_encode_s": "{:.3f}", "weight_quant_s": "{:.3f}"}
+       "decode_est_s": "{:.3f}", "grad_encode_s": "{:.3f}", "weight_quant_s": "{:.3f}", "cpu_core_s": "{:.3f}",
+       "cpu_host_busy": "{:.2f}"}
 
 
 def table(records: list[dict]) -> str:
@@ -148,6 +149,8 @@ def table(records: list[dict]) -> str:
         row = dict(r)
         busiest = max(r.get("bytes_per_rank") or 0, r.get("recv_per_rank") or 0)
         row["wire_ratio"] = r["wire_bytes_per_rank"] / busiest if busiest else None
+        # CPU per step of all ranks' processes together (core-seconds; the machine has os.cpu_count())
+        row["cpu_core_s"] = sum(r["cpu_process_s_per_rank"]) if r.get("cpu_process_s_per_rank") else None
         rows.append(row)
     return print_table(rows, COLS, FMT)
 

@@ -2,6 +2,7 @@
 2 ranks in their own namespaces, 2 small tensors, one 50 Mbit/s link, fp32 all_reduce and lowbit
 ring w2/g3, one timed step each (skipped without netns); and its plot of an empty run."""
 import math
+import os
 
 import pytest
 
@@ -38,6 +39,17 @@ def test_comm_bandwidth_smoke_two_ranks_50mbit(tmp_path, bench):
         assert r["ideal_s"] == pytest.approx(max(r["bytes_per_rank"], r["recv_per_rank"]) * 8 / 50e6)
         # the interface carried at least the payload, plus TCP/IP headers of a few percent
         assert r["bytes_per_rank"] <= r["wire_bytes_per_rank"] <= 1.25 * r["bytes_per_rank"] + 20_000
+        # CPU per step: each rank's process (user + system) and the machine's core-seconds by kind
+        cpu = r["cpu_per_rank"]
+        assert len(cpu) == 2 and r["cpu_process_s_per_rank"] == [c["process_s"] for c in cpu]
+        for c in cpu:
+            assert c["process_s"] == pytest.approx(c["user_s"] + c["system_s"], abs=1e-4)
+            assert 0 < c["process_s"] < 10 * r["step_s"] + 0.1 and c["ctx_switches"] >= 0
+        host = r["cpu_host_core_s"]
+        assert set(host) == {"user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"}
+        # /proc/stat counts in 10 ms ticks: all kinds together are the cores times rank 0's window
+        assert all(v >= 0 for v in host.values()) and 0 <= r["cpu_host_busy"] <= 1
+        assert sum(host.values()) <= (os.cpu_count() or 1) * (r["step_s"] + 0.03)
 
     # the trace: every rank's interface counters over the last step, in order, and they add up to
     # about what the interface carried in a step
