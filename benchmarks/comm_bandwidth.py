@@ -18,8 +18,9 @@ and the latency-bound regime of real Ethernet (50-500 µs per hop, more across r
 Output: a table per rate on stdout, progress on stderr, --json (records: method, bandwidth, model,
 step_s, step_enc_s (lowbit: the step with the workers' gradient encode inside it, pipelined by the
 PS), step_total_s (step_s + encode + weight quantization, one after the other), bytes_per_rank, recv_per_rank, wire_bytes_per_rank, speedup_vs_fp32, ideal_s,
-efficiency, ...; the table's wire_ratio = interface bytes / payload bytes of the busiest
-direction), a log-log plot of step time against bandwidth (one line per method, a panel per model),
+efficiency, cpu_per_rank, cpu_host_core_s, cpu_host_busy, ...; the table's wire_ratio = interface
+bytes / payload bytes of the busiest direction, cpu_core_s = all ranks' CPU seconds per step; a note
+under the table names the steps that kept the machine's cores >= 90% busy: CPU-bound, not link-bound), a log-log plot of step time against bandwidth (one line per method, a panel per model),
 then the cost model fit (benchmarks/comm_costmodel.py) unless --no-costmodel. ``--from-json PATH``
 re-prints the tables and the plot of an earlier run without measuring.
 """
@@ -153,6 +154,21 @@ def table(records: list[dict]) -> str:
         row["cpu_core_s"] = sum(r["cpu_process_s_per_rank"]) if r.get("cpu_process_s_per_rank") else None
         rows.append(row)
     return print_table(rows, COLS, FMT)
+
+
+CPU_BOUND = 0.9  # the machine's busy share during a step from which the table flags it
+
+
+def cpu_bound_note(records: list[dict], cpu_count: int | None = None) -> str | None:
+    """A line naming the measurements whose step kept the machine's CPUs busy (``cpu_host_busy`` >=
+    CPU_BOUND): their step time is the CPU's (the ranks share this machine's cores), not the link's,
+    and says little about the same method on one machine per rank."""
+    hot = [r for r in records if (r.get("cpu_host_busy") or 0) >= CPU_BOUND]
+    if not hot:
+        return None
+    names = ", ".join(f"{r['model']} {r['method']} ({r['cpu_host_busy']:.2f})" for r in hot)
+    return (f"CPU-bound (the machine's {cpu_count or os.cpu_count()} cores >= {CPU_BOUND:.0%} busy during the step, shared by "
+            f"every rank): {names}. Their step time is this machine's CPU, not the link.")
 
 
 def _save(fig, path: Path) -> Path:
@@ -320,10 +336,14 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", metavar="PATH", help="measure nothing: print the tables and plot from PATH")
     args = ap.parse_args(argv)
     if args.from_json:
-        records = json.loads(Path(args.from_json).read_text())["records"]
+        data = json.loads(Path(args.from_json).read_text())
+        records = data["records"]
         for bw in dict.fromkeys(r["bandwidth"] for r in records):
             print(f"\n## {bw}")
             table([r for r in records if r["bandwidth"] == bw])
+            note = cpu_bound_note([r for r in records if r["bandwidth"] == bw], data.get("machine", {}).get("cpu_count"))
+            if note:
+                print(note)
         plot(records, Path(args.plot))
         if args.trace:
             plot_traces(records, Path(args.trace))
@@ -379,6 +399,9 @@ def main(argv=None) -> int:
         print(f"\n## {bandwidth_label(rate)} ({time.monotonic() - tr:.0f}s, load {os.getloadavg()[0]:.1f})")
         if recs:
             table(recs)
+            note = cpu_bound_note(recs)
+            if note:
+                print(note)
         meta.update(load_after=os.getloadavg(), wall_s=time.monotonic() - t0, failures=failures)
         write_json(args.json, records, meta)
     plot(records, Path(args.plot))

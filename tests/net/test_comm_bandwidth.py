@@ -103,3 +103,24 @@ def test_plot_of_a_run_that_measured_nothing_is_skipped_with_a_message(tmp_path,
     assert comm_bandwidth.plot([], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
     assert "no measurements" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_cpu_bound_steps_are_named_under_the_table(tmp_path, bench, capsys):
+    """A record whose step kept the machine's cores busy (cpu_host_busy >= 0.9) is named in a note
+    under its table, also when the table is re-printed from a JSON (with that run's core count)."""
+    import json
+    comm_bandwidth = bench("comm_bandwidth")
+    recs = [{"model": "minilm", "method": m, "bandwidth": "unshaped", "cpu_host_busy": b}
+            for m, b in (("lowbit_ps_w2g3", 0.97), ("fp32_allreduce", 0.5), ("ddp_fp16", None))]
+    note = comm_bandwidth.cpu_bound_note(recs, cpu_count=16)
+    assert "16 cores" in note and "minilm lowbit_ps_w2g3 (0.97)" in note
+    assert "fp32_allreduce" not in note and "ddp_fp16" not in note
+    assert comm_bandwidth.cpu_bound_note(recs[1:]) is None
+    full = [dict(r, reps=1, step_s=0.1, step_total_s=0.1, bytes_per_rank=1e6, recv_per_rank=1e6,
+                 wire_bytes_per_rank=1.01e6, rate_mbit=None, n_params=1, p=4) for r in recs[:2]]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"machine": {"cpu_count": 7}, "records": full}))
+    assert comm_bandwidth.main(["--from-json", str(path), "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "CPU-bound (the machine's 7 cores" in out and "lowbit_ps_w2g3 (0.97)" in out
