@@ -1,5 +1,5 @@
 """Build hook for the two compiled parts: lowbit.codec._native, the codec's inner loops
-(lowbit/codec/_native.c), and lowbit.quant._laq, LAQ's linear-grid round (lowbit/quant/_laq.c).
+(lowbit/codec/_native.c), and lowbit.quant._laq, LAQ's linear-grid round and stochastic gradient codes (lowbit/quant/_laq.c).
 Everything else is in pyproject.toml. Both are optional: without a C compiler the install still
 succeeds and the codecs and LAQ use their torch ops (same codes, slower)."""
 from setuptools import Extension, setup

@@ -159,16 +159,41 @@ def _clip_scale(g: torch.Tensor, clip: float | None) -> tuple[torch.Tensor, floa
     return gf, (s if s > 0 else 1.0)
 
 
-def _numpy_rng(generator: torch.Generator | None):
-    """A numpy SFC64 stream seeded by one draw from ``generator`` (torch's default CPU generator
-    when None), so a seeded torch.Generator still makes every draw reproducible."""
-    import numpy as np
-
+def _seed_words(generator: torch.Generator | None) -> tuple[int, int]:
+    """The counter generator's seed (two 32-bit words): one draw from ``generator`` (torch's default
+    CPU generator when None), so a seeded torch.Generator makes every draw reproducible."""
     seed = int(torch.randint(0, 2**62, (), generator=generator))
-    return np.random.Generator(np.random.SFC64(seed))
+    return seed & _M32, (seed >> 32) & _M32
 
 
-NUMPY_RNG_MIN = 1 << 15  # below this many elements the torch.rand path is cheaper than seeding
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2^32 for int64 ``x`` in [0, 2^32) and a 32-bit constant, without int64 overflow:
+    c in 16-bit halves."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _counter_u24(start: int, m: int, s0: int, s1: int) -> torch.Tensor:
+    """The 24 random bits of elements start .. start + m of a tensor under seed (s0, s1), as int64:
+    the torch-ops twin of lowbit/quant/_laq.c's U24 (a Weyl step on the index's halves, murmur3's
+    32-bit finalizer, a second xor-multiply-shift round keyed by s1, the top 24 bits), bit for bit."""
+    idx = torch.arange(start, start + m, dtype=torch.int64)
+    x = (_mul32(idx & _M32, 0x9E3779B9) + s0) & _M32
+    x = x ^ _mul32(idx >> 32, 0x632BE5AB)
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    x = x ^ (x >> 16)
+    x = _mul32(x ^ s1, 0x27D4EB2D)
+    x = x ^ (x >> 15)
+    return x >> 8
+
+
+COUNTER_RNG_MIN = 1 << 15  # below this many elements torch.rand (one call) is the cheaper draw
 
 
 def stochastic_code_chunks(gf: torch.Tensor, k: int, s: float, generator: torch.Generator | None = None):
@@ -179,32 +204,51 @@ def stochastic_code_chunks(gf: torch.Tensor, k: int, s: float, generator: torch.
     i.e. unbiased stochastic rounding of clamp(gf·k/s, −k, k) shifted to codes (clamping after adding
     U gives the same floor as clamping before). On CPU the work runs over L2-sized chunks (the
     yielded buffer is reused: consume it before the next step); on other devices one chunk.
-    Chunk starts are multiples of 8. Large CPU tensors draw U (24 random bits, the resolution of
-    torch.rand's float32) from a numpy SFC64 stream seeded from ``generator``; the rest use torch.rand.
+    Chunk starts are multiples of 8.
+
+    Large CPU tensors (``COUNTER_RNG_MIN`` elements and more) draw U as 24 random bits (the
+    resolution of torch.rand's float32) from a counter-based generator: element i's bits are a hash
+    of (i, seed), the seed one draw from ``generator``, so no state is kept and a chunk's draws do
+    not depend on the chunking. In units of 2^-24 levels, in fp32: t = g·(k/s·2^24) + U·2^24, the
+    clamp to ±k·2^24, ·2^-24, + k, truncation. The compiled loop (``lowbit.quant._laq.stochastic``,
+    one pass; the switch of :func:`lowbit.quant.weights.set_native_laq`) and the torch ops give the
+    same codes. The rest (small tensors, other devices) use torch.rand.
     """
+    from lowbit.quant import weights as _quant  # the quant extension and its switch
+
     flat = gf.reshape(-1)
     n = flat.numel()
     alpha = k / s
-    if flat.device.type != "cpu" or n < NUMPY_RNG_MIN:
+    if not math.isfinite(_f32(alpha * (1 << 24))):
+        # a scale near fp32's smallest (a gradient of ~1e-31 and below): values and scale times 2^64,
+        # which is exact, so the fp32 factors stay finite and the codes are the intended ones
+        flat, alpha = flat * 2.0**64, k / (s * 2.0**64)
+    if flat.device.type != "cpu" or n < COUNTER_RNG_MIN:
         u = torch.rand(n, generator=generator, device=flat.device, dtype=torch.float32)
         u.add_(flat, alpha=alpha).clamp_(-k, k).add_(k)
         yield 0, u.to(torch.int32).to(torch.uint8)
         return
-    bitgen = _numpy_rng(generator).bit_generator
-    step = CHUNK
-    u = torch.empty(step, dtype=torch.float32)
-    i32 = torch.empty(step, dtype=torch.int32)
-    c8 = torch.empty(step, dtype=torch.uint8)
+    s0, s1 = _seed_words(generator)
     one = float(1 << 24)
+    c = _f32(alpha * one)
+    step = CHUNK
+    c8 = torch.empty(step, dtype=torch.uint8)
+    lib = _quant._laq if _quant._native_ok(flat) else None
+    if lib is not None:
+        for a in range(0, n, step):
+            m = min(step, n - a)
+            lib.stochastic(flat.data_ptr() + 4 * a, m, a, s0, s1, c, k, c8.data_ptr())
+            yield a, c8[:m]
+        return
+    t = torch.empty(step, dtype=torch.float32)
+    i32 = torch.empty(step, dtype=torch.int32)
     for a in range(0, n, step):
         m = min(step, n - a)
-        uc, ic, cc = u[:m], i32[:m], c8[:m]
-        # 24 random bits per element: U·2^24 as an exact integer-valued float32 (as torch.rand)
-        r = torch.from_numpy(bitgen.random_raw((m + 1) // 2)).view(torch.int32)[:m]
-        uc.copy_(r.bitwise_and_(0xFFFFFF))
-        # in units of 2^-24 levels: U + v, then clamp, back to levels, shift to codes, floor
-        uc.add_(flat[a:a + m], alpha=alpha * one).clamp_(-k * one, k * one).mul_(1.0 / one).add_(k)
-        ic.copy_(uc)  # truncation = floor: the value is >= 0
+        tc, ic, cc = t[:m], i32[:m], c8[:m]
+        torch.mul(flat[a:a + m], c, out=tc)
+        tc.add_(_counter_u24(a, m, s0, s1).to(torch.float32))
+        tc.clamp_(-k * one, k * one).mul_(1.0 / one).add_(k)
+        ic.copy_(tc)  # truncation = floor: the value is >= 0
         cc.copy_(ic)
         yield a, cc
 

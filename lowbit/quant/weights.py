@@ -27,7 +27,7 @@ import torch
 from lowbit.errors import ConfigError
 from lowbit.quant.qtensor import QTensor, grid_k
 
-try:  # LAQ's linear-grid round in one pass (lowbit/quant/_laq.c), built by setup.py where it can be
+try:  # LAQ's linear-grid round and grads.py's stochastic codes, one pass each (lowbit/quant/_laq.c), built by setup.py where it can be
     from lowbit.quant import _laq
 except ImportError:
     _laq = None
@@ -232,8 +232,9 @@ def native_laq_available() -> bool:
 
 
 def set_native_laq(on: bool) -> bool:
-    """Run LAQ's linear-grid round through the compiled loop (``True``) or the torch ops (``False``);
-    returns the previous setting. ``LOWBIT_NATIVE_LAQ=0`` turns it off for a process."""
+    """Run the quant extension's loops (LAQ's linear-grid round here, the stochastic gradient codes of
+    :func:`lowbit.quant.grads.stochastic_code_chunks`) compiled (``True``) or as torch ops
+    (``False``); returns the previous setting. ``LOWBIT_NATIVE_LAQ=0`` turns it off for a process."""
     global _native_on
     if on and _laq is None:
         raise ConfigError("lowbit.quant._laq was not built (no C compiler when lowbit was installed?): "
