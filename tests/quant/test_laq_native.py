@@ -10,20 +10,6 @@ from lowbit.quant import weights as W
 needs_native = pytest.mark.skipif(not W.native_laq_available(), reason="lowbit.quant._laq was not built")
 
 
-@pytest.fixture(params=["avx2", "scalar"])
-def simd(request):
-    if not W.native_laq_available():
-        pytest.skip("lowbit.quant._laq was not built")
-    lib = W._laq
-    was = lib.simd(-1)
-    if request.param == "scalar":
-        lib.simd(0)
-    elif not was:
-        pytest.skip("the CPU has no AVX2: the scalar loops are the only ones")
-    yield request.param
-    lib.simd(1 if was else 0)
-
-
 def _wd(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, generator=g) * 0.05, torch.rand(n, generator=g) * 1e-3 + 1e-6
@@ -75,16 +61,8 @@ def test_laq_project_native_matches_torch_path(bits, weighted, warm):
 
 
 @needs_native
-def test_native_is_used_and_the_switch_turns_it_off(monkeypatch):
-    calls = []
-    real = W._laq
-
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(real, name)
-            return lambda *a: (calls.append(name), fn(*a))[1]
-
-    monkeypatch.setattr(W, "_laq", Spy())
+def test_native_is_used_and_the_switch_turns_it_off(laq_calls):
+    calls = laq_calls
     w, d = _wd(4096)
     laq_project(w, d=d, bits=4)
     assert "round" in calls and "codes" in calls

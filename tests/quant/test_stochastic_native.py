@@ -15,20 +15,6 @@ from lowbit.quant import weights as W
 needs_native = pytest.mark.skipif(not W.native_laq_available(), reason="lowbit.quant._laq was not built")
 
 
-@pytest.fixture(params=["avx2", "scalar"])
-def simd(request):
-    if not W.native_laq_available():
-        pytest.skip("lowbit.quant._laq was not built")
-    lib = W._laq
-    was = lib.simd(-1)
-    if request.param == "scalar":
-        lib.simd(0)
-    elif not was:
-        pytest.skip("the CPU has no AVX2: the scalar loops are the only ones")
-    yield request.param
-    lib.simd(1 if was else 0)
-
-
 def _codes(gf, k, s, seed):
     out = torch.empty(gf.numel(), dtype=torch.uint8)
     for a, c in G.stochastic_code_chunks(gf, k, s, torch.Generator().manual_seed(seed)):
@@ -167,16 +153,8 @@ def test_a_scale_near_the_smallest_float_still_gives_codes(native):
 
 
 @needs_native
-def test_the_compiled_loop_is_used_and_the_switch_turns_it_off(monkeypatch):
-    calls = []
-    real = W._laq
-
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(real, name)
-            return lambda *a: (calls.append(name), fn(*a))[1]
-
-    monkeypatch.setattr(W, "_laq", Spy())
+def test_the_compiled_loop_is_used_and_the_switch_turns_it_off(laq_calls):
+    calls = laq_calls
     g = torch.randn(G.COUNTER_RNG_MIN * 2)
     quantize_grad_stochastic(g, 3)
     assert calls.count("stochastic") == math.ceil(g.numel() / G.CHUNK)
