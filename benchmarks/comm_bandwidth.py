@@ -171,6 +171,14 @@ def cpu_bound_note(records: list[dict], cpu_count: int | None = None) -> str | N
             f"every rank): {names}. Their step time is this machine's CPU, not the link.")
 
 
+def report(records: list[dict], cpu_count: int | None = None) -> None:
+    """One rate's table, and under it the note naming its CPU-bound steps, if any."""
+    table(records)
+    note = cpu_bound_note(records, cpu_count)
+    if note:
+        print(note)
+
+
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
     fig.tight_layout()
@@ -340,10 +348,7 @@ def main(argv=None) -> int:
         records = data["records"]
         for bw in dict.fromkeys(r["bandwidth"] for r in records):
             print(f"\n## {bw}")
-            table([r for r in records if r["bandwidth"] == bw])
-            note = cpu_bound_note([r for r in records if r["bandwidth"] == bw], data.get("machine", {}).get("cpu_count"))
-            if note:
-                print(note)
+            report([r for r in records if r["bandwidth"] == bw], data.get("machine", {}).get("cpu_count"))
         plot(records, Path(args.plot))
         if args.trace:
             plot_traces(records, Path(args.trace))
@@ -398,10 +403,7 @@ def main(argv=None) -> int:
         records += recs
         print(f"\n## {bandwidth_label(rate)} ({time.monotonic() - tr:.0f}s, load {os.getloadavg()[0]:.1f})")
         if recs:
-            table(recs)
-            note = cpu_bound_note(recs)
-            if note:
-                print(note)
+            report(recs)
         meta.update(load_after=os.getloadavg(), wall_s=time.monotonic() - t0, failures=failures)
         write_json(args.json, records, meta)
     plot(records, Path(args.plot))

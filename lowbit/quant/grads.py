@@ -19,6 +19,7 @@ import torch
 
 from lowbit.errors import ConfigError, NonFiniteGradientError
 from lowbit.quant.qtensor import QTensor, grid_k
+from lowbit.quant import weights as _quant  # the quant extension (_laq) and its switch
 
 __all__ = [
     "clip_sigma",
@@ -159,14 +160,15 @@ def _clip_scale(g: torch.Tensor, clip: float | None) -> tuple[torch.Tensor, floa
     return gf, (s if s > 0 else 1.0)
 
 
+_M32 = 0xFFFFFFFF
+
+
 def _seed_words(generator: torch.Generator | None) -> tuple[int, int]:
     """The counter generator's seed (two 32-bit words): one draw from ``generator`` (torch's default
     CPU generator when None), so a seeded torch.Generator makes every draw reproducible."""
     seed = int(torch.randint(0, 2**62, (), generator=generator))
     return seed & _M32, (seed >> 32) & _M32
 
-
-_M32 = 0xFFFFFFFF
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -214,8 +216,6 @@ def stochastic_code_chunks(gf: torch.Tensor, k: int, s: float, generator: torch.
     one pass; the switch of :func:`lowbit.quant.weights.set_native_laq`) and the torch ops give the
     same codes. The rest (small tensors, other devices) use torch.rand.
     """
-    from lowbit.quant import weights as _quant  # the quant extension and its switch
-
     flat = gf.reshape(-1)
     n = flat.numel()
     alpha = k / s
