@@ -302,8 +302,8 @@ class ParameterServerTransport(Transport):
         for i in range(max(len(g) for g in self.groups_of.values())):
             for s in self.servers:
                 if i < len(self.groups_of[s]):
-                    bundle = join(grads[k] for k in self.groups_of[s][i] if grads.get(k))
-                    self.p2p.send_chunk(s, i, bundle, "up", pending, bound=self.bounds_of[s][i], reuse=i)
+                    frames = [grads[k] for k in self.groups_of[s][i] if grads.get(k)]
+                    self.p2p.send_chunk(s, i, frames, "up", pending, bound=self.bounds_of[s][i], reuse=i)
                     self.timeline.mark("grads_posted", s, i)
             if i == 0 and after_first is not None:
                 after_first()
@@ -426,9 +426,9 @@ class ParameterServerTransport(Transport):
         missing = [k for k in keys if k not in frames]
         if missing:
             raise ConfigError(f"server rank {self.rank}: Owner.weight_frames lacks keys {missing}")
-        bundle = join(frames[k] for k in keys)  # encoded once, sent W times
-        for w in self.workers:
-            self.p2p.send_chunk(w, i, bundle, "down", pending, bound=self.bounds_of[self.rank][i], reuse=i)
+        # encoded once, laid out once, sent to every worker
+        self.p2p.send_chunk(self.workers, i, [frames[k] for k in keys], "down", pending,
+                            bound=self.bounds_of[self.rank][i], reuse=i)
 
     def _serve_grads(self, step: int, owner: Owner) -> None:
         """``"continue"`` mode: whole bundles, each worker on its own thread (see the module docstring)."""

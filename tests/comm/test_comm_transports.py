@@ -429,3 +429,52 @@ def test_ps_step_timeline_records_every_chunk_in_order():
         assert f["step"] == 3 and f["t0"] > last["t0"]
         assert {e[1] for e in f["events"]} <= {"weights_in", "weights_decoded"}
         assert bool(f["events"]) == (rank >= 2)
+
+
+def _one_to_many_body(rank, world):
+    """P2P.send_chunk with a list of parts (bytes, a memoryview, a uint8 tensor) to a list of peers,
+    in both chunk protocols: every peer gets exactly the joined bytes, the sender lays the message
+    out once (one pooled buffer for both peers) and counts one message per peer."""
+    from lowbit.comm.p2p import P2P, Pending, message_bytes
+    parts = [b"frame-one|", memoryview(b"frame-two|"), torch.arange(7, dtype=torch.uint8)]
+    whole = b"frame-one|frame-two|" + bytes(range(7))
+    out = {}
+    for one_message in (True, False):
+        p2p = P2P(timeout=20.0, one_message=one_message)
+        if rank == 0:
+            pending = Pending("down")
+            for step in (0, 1):
+                p2p.send_chunk([1, 2], 0, parts, "down", pending, bound=64, reuse=0)
+                p2p.finish(pending, step)
+            out[one_message] = {"sent": p2p.counter.snapshot()["sent"], "pool": sorted(map(str, p2p.send_pool))}
+            try:
+                p2p.send_chunk([1, 2], 0, parts, "down", Pending("down"), bound=len(whole) - 1)
+                out[f"over_{one_message}"] = "no error"
+            except FrameError as e:
+                out[f"over_{one_message}"] = str(e)
+        else:
+            got = []
+            for step in (0, 1):
+                if one_message:
+                    posted = p2p.post_chunks(0, [64], "down")
+                    got.append(bytes(p2p.wait_chunk(0, 0, step, posted[0])))
+                else:
+                    (length,) = p2p.post_chunk_lengths(0, [0], "down")
+                    body = p2p.post_chunk_body(0, 0, step, "down", length, 64)
+                    got.append(bytes(p2p.wait_chunk_body(0, 0, step, body)))
+            out[one_message] = got
+        dist.barrier()
+    out["expect"] = (whole, 2 * 2 * message_bytes(len(whole)))
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_one_chunk_laid_out_once_for_many_peers():
+    res = run_ranks(_one_to_many_body, 3)
+    whole, sent = res[0]["expect"]
+    for one_message in (True, False):
+        assert res[1][one_message] == res[2][one_message] == [whole, whole], one_message
+        assert res[0][one_message]["sent"] == sent, res[0][one_message]
+        over = res[0][f"over_{one_message}"]
+        assert "chunk 0 for peer 1 has 27 bytes; at most 26" in over, over
+    assert res[0][True]["pool"] == ["('down', (1, 2), 0)"], res[0][True]  # one message buffer, both peers
