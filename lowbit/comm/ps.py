@@ -348,10 +348,11 @@ class ParameterServerTransport(Transport):
                 pass
 
     def _sum_group(self, step: int, i: int, chunks: Mapping[int, object], average: bool) -> None:
-        """Key group i from every worker in ``chunks`` (worker -> bundle): each bundle validated,
-        then every key's frames decoded, summed (in worker order: the fp32 sums do not depend on
-        timing) and, with ``average``, averaged in one pass over its buffer (GradAccumulator.add_all)."""
-        by_key: dict[int, list[tuple[int, Frame]]] = {}  # key -> (worker, frame), in worker order
+        """Key group i from the workers in ``chunks`` (worker -> bundle, in the order of the sum): each
+        bundle validated, then every key's frames decoded, added to what earlier chunks of the group
+        left in the key's buffer and, with ``average``, averaged, in one pass over the buffer
+        (GradAccumulator.add_all)."""
+        by_key: dict[int, list[tuple[int, Frame]]] = {}  # key -> (worker, frame), in the order of chunks
         for w, chunk in chunks.items():
             for pf in parse_bundle(chunk, peer=w, step=step, kind="grad", shapes=self.shapes,
                                    allowed_keys=self.groups_of[self.rank][i], rank=self.rank):
@@ -362,6 +363,32 @@ class ParameterServerTransport(Transport):
             except FrameError as e:
                 w = sent[getattr(e, "index", 0)][0]
                 raise FrameError(f"rank {self.rank}: bundle from peer {w} at step {step}: {e}") from e
+
+    def _sum_arriving(self, step: int, i: int, pumps: "_Pumps") -> FrameError | None:
+        """Key group i from every worker, summed as the chunks come instead of once all are in: the
+        chunk that arrives first is decoded while the others are still on the wire, and chunks that
+        are already in when the server gets to them are decoded together in one pass
+        (:meth:`_sum_group`). The order of the sum stays fixed, so the bits do not depend on timing:
+        the first two workers' chunks in the order they arrive (a + b and b + a are the same fp32
+        number), then the others in worker order. Every worker's chunk i is taken, also after a bad
+        one, whose FrameError is returned (a failed receive raises at once)."""
+        order = list(self.workers)
+        if len(order) >= 2 and pumps.first_of(order[:2]) != order[0]:
+            order[0], order[1] = order[1], order[0]
+        pos, error = 0, None
+        while pos < len(order):
+            batch = [order[pos]]
+            pos += 1
+            while pos < len(order) and pumps.ready(order[pos]):
+                batch.append(order[pos])
+                pos += 1
+            chunks = {w: pumps.get(w) for w in batch}
+            if error is None:
+                try:
+                    self._sum_group(step, i, chunks, average=pos == len(order))
+                except FrameError as e:
+                    error = e
+        return error
 
     def _serve_step(self, step: int, owner: Owner) -> None:
         """The server's whole step, pipelined by key group: as soon as group i has come from every
@@ -379,13 +406,12 @@ class ParameterServerTransport(Transport):
             error: FrameError | None = None  # a bad chunk: the rest of the step is still drained
             try:
                 for i in range(len(groups)):
-                    chunks = {w: pumps.get(w) for w in self.workers}  # chunk i of every worker
                     if error is not None:
+                        for w in self.workers:  # chunk i of every worker, drained
+                            pumps.get(w)
                         continue
-                    try:
-                        self._sum_group(step, i, chunks, average=True)
-                    except FrameError as e:
-                        error = e
+                    error = self._sum_arriving(step, i, pumps)
+                    if error is not None:
                         continue
                     self.timeline.mark("group_averaged", None, i)
                     if parts:
@@ -503,6 +529,7 @@ class _Pumps:
         self.bounds = {int(p): list(b) for p, b in bounds.items()}
         shared: queue.Queue = queue.Queue()
         self.queues = {p: queue.Queue() if in_order else shared for p in self.bounds}
+        self.arrival = threading.Condition()  # notified whenever a chunk (or an error) is queued
         self.threads = []
         self.failed = False  # a receive failed: the later chunks' receives may still be posted
         for p in self.bounds:
@@ -540,10 +567,27 @@ class _Pumps:
                 buf = (self.p2p.wait_chunk(peer, i, self.step, body, of=len(self.bounds[peer])) if self.p2p.one_message
                        else self.p2p.wait_chunk_body(peer, i, self.step, body))
                 self.mark(self.arrived, peer, i)
-                self.queues[peer].put((peer, i, buf))
+                self._put(peer, (peer, i, buf))
         except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
             self.failed = True
-            self.queues[peer].put((peer, None, e))
+            self._put(peer, (peer, None, e))
+
+    def _put(self, peer: int, item) -> None:
+        with self.arrival:
+            self.queues[peer].put(item)
+            self.arrival.notify_all()
+
+    def first_of(self, peers: list[int]) -> int:
+        """The first of ``peers`` (in_order pumps) whose next chunk is in, or arrives first."""
+        wait = self.p2p.timeout + 30
+        with self.arrival:
+            if not self.arrival.wait_for(lambda: any(not self.queues[p].empty() for p in peers), timeout=wait):
+                raise TransportError(f"{self.what}: nothing from peers {peers} at step {self.step} within {wait:g}s")
+        return next(p for p in peers if not self.queues[p].empty())
+
+    def ready(self, peer: int) -> bool:
+        """Whether ``peer``'s next chunk is in (in_order pumps)."""
+        return not self.queues[peer].empty()
 
     def _take(self, peer: int | None) -> tuple[int, int, memoryview]:
         """The next item of ``peer``'s queue (any peer's: None); counted."""
