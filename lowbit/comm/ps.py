@@ -16,10 +16,13 @@ The step is pipelined by key group. Server s's keys are cut into ``chunks`` cont
 equal in size but for two smaller last ones (:func:`chunk_keys`, :func:`chunk_shares`); every
 bundle travels as one chunk message per group (its length and its bytes: :meth:`P2P.send_chunk`). A worker reads ``grads[k]`` for the keys of group
 i only when it posts group i, so ``grads`` may be a :class:`~lowbit.comm.transport.LazyFrames`
-that encodes on access: group i + 1 is then encoded while group i is on the wire. The server
-decodes and sums group i as it arrives; once group i has come from every worker, the owner updates
-and re-quantizes those keys (``Owner.apply_keys``) and their weights leave for the workers at once,
-while group i + 1 is still arriving. Workers decode each weight group into their parameters
+that encodes on access: group i + 1 is then encoded while group i is on the wire; its frames are
+laid out straight into the chunk's message. The server decodes and sums group i as it arrives
+(the first worker's chunk while the others are still on the wire, in an order that does not depend
+on timing: :meth:`ParameterServerTransport._sum_arriving`); once group i has come from every
+worker, the owner updates and re-quantizes those keys (``Owner.apply_keys``) and their weights
+leave for the workers at once (one message laid out once, sent to every worker), while group
+i + 1 is still arriving. Workers decode each weight group into their parameters
 (``out=``) while the next is on the way. An owner without ``apply_keys`` is updated once, after the
 last group; ``"continue"`` mode sends whole bundles (one group).
 
