@@ -20,6 +20,7 @@ scale is always finite and > 0 and dequantizes to exact zeros. The binary grid h
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -250,7 +251,7 @@ def _laq_alternate_fused(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch
                          iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_laq_alternate` for one row on the linear grid, without full-size temporaries: a round
     is q = round(clamp(w·k/α, −k, k)) reduced at once into Σ d w q / k and Σ d q² / k²; the codes
-    q + k are materialised once, for the α the last round projected with. A round is one pass of
+    q + k are materialised once, for the α the best round projected with. A round is one pass of
     the compiled loop (``lowbit.quant._laq``: fp32 CPU tensors, sums in double) or torch ops per
     cache-sized chunk (fp32 dot products summed in double across chunks); q, and so the codes for
     a given α, are the same bits either way."""
@@ -284,17 +285,26 @@ def _laq_alternate_fused(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch
                 out[i:i + wc.numel()].copy_(torch.mul(wc, s, out=tmp[:wc.numel()]).clamp_(-k, k).round_().add_(k))
 
     a = float(alpha.reshape(()))
-    used = a
+    best = None  # (score, α projected with, α from those codes) of the best round so far
+    before = None  # (α, f(α) − α) of the round before, for the secant step
     for _ in range(iters):
-        used = a
         num, den = round_(k / a)
         num, den = num / k, den / (k * k)
-        new = num / den if (den > 0 and num > 0) else a
-        new = float(torch.tensor(new, dtype=torch.float32))
-        done = abs(new - a) <= 1e-6 * a
-        a = new
-        if done:
+        ok = den > 0 and num > 0
+        new = float(torch.tensor(num / den if ok else a, dtype=torch.float32))
+        score = num * num / den if ok else -math.inf
+        if best is None or score > best[0]:
+            best = (score, a, new)
+        g = new - a
+        if abs(g) <= 1e-6 * a:
             break
+        nxt = new
+        if before is not None and g != before[1]:
+            sec = a - g * (a - before[0]) / (g - before[1])
+            if 0.5 * a < sec < 2 * a:
+                nxt = float(torch.tensor(sec, dtype=torch.float32))
+        before, a = (a, g), nxt
+    _, used, a = best
     codes = torch.empty(n, dtype=torch.uint8, device=w.device)
     codes_(k / used, codes)
     return torch.tensor([a], dtype=torch.float32, device=w.device), codes.reshape(1, -1)
@@ -302,25 +312,45 @@ def _laq_alternate_fused(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch
 
 def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tensor, k: int, grid: str,
                    iters: int, tables) -> tuple[torch.Tensor, torch.Tensor]:
-    """``iters`` rounds of b ← Π_Q(w/α), α ← Σ d w b / Σ d b²; returns (α, codes) of the last round.
+    """At most ``iters`` rounds of b ← Π_Q(w/α), α ← f(α) = Σ d w b / Σ d b², per row; returns the
+    (α, codes) of the best round: codes b = Π_Q(w/α_t) and α = f(α_t), the exact minimiser for those
+    codes, whose objective is Σ d w² − (Σ d w b)² / Σ d b² (so rounds are compared without another
+    pass, and the result is never worse than the first round's plain projection).
 
-    Each half-step minimises ‖w − α b‖²_D exactly in its variable (the nearest grid point does not
-    depend on d_i), so the objective never increases. Stops early once no row's α moves by more
-    than 1e-6 relatively.
+    The plain alternation is a fixed-point iteration α ← f(α) that crawls at 3 bits and more (measured
+    on 4M Gaussian weights, 4 bits, from max|w|: after 10 rounds the objective is 84% above the
+    optimum, after 20 still 28%); from the second round on the next α is the secant step on
+    f(α) − α = 0 through the last two rounds (kept where it lands within [α/2, 2α], else f(α)), which
+    reaches the optimum in 6-10 rounds. Stops early once no row's α moves by more than 1e-6
+    relatively.
     """
     if grid == "sym" and w2.shape[0] == 1:
         return _laq_alternate_fused(w2, d2, alpha, k, iters)
-    codes = None
+    best = None  # (score, α from the codes, codes) per row
+    before = None
     for _ in range(iters):
         b, codes = _project(w2, alpha, k, grid, tables)
-        num = _wsum(w2 * b, d2)
-        den = _wsum(b * b, d2)
-        new = torch.where((den > 0) & (num > 0), num / den.clamp_min(1e-38), alpha)
-        done = bool(((new - alpha).abs() <= 1e-6 * alpha).all())
-        alpha = new
-        if done:
+        num = _wsum(w2 * b, d2).double()
+        den = _wsum(b * b, d2).double()
+        ok = (den > 0) & (num > 0)
+        new = torch.where(ok, num / den.clamp_min(1e-300), alpha.double()).to(torch.float32)
+        score = torch.where(ok, num * num / den.clamp_min(1e-300), torch.full_like(num, -math.inf))
+        if best is None:
+            best = (score, new, codes)
+        else:
+            better = score > best[0]
+            best = (torch.where(better, score, best[0]), torch.where(better, new, best[1]),
+                    torch.where(better.unsqueeze(1), codes, best[2]))
+        g = new - alpha
+        if bool((g.abs() <= 1e-6 * alpha).all()):
             break
-    return alpha, codes
+        nxt = new
+        if before is not None:
+            dg = g - before[1]
+            sec = alpha - g * (alpha - before[0]) / torch.where(dg != 0, dg, torch.ones_like(dg))
+            nxt = torch.where((dg != 0) & (sec > 0.5 * alpha) & (sec < 2 * alpha), sec, new)
+        before, alpha = (alpha, g), nxt
+    return best[1], best[2]
 
 
 def laq_project(w: torch.Tensor, d: torch.Tensor | None = None, bits: int = 2, scheme: str = "linear",
