@@ -223,6 +223,7 @@ def _project(w2: torch.Tensor, alpha: torch.Tensor, k: int, grid: str,
 
 
 CHUNK = 1 << 17  # elements per chunk on CPU
+SECANT_MAX_K = 7  # secant steps up to 4 bits (k = 7); see _laq_alternate
 
 
 def native_laq_available() -> bool:
@@ -293,13 +294,13 @@ def _laq_alternate_fused(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch
         ok = den > 0 and num > 0
         new = float(torch.tensor(num / den if ok else a, dtype=torch.float32))
         score = num * num / den if ok else -math.inf
-        if best is None or score > best[0]:
+        if best is None or score > best[0] or k > SECANT_MAX_K:  # plain: the last round
             best = (score, a, new)
         g = new - a
         if abs(g) <= 1e-6 * a:
             break
         nxt = new
-        if before is not None and g != before[1]:
+        if k <= SECANT_MAX_K and before is not None and g != before[1]:
             sec = a - g * (a - before[0]) / (g - before[1])
             if 0.5 * a < sec < 2 * a:
                 nxt = float(torch.tensor(sec, dtype=torch.float32))
@@ -312,17 +313,21 @@ def _laq_alternate_fused(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch
 
 def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tensor, k: int, grid: str,
                    iters: int, tables) -> tuple[torch.Tensor, torch.Tensor]:
-    """At most ``iters`` rounds of b ← Π_Q(w/α), α ← f(α) = Σ d w b / Σ d b², per row; returns the
-    (α, codes) of the best round: codes b = Π_Q(w/α_t) and α = f(α_t), the exact minimiser for those
-    codes, whose objective is Σ d w² − (Σ d w b)² / Σ d b² (so rounds are compared without another
-    pass, and the result is never worse than the first round's plain projection).
+    """At most ``iters`` rounds of b ← Π_Q(w/α), α ← f(α) = Σ d w b / Σ d b², per row; returns codes
+    b = Π_Q(w/α_t) and α = f(α_t), the exact minimiser for those codes, of the best round (with
+    secant steps; the objective of a round is Σ d w² − (Σ d w b)² / Σ d b², so rounds are compared
+    without another pass and the result is never worse than the first round's plain projection) or
+    of the last (plain alternation, whose objective never increases).
 
     The plain alternation is a fixed-point iteration α ← f(α) that crawls at 3 bits and more (measured
     on 4M Gaussian weights, 4 bits, from max|w|: after 10 rounds the objective is 84% above the
     optimum, after 20 still 28%); from the second round on the next α is the secant step on
     f(α) − α = 0 through the last two rounds (kept where it lands within [α/2, 2α], else f(α)), which
-    reaches the optimum in 6-10 rounds. Stops early once no row's α moves by more than 1e-6
-    relatively.
+    reaches the optimum in 6-10 rounds. Up to 4 bits (k ≤ SECANT_MAX_K) only: at 8 bits the
+    objective is rugged in α (a kink wherever a code moves) and where the secant steps end depends
+    on the sums' last bits (measured: 22-33% apart between the compiled and the torch path, 1 or 2
+    threads), so 8 bits keeps the plain alternation, whose result does not. Stops early once no
+    row's α moves by more than 1e-6 relatively.
     """
     if grid == "sym" and w2.shape[0] == 1:
         return _laq_alternate_fused(w2, d2, alpha, k, iters)
@@ -335,7 +340,7 @@ def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tenso
         ok = (den > 0) & (num > 0)
         new = torch.where(ok, num / den.clamp_min(1e-300), alpha.double()).to(torch.float32)
         score = torch.where(ok, num * num / den.clamp_min(1e-300), torch.full_like(num, -math.inf))
-        if best is None:
+        if best is None or k > SECANT_MAX_K:  # plain alternation: the last round
             best = (score, new, codes)
         else:
             better = score > best[0]
@@ -345,7 +350,7 @@ def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tenso
         if bool((g.abs() <= 1e-6 * alpha).all()):
             break
         nxt = new
-        if before is not None:
+        if k <= SECANT_MAX_K and before is not None:
             dg = g - before[1]
             sec = alpha - g * (alpha - before[0]) / torch.where(dg != 0, dg, torch.ones_like(dg))
             nxt = torch.where((dg != 0) & (sec > 0.5 * alpha) & (sec < 2 * alpha), sec, new)

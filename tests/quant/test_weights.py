@@ -238,12 +238,12 @@ def test_bad_inputs():
         laq_project(w, iters=0)
 
 
-@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_laq_linear_reaches_the_best_scale_from_a_cold_start(bits, weighted):
-    """LAQ's alternation with secant steps ends at the best scale a dense search over α finds (for each
-    α: codes b = Π_Q(w/α) and the exact minimiser α* = Σdwb / Σdb² of those codes); the plain
-    alternation's 10 rounds per phase ended 8-31% above it at 4 and 8 bits."""
+    """LAQ's alternation with secant steps (up to 4 bits) ends at the best scale a dense search over α
+    finds (for each α: codes b = Π_Q(w/α) and the exact minimiser α* = Σdwb / Σdb² of those codes);
+    the plain alternation's 10 rounds per phase ended 8-21% above it at 4 bits."""
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(50_000, generator=g) * 0.05
     d = torch.rand(50_000, generator=g) + 0.1 if weighted else torch.ones(50_000)
@@ -257,6 +257,4 @@ def test_laq_linear_reaches_the_best_scale_from_a_cold_start(bits, weighted):
         num, den = (d * w * b).double().sum(1), (d * b * b).double().sum(1)
         err = (d.double() * w.double() ** 2).sum() - num ** 2 / den
         best = min(best, float(err.min()))
-    # to the objective's fp32 rounding up to 4 bits; at 8 bits, where the objective is rugged in α
-    # (a kink wherever a code moves), on a kink within 1% of the best
-    assert got <= best * (1 + (1e-5 if bits <= 4 else 1e-2)), (got, best)
+    assert got <= best * (1 + 1e-5), (got, best)  # to the objective's fp32 rounding
