@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         ws, dsub = moved.reshape(-1)[:m], d.reshape(-1)[:m]
         best = search_objective(ws, dsub, bits)
         for start, alpha in (("warm", prev), ("cold", None)):
-            calls, real = [0], getattr(W._laq, "round", None) if W._laq is not None else None
+            calls, real = [0], (W._laq.round if W._laq is not None else None)
             ts = []
             for rep in range(args.reps):
                 if real is not None and rep == 0:

@@ -170,7 +170,6 @@ def _seed_words(generator: torch.Generator | None) -> tuple[int, int]:
     return seed & _M32, (seed >> 32) & _M32
 
 
-
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """(x · c) mod 2^32 for int64 ``x`` in [0, 2^32) and a 32-bit constant, without int64 overflow:
     c in 16-bit halves."""

@@ -286,6 +286,7 @@ def _laq_alternate_fused(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch
                 out[i:i + wc.numel()].copy_(torch.mul(wc, s, out=tmp[:wc.numel()]).clamp_(-k, k).round_().add_(k))
 
     a = float(alpha.reshape(()))
+    secant = k <= SECANT_MAX_K
     best = None  # (score, α projected with, α from those codes) of the best round so far
     before = None  # (α, f(α) − α) of the round before, for the secant step
     for _ in range(iters):
@@ -294,13 +295,13 @@ def _laq_alternate_fused(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch
         ok = den > 0 and num > 0
         new = float(torch.tensor(num / den if ok else a, dtype=torch.float32))
         score = num * num / den if ok else -math.inf
-        if best is None or score > best[0] or k > SECANT_MAX_K:  # plain: the last round
+        if best is None or score > best[0] or not secant:  # plain: the last round
             best = (score, a, new)
         g = new - a
         if abs(g) <= 1e-6 * a:
             break
         nxt = new
-        if k <= SECANT_MAX_K and before is not None and g != before[1]:
+        if secant and before is not None and g != before[1]:
             sec = a - g * (a - before[0]) / (g - before[1])
             if 0.5 * a < sec < 2 * a:
                 nxt = float(torch.tensor(sec, dtype=torch.float32))
@@ -331,6 +332,7 @@ def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tenso
     """
     if grid == "sym" and w2.shape[0] == 1:
         return _laq_alternate_fused(w2, d2, alpha, k, iters)
+    secant = k <= SECANT_MAX_K
     best = None  # (score, α from the codes, codes) per row
     before = None
     for _ in range(iters):
@@ -340,7 +342,7 @@ def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tenso
         ok = (den > 0) & (num > 0)
         new = torch.where(ok, num / den.clamp_min(1e-300), alpha.double()).to(torch.float32)
         score = torch.where(ok, num * num / den.clamp_min(1e-300), torch.full_like(num, -math.inf))
-        if best is None or k > SECANT_MAX_K:  # plain alternation: the last round
+        if best is None or not secant:  # plain alternation: the last round
             best = (score, new, codes)
         else:
             better = score > best[0]
@@ -350,7 +352,7 @@ def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tenso
         if bool((g.abs() <= 1e-6 * alpha).all()):
             break
         nxt = new
-        if k <= SECANT_MAX_K and before is not None:
+        if secant and before is not None:
             dg = g - before[1]
             sec = alpha - g * (alpha - before[0]) / torch.where(dg != 0, dg, torch.ones_like(dg))
             nxt = torch.where((dg != 0) & (sec > 0.5 * alpha) & (sec < 2 * alpha), sec, new)
