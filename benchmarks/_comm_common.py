@@ -611,7 +611,9 @@ class RankBench:
                 tr = ParameterServerTransport(shapes, n_servers=S, timeout=float(self.spec["timeout_s"]), device=dev,
                                               chunks=int(self.spec.get("ps_chunks") or DEFAULT_CHUNKS),
                                               weights_channel=bool(self.spec.get("weights_channel", True)),
-                                              timeline=StepTimeline() if self.spec.get("trace") else None)
+                                              timeline=StepTimeline() if self.spec.get("trace") else None,
+                                              **({} if self.spec.get("ps_window") is None
+                                                 else {"recv_window": int(self.spec["ps_window"])}))
                 computes, owns = not tr.is_server, tr.is_server
             else:
                 cls = RingTransport if t == "ring" else TreeTransport
@@ -673,6 +675,7 @@ class RankBench:
                 "grad_encode_s": genc_s, "weight_quant_s": wq_s, "weight_quant_cold_s": wq_cold_s,
                 "decode_est_s": dec_s,
                 "ps_chunks": tr.chunks if t == "ps" else None,
+                "ps_recv_window": (tr.recv_window if tr.p2p.one_message else 0) if t == "ps" else None,
                 "weights_channel": (tr.p2p.down_group is not None) if t == "ps" else None,
                 "step_total_s": statistics.median(steps) + genc_s + wq_s,
                 "step_enc_s": step_enc_s, "step_enc_total_s": step_enc_s + wq_s,

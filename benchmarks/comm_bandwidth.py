@@ -67,7 +67,7 @@ def run_rate(rate_mbit: float | None, models: list[dict], methods: list[str], *,
              budget_s: float = 20.0, warmup_max_s: float = 5.0, ps_servers: int = 2, timeout_s: float = 600.0,
              prefix: str = "lbcb", port: int = 29500, threads: int = 1,
              codec_threads: int | None = None, codec_device: str = "cpu", ps_chunks: int | None = None,
-             weights_channel: bool = True, trace: bool = False) -> list[dict]:
+             weights_channel: bool = True, trace: bool = False, ps_window: int | None = None) -> list[dict]:
     """Build one testbed at ``rate_mbit`` (None = unshaped), run ``ranks`` rank processes in it over
     every (model, method), tear everything down, return rank 0's records (speedups filled in).
 
@@ -75,7 +75,8 @@ def run_rate(rate_mbit: float | None, models: list[dict], methods: list[str], *,
     one core per rank); ``codec_threads``: lowbit's decode threads per rank (``LOWBIT_CODEC_THREADS``,
     default ``threads``); ``codec_device``: where lowbit encodes and decodes ("cpu", or "cuda": every
     rank shares the GPU); ``ps_chunks``: key groups of the pipelined PS step (default: the
-    transport's); ``weights_channel``: the PS sends weights on connections of their own; ``trace``:
+    transport's); ``ps_window``: the PS servers' receive window (default: the transport's);
+    ``weights_channel``: the PS sends weights on connections of their own; ``trace``:
     each record gets every rank's interface counters sampled every 10 ms of its last step. Raises RuntimeError when a rank fails (the records measured before the failure are
     attached as ``err.records``)."""
     from lowbit.net.netns import LinkSpec, Testbed
@@ -86,7 +87,7 @@ def run_rate(rate_mbit: float | None, models: list[dict], methods: list[str], *,
         spec = {"bandwidth": label, "rate_mbit": rate_mbit, "models": models, "methods": methods, "reps": reps,
                 "budget_s": budget_s, "warmup_max_s": warmup_max_s, "ps_servers": ps_servers,
                 "timeout_s": timeout_s, "out": str(out), "threads": threads, "codec_threads": codec_threads or threads,
-                "ps_chunks": ps_chunks, "weights_channel": weights_channel, "trace": trace,
+                "ps_chunks": ps_chunks, "ps_window": ps_window, "weights_channel": weights_channel, "trace": trace,
                 "codec_device": codec_device}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -325,7 +326,10 @@ def main(argv=None) -> int:
     ap.add_argument("--codec-threads", type=int, default=None,
                     help="lowbit decode threads per rank (LOWBIT_CODEC_THREADS; default: --threads)")
     ap.add_argument("--ps-chunks", type=int, default=None,
-                    help="key groups the PS pipelines a step in (ParameterServerTransport chunks; default 8, the last two smaller)")
+                    help="key groups the PS pipelines a step in (ParameterServerTransport chunks; default 10, the last four halving)")
+    ap.add_argument("--ps-window", type=int, default=None,
+                    help="gradient chunks per worker a PS server posts ahead (ParameterServerTransport recv_window; "
+                         "default 2, 0 = all at once)")
     ap.add_argument("--no-weights-channel", action="store_true",
                     help="PS: weights down on the gradients' connections (ParameterServerTransport "
                          "weights_channel=False; gloo then serializes up and down)")
@@ -382,7 +386,7 @@ def main(argv=None) -> int:
           f"methods {methods}, load average {load[0]:.1f} on {os.cpu_count()} cores", file=sys.stderr)
     records: list[dict] = []
     meta = {"models": {m["name"]: m["shapes"] for m in models}, "ranks": args.ranks, "ps_servers": args.ps_servers, "reps": args.reps, "budget_s": args.budget_s,
-            "threads_per_rank": args.threads, "codec_threads_per_rank": args.codec_threads or args.threads, "cpu_count": os.cpu_count(), "codec_device": args.codec_device, "ps_chunks": args.ps_chunks, "weights_channel": not args.no_weights_channel,
+            "threads_per_rank": args.threads, "codec_threads_per_rank": args.codec_threads or args.threads, "cpu_count": os.cpu_count(), "codec_device": args.codec_device, "ps_chunks": args.ps_chunks, "ps_window": args.ps_window, "weights_channel": not args.no_weights_channel,
             "argv": sys.argv[1:] if argv is None else list(argv), "load_before": load,
             "shaping": "tc tbf both directions per host link, burst max(256kbit, 1ms at rate), latency 50ms; "
                        "no netem on this kernel: no delay emulated"}
@@ -395,7 +399,7 @@ def main(argv=None) -> int:
                             warmup_max_s=args.warmup_max_s, ps_servers=args.ps_servers, timeout_s=args.timeout_s,
                             threads=args.threads, codec_threads=args.codec_threads, codec_device=args.codec_device,
                             ps_chunks=args.ps_chunks, weights_channel=not args.no_weights_channel,
-                            trace=bool(args.trace))
+                            trace=bool(args.trace), ps_window=args.ps_window)
         except RuntimeError as e:
             recs = getattr(e, "records", [])
             failures.append(str(e))

@@ -16,7 +16,7 @@ TRAIN_FLAGS = {
     "servers": ("transport", "servers", int), "backend": ("transport", "backend", str),
     "addr": ("transport", "addr", str), "port": ("transport", "port", int),
     "timeout": ("transport", "timeout_s", float), "on_worker_failure": ("transport", "on_worker_failure", str),
-    "chunks": ("transport", "chunks", int),
+    "chunks": ("transport", "chunks", int), "recv_window": ("transport", "recv_window", int),
     "w_bits": ("codec", "w_bits", int), "g_bits": ("codec", "g_bits", int),
     "w_scheme": ("codec", "w_scheme", str), "embed_bits": ("codec", "embed_bits", int),
     "head_bits": ("codec", "head_bits", int), "small_bits": ("codec", "small_bits", int),

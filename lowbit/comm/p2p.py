@@ -305,13 +305,16 @@ class P2P:
             pending.add(works, [(f"sending the length of chunk {chunk} to", p), (f"sending chunk {chunk} to", p)],
                         buf.numel(), keep=(n, buf))
 
-    def post_chunks(self, peer: int, bounds: list[int], direction: str) -> list[tuple[object, torch.Tensor]]:
-        """One-message mode: post, all at once, the receives of ``peer``'s chunks 0..C-1, chunk i
-        into a (pooled) buffer of ``LEN_PREFIX + bounds[i]`` bytes; each (work, buffer) goes to
-        :meth:`wait_chunk`. Only the bytes that arrive are touched (and kept resident)."""
+    def post_chunks(self, peer: int, bounds: list[int], direction: str,
+                    chunks: Iterable[int] | None = None) -> list[tuple[object, torch.Tensor]]:
+        """One-message mode: post, all at once, the receives of ``peer``'s chunks ``chunks`` (default
+        all, 0..C-1 for C = ``len(bounds)``), chunk i into a (pooled) buffer of ``LEN_PREFIX +
+        bounds[i]`` bytes; each (work, buffer) goes to :meth:`wait_chunk`. Only the bytes that
+        arrive are touched (and kept resident)."""
         self._check_round(direction, {}, [peer])
-        bufs = [self._pooled((direction, peer, i), LEN_PREFIX + int(b)) for i, b in enumerate(bounds)]
-        works = self._post_raw([("recv", peer, t, 2 * i) for i, t in enumerate(bufs)], direction)
+        idx = range(len(bounds)) if chunks is None else [int(i) for i in chunks]
+        bufs = [self._pooled((direction, peer, i), LEN_PREFIX + int(bounds[i])) for i in idx]
+        works = self._post_raw([("recv", peer, t, 2 * i) for i, t in zip(idx, bufs)], direction)
         return list(zip(works, bufs))
 
     def wait_chunk(self, peer: int, chunk: int, step: int, posted: tuple[object, torch.Tensor],

@@ -13,7 +13,7 @@ One synchronous step (``step(step, grads, owner)``)::
                encoded once, isend V_s to every worker
 
 The step is pipelined by key group. Server s's keys are cut into ``chunks`` contiguous groups,
-equal in size but for two smaller last ones (:func:`chunk_keys`, :func:`chunk_shares`); every
+equal in size but for the last few, which halve (:func:`chunk_keys`, :func:`chunk_shares`); every
 bundle travels as one chunk message per group (its length and its bytes: :meth:`P2P.send_chunk`). A worker reads ``grads[k]`` for the keys of group
 i only when it posts group i, so ``grads`` may be a :class:`~lowbit.comm.transport.LazyFrames`
 that encodes on access: group i + 1 is then encoded while group i is on the wire; its frames are
@@ -31,10 +31,19 @@ ahead of its message: gloo sends a message only once the receiver has announced 
 receiver that decoded between receives would stall the sender for as long as each decode takes,
 and one that posted chunk i + 1 only after taking chunk i would idle the link for a round trip and
 a thread wake-up per chunk. On gloo every chunk's receive (into a buffer of the chunk's bound) is
-posted at the start of the step, the server's at the start of its step, a worker's weight receives
+posted at the start of the step (but see the receive window below), a worker's weight receives
 right after its gradient group 0 has been posted (no weight can come before it); in the
 length-then-bytes protocol (NCCL, ``"continue"`` mode) all lengths are posted at the start, each
 chunk's bytes as soon as its length is in.
+
+Receive window (``recv_window``, one-message mode): a server posts only the receives of the first
+``recv_window`` gradient chunks of every worker at the start, and those of chunk i + ``recv_window``
+once chunk i has come from every worker. Since gloo moves a message only once its receive is
+posted, a worker whose connection to this server runs ahead waits for the slowest worker, and so
+each worker's upload link is shared evenly between the servers. Without it TCP shares the links
+as it likes: on the 4-rank testbed one worker's flow to a server ran 10-12 ms ahead of the other's,
+every group at that server completed only with the slow flow, and the last three groups completed
+together at the end, their weights all still to go down (the step's tail).
 
 A worker may leave a key out of ``grads`` (or map it to ``None`` / ``b""``): its nonfinite policy
 skipped that gradient. The server then averages over the contributions that came
@@ -80,7 +89,8 @@ from lowbit.comm.transport import (ByteCounter, GradAccumulator, Owner, StepTime
 from lowbit.errors import ConfigError, FrameError, TransportError
 
 FAILURE_MODES = ("stop", "continue")
-DEFAULT_CHUNKS = 8  # pieces per bundle: the receiver decodes one while the next is on the wire
+DEFAULT_CHUNKS = 10  # pieces per bundle: the receiver decodes one while the next is on the wire
+DEFAULT_RECV_WINDOW = 2  # gradient chunks per worker a server has posted ahead (see the module docstring)
 
 
 def _sizes(shapes: Mapping[int, tuple]) -> dict[int, int]:
@@ -93,11 +103,15 @@ def ps_partition(shapes: Mapping[int, tuple], n_servers: int) -> dict[int, int]:
 
 
 def chunk_shares(n: int) -> list[float]:
-    """Relative sizes of ``n`` key groups: equal, except that with 4 or more the last two are half
-    and a quarter of the others. Whatever is still to do once the last gradients are in (average
-    and re-quantize that group, send it to every worker, which decode it) grows with the last
-    group; the other groups' weights leave while later gradients still arrive."""
-    return [1.0] * n if n < 4 else [1.0] * (n - 2) + [0.5, 0.25]
+    """Relative sizes of ``n`` key groups: equal, except that with 4 or more the last
+    ``min(4, n - 2)`` halve, one after the other (10 groups: six of 1, then 1/2, 1/4, 1/8, 1/16).
+    Whatever is still to do once the last gradients are in (average and re-quantize the groups
+    completed last, send them to every worker, which decode them) grows with the last groups; the
+    earlier groups' weights leave while later gradients still arrive."""
+    if n < 4:
+        return [1.0] * n
+    t = min(4, n - 2)
+    return [1.0] * (n - t) + [0.5 ** j for j in range(1, t + 1)]
 
 
 def chunk_keys(keys: list[int], sizes: Mapping[int, int], chunks: int) -> list[list[int]]:
@@ -162,12 +176,16 @@ class ParameterServerTransport(Transport):
             construct the transport (as training and the benchmarks do). Not in ``"continue"`` mode.
         timeline: a :class:`~lowbit.comm.transport.StepTimeline` that records when each chunk of a
             step left and arrived (``self.timeline``; default off). Not in ``"continue"`` mode.
+        recv_window: a server posts each worker's gradient chunk i + ``recv_window`` only once
+            chunk i has come from every worker (module docstring); 0 posts them all at once. Only
+            where chunks travel as one message each (gloo, ``"stop"`` mode).
     """
 
     def __init__(self, shapes: Mapping[int, tuple], n_servers: int = 1, group=None, *,
                  timeout: float = 300.0, device: torch.device | str = "cpu",
                  on_worker_failure: str = "stop", store=None, chunks: int = DEFAULT_CHUNKS,
-                 weights_channel: bool = False, timeline: StepTimeline | None = None) -> None:
+                 weights_channel: bool = False, timeline: StepTimeline | None = None,
+                 recv_window: int = DEFAULT_RECV_WINDOW) -> None:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -195,6 +213,9 @@ class ParameterServerTransport(Transport):
         if not isinstance(chunks, int) or not 1 <= chunks <= 64:
             raise ConfigError(f"chunks must be an int in 1..64, got {chunks!r}")
         self.chunks = 1 if self.tolerant else chunks
+        if not isinstance(recv_window, int) or isinstance(recv_window, bool) or not 0 <= recv_window <= 64:
+            raise ConfigError(f"recv_window must be an int in 0..64 (0 = every receive posted at once), got {recv_window!r}")
+        self.recv_window = recv_window  # used where chunks are one message each (see _serve_step)
         sizes = _sizes(self.shapes)
         self.groups_of = {s: chunk_keys(self.keys_of[s], sizes, self.chunks) for s in self.servers}
         self.bounds_of = {s: [bundle_bound(self.shapes, g) for g in self.groups_of[s]] for s in self.servers}
@@ -405,7 +426,8 @@ class ParameterServerTransport(Transport):
 
         with self._finishing(pending, step):
             pumps = _Pumps(self.p2p, step, "up", {w: self.bounds_of[self.rank] for w in self.workers}, f"rank {self.rank}: gradients",
-                           in_order=True, timeline=self.timeline)
+                           in_order=True, timeline=self.timeline,
+                           window=self.recv_window if self.p2p.one_message else 0)
             error: FrameError | None = None  # a bad chunk: the rest of the step is still drained
             try:
                 for i in range(len(groups)):
@@ -523,10 +545,15 @@ class _Pumps:
     chunk i. ``in_order``: one queue per peer, taken chunk by chunk with :meth:`get`; otherwise one
     queue for all, taken in arrival order with :meth:`as_they_come`. A receive error is raised on
     the caller's thread. :meth:`close` waits for every thread (each ends with its last chunk, an
-    error, or the transport's timeout), so none is left to take a later step's messages."""
+    error, or the transport's timeout), so none is left to take a later step's messages.
+
+    ``window`` > 0 (one-message chunks, every peer sending the same number): only chunks
+    0..window−1 of every peer are posted at once; the pump thread that takes the last peer's chunk
+    i posts every peer's chunk i + window (the module docstring says why). A failed receive ends
+    the other peers' pumps too (their later chunks would never be posted)."""
 
     def __init__(self, p2p: P2P, step: int, direction: str, bounds: Mapping[int, list[int]], what: str,
-                 in_order: bool, timeline: StepTimeline) -> None:
+                 in_order: bool, timeline: StepTimeline, window: int = 0) -> None:
         self.p2p, self.step, self.direction, self.what = p2p, step, direction, what
         self.mark, self.arrived = timeline.marker(), "grads_in" if direction == "up" else "weights_in"
         self.bounds = {int(p): list(b) for p, b in bounds.items()}
@@ -535,11 +562,19 @@ class _Pumps:
         self.arrival = threading.Condition()  # notified whenever a chunk (or an error) is queued
         self.threads = []
         self.failed = False  # a receive failed: the later chunks' receives may still be posted
+        n_chunks = {len(b) for b in self.bounds.values()}
+        if window and not (p2p.one_message and len(n_chunks) == 1):
+            raise ConfigError("a receive window needs one-message chunks and the same number of chunks from every peer")
+        self.window = int(window)
+        self.posted: dict[int, queue.Queue] = {}  # peer -> (chunk, posted receive), in chunk order
+        self._came: dict[int, int] = {}  # chunk -> how many peers' chunk has arrived (window)
+        self._window_lock = threading.Lock()
         for p in self.bounds:
-            posted: queue.Queue = queue.Queue()
-            if p2p.one_message:  # every chunk's receive posted now; one thread waits for them in order
-                try:
-                    for i, item in enumerate(p2p.post_chunks(p, self.bounds[p], direction)):
+            posted = self.posted[p] = queue.Queue()
+            if p2p.one_message:  # the chunks' receives posted now (the first `window` of them); one
+                try:             # thread waits for them in order
+                    first = range(len(self.bounds[p]) if not self.window else min(self.window, len(self.bounds[p])))
+                    for i, item in zip(first, p2p.post_chunks(p, self.bounds[p], direction, first)):
                         posted.put((i, item))
                 except BaseException as e:  # noqa: BLE001 - raised on the caller's thread by _take
                     posted.put((None, e))
@@ -570,10 +605,28 @@ class _Pumps:
                 buf = (self.p2p.wait_chunk(peer, i, self.step, body, of=len(self.bounds[peer])) if self.p2p.one_message
                        else self.p2p.wait_chunk_body(peer, i, self.step, body))
                 self.mark(self.arrived, peer, i)
+                if self.window:
+                    self._slide(i)
                 self._put(peer, (peer, i, buf))
         except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
             self.failed = True
+            if self.window:  # the other peers' later chunks may now never be posted: end their pumps
+                for q, posted_q in self.posted.items():
+                    if q != peer:
+                        posted_q.put((None, TransportError(f"{self.what}: peer {q}'s later chunks of step {self.step} "
+                                                           f"not received: peer {peer} failed first")))
             self._put(peer, (peer, None, e))
+
+    def _slide(self, i: int) -> None:
+        """Chunk i has come from one more peer; once it has from all, every peer's chunk i + window is
+        posted (on this, the last such peer's, thread)."""
+        with self._window_lock:
+            self._came[i] = self._came.get(i, 0) + 1
+            nxt = i + self.window
+            if self._came[i] < len(self.bounds) or nxt >= len(next(iter(self.bounds.values()))):
+                return
+            for q, posted in self.posted.items():
+                posted.put((nxt, self.p2p.post_chunks(q, self.bounds[q], self.direction, [nxt])[0]))
 
     def _put(self, peer: int, item) -> None:
         with self.arrival:

@@ -83,7 +83,8 @@ class TransportConfig:
     timeout_s: float = 300.0
     ray_address: str = ""  # ray only: "" = $LOWBIT_RAY_ADDRESS or a local cluster; "auto" or host:port
     on_worker_failure: str = "stop"  # stop | continue (ps: servers drop a dead worker and go on)
-    chunks: int = 8  # ps: key groups per step (the last two smaller), each decoded while the next arrives
+    chunks: int = 10  # ps: key groups per step (the last four halving), each decoded while the next arrives
+    recv_window: int = 2  # ps: gradient chunks per worker a server has posted ahead (0 = all at once)
     weights_channel: bool = True  # ps: weights go down on connections of their own (see ParameterServerTransport)
 
     def validate(self) -> None:
@@ -102,6 +103,8 @@ class TransportConfig:
             raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
         if not 1 <= self.chunks <= 64:
             raise ConfigError(f"chunks must be in 1..64, got {self.chunks}")
+        if not 0 <= self.recv_window <= 64:
+            raise ConfigError(f"recv_window must be in 0..64 (0 = every receive posted at once), got {self.recv_window}")
         if self.on_worker_failure not in ("stop", "continue"):
             raise ConfigError(f"on_worker_failure must be stop|continue, got {self.on_worker_failure!r}")
         if self.on_worker_failure == "continue" and self.kind in ("ring", "tree"):

@@ -56,7 +56,8 @@ def build_transport(cfg: Config, shapes: dict[int, tuple[int, ...]], device: tor
     if t.kind == "ps":
         from lowbit.comm.ps import ParameterServerTransport
         return ParameterServerTransport(shapes=shapes, n_servers=t.servers, on_worker_failure=t.on_worker_failure,
-                                        chunks=t.chunks, weights_channel=t.weights_channel, **kw)
+                                        chunks=t.chunks, weights_channel=t.weights_channel,
+                                        recv_window=t.recv_window, **kw)
     if t.kind == "ring":
         from lowbit.comm.collective import RingTransport
         return RingTransport(shapes=shapes, **kw)

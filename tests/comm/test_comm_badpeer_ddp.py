@@ -228,9 +228,10 @@ def test_chunk_keys_cover_the_keys_in_order_in_at_most_chunks_groups(sizes, chun
 def test_chunk_shares_make_the_last_groups_small():
     from lowbit.comm.ps import chunk_keys, chunk_shares
     assert chunk_shares(3) == [1.0, 1.0, 1.0]
-    assert chunk_shares(8)[-2:] == [0.5, 0.25] and set(chunk_shares(8)[:-2]) == {1.0}
-    n = [len(g) for g in chunk_keys(list(range(100)), {k: 10 for k in range(100)}, 8)]
-    assert sum(n) == 100 and n[-1] < n[-2] < min(n[:-2]) and max(n) - min(n[:-2]) <= 1, n
+    assert chunk_shares(4) == [1.0, 1.0, 0.5, 0.25]
+    assert chunk_shares(10) == [1.0] * 6 + [0.5, 0.25, 0.125, 0.0625]
+    n = [len(g) for g in chunk_keys(list(range(1000)), {k: 10 for k in range(1000)}, 10)]
+    assert sum(n) == 1000 and n[-1] < n[-2] < n[-3] < n[-4] < min(n[:-4]) and max(n) - min(n[:-4]) <= 1, n
 
 
 def _send_chunks(t, step, chunks, peer=0, direction="up"):

@@ -478,3 +478,84 @@ def test_one_chunk_laid_out_once_for_many_peers():
         over = res[0][f"over_{one_message}"]
         assert "chunk 0 for peer 1 has 27 bytes; at most 26" in over, over
     assert res[0][True]["pool"] == ["('down', (1, 2), 0)"], res[0][True]  # one message buffer, both peers
+
+
+class _SlowGrads(dict):
+    """A worker's gradient frames handed out with a pause before each key: the PS reads a group's
+    keys only when it posts that group, so every chunk of this worker leaves ``pause`` s later than
+    the one before; ``die_at`` = the key at which the process exits instead."""
+
+    def __init__(self, frames, pause, die_at=None):
+        super().__init__(frames)
+        self.pause, self.die_at = pause, die_at
+
+    def __getitem__(self, k):
+        import os
+        import time
+        if k == self.die_at:
+            os._exit(3)
+        time.sleep(self.pause)
+        return super().__getitem__(k)
+
+
+def _window_body(rank, world):
+    """One server (rank 0), two workers; worker 2's chunks leave 0.1 s apart, worker 1's at once.
+    The same step with the default receive window (2) and with none: the server's arrival times of
+    every (worker, chunk), and what the workers got."""
+    from lowbit.comm.transport import StepTimeline
+    codec = RawCodec(torch.float32)
+    out = {}
+    for window in (2, 0):
+        t = ParameterServerTransport(SHAPES, 1, timeout=30, chunks=6, timeline=StepTimeline(keep=1),
+                                     **({} if window == 2 else {"recv_window": 0}))
+        assert t.recv_window == window and len(t.groups_of[0]) == 6
+        owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if rank == 0 else None
+        grads = None
+        if rank > 0:
+            grads = {k: codec.encode(grad(rank, 4, k), key=k, step=4).to_bytes() for k in SHAPES}
+            if rank == 2:
+                grads = _SlowGrads(grads, 0.1)
+        got = t.step(4, grads, owner)
+        ev = t.timeline.last()["events"]
+        out[window] = {"arrived": {f"{e[2]},{e[3]}": e[0] for e in ev if e[1] == "grads_in"},
+                       "w": None if got is None else {k: v.tolist() for k, v in got.items()}}
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_ps_receive_window_holds_a_fast_worker_to_the_slow_one():
+    res = run_ranks(_window_body, 3)
+    arr = {w: {tuple(map(int, k.split(","))): t for k, t in res[0][w]["arrived"].items()} for w in (2, 0)}
+    # No window: the fast worker's whole upload is in before the slow one's first chunk.
+    assert max(arr[0][(1, i)] for i in range(6)) < arr[0][(2, 0)], arr[0]
+    # Window 2: the fast worker's chunk i comes only after the slow one's chunk i - 2 is in.
+    assert all(arr[2][(1, i)] > arr[2][(2, i - 2)] for i in range(2, 6)), arr[2]
+    assert arr[2][(1, 2)] > 0.1  # (worker 2's chunk 0 left after its first 0.1 s pause)
+    for r in (1, 2):  # the same sums either way
+        assert res[r][2]["w"] == res[r][0]["w"]
+
+
+def _window_dies_body(rank, world):
+    """Worker 2 exits after posting its first key group while the window holds worker 1's later
+    chunks back: the server and worker 1 must fail with a TransportError, not hang."""
+    codec = RawCodec(torch.float32)
+    t = ParameterServerTransport(SHAPES, 1, timeout=5, chunks=6)
+    owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if rank == 0 else None
+    grads = None
+    if rank > 0:
+        grads = {k: codec.encode(grad(rank, 4, k), key=k, step=4).to_bytes() for k in SHAPES}
+        if rank == 2:
+            grads = _SlowGrads(grads, 0.05, die_at=t.groups_of[0][1][0])
+    try:
+        t.step(4, grads, owner)
+    except TransportError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+@pytest.mark.timeout(90)
+def test_ps_receive_window_a_dead_worker_fails_the_step_not_hangs():
+    res = run_ranks(_window_dies_body, 3, may_fail=frozenset({2}))
+    assert res[2] == {"failed": "exit code 3"}
+    assert res[0]["error"] and "peer 2" in res[0]["error"], res[0]
+    assert res[1]["error"], res[1]
