@@ -566,6 +566,7 @@ class _Pumps:
         if window and not (p2p.one_message and len(n_chunks) == 1):
             raise ConfigError("a receive window needs one-message chunks and the same number of chunks from every peer")
         self.window = int(window)
+        self._chunks = max(n_chunks, default=0)  # per peer (all the same where a window is used)
         self.posted: dict[int, queue.Queue] = {}  # peer -> (chunk, posted receive), in chunk order
         self._came: dict[int, int] = {}  # chunk -> how many peers' chunk has arrived (window)
         self._window_lock = threading.Lock()
@@ -573,7 +574,7 @@ class _Pumps:
             posted = self.posted[p] = queue.Queue()
             if p2p.one_message:  # the chunks' receives posted now (the first `window` of them); one
                 try:             # thread waits for them in order
-                    first = range(len(self.bounds[p]) if not self.window else min(self.window, len(self.bounds[p])))
+                    first = range(min(self.window or len(self.bounds[p]), len(self.bounds[p])))
                     for i, item in zip(first, p2p.post_chunks(p, self.bounds[p], direction, first)):
                         posted.put((i, item))
                 except BaseException as e:  # noqa: BLE001 - raised on the caller's thread by _take
@@ -623,7 +624,7 @@ class _Pumps:
         with self._window_lock:
             self._came[i] = self._came.get(i, 0) + 1
             nxt = i + self.window
-            if self._came[i] < len(self.bounds) or nxt >= len(next(iter(self.bounds.values()))):
+            if self._came[i] < len(self.bounds) or nxt >= self._chunks:
                 return
             for q, posted in self.posted.items():
                 posted.put((nxt, self.p2p.post_chunks(q, self.bounds[q], self.direction, [nxt])[0]))
