@@ -3,8 +3,8 @@ extrapolation to the paper's cluster (16 nodes x 4 GPUs) and to 256 nodes, for B
 
     python benchmarks/comm_costmodel.py                      # reads benchmarks/results/comm_bandwidth.json
     python benchmarks/comm_costmodel.py --measurements other.json --json out.json --plot out.png
-    python benchmarks/comm_costmodel.py --measurements benchmarks/results/comm_bandwidth_minilm_split.json \
-        --exclude-from-fit ddp_powersgd4                   # the quiet run, PowerSGD predicted but not fitted
+    python benchmarks/comm_costmodel.py --measurements benchmarks/results/comm_bandwidth_16cores.json \
+        --exclude-from-fit ddp_powersgd4 --no-gamma-1proc  # the 16-core fit; PowerSGD predicted, not fitted
 
 ``--measurements`` (alias ``--measured``) picks the comm_bandwidth.py JSON to fit on.
 ``--exclude-from-fit PATTERNS`` (comma-separated fnmatch patterns on method names) keeps records out
