@@ -3,8 +3,8 @@
  *   decode_sum: S packed b-bit frames of one tensor -> their fp32 values, summed in frame order and
  *               divided once (or added to what `out` holds); S = 1 is a plain decode. Every CPU fp32
  *               decode of lowbit.codec goes through it (AVX2 for b <= 4 where the CPU has it).
- *   decode:     one frame through tables already scaled in Python: the loop every frame went through
- *               before decode_sum, kept as the baseline of benchmarks/decode_sum_ab.py.
+ *   decode:     one frame through tables already scaled in Python (the single-frame loop that
+ *               benchmarks/decode_sum_ab.py compares decode_sum against).
  *   pack:       uint8 codes -> the packed b-bit stream.
  *
  * The torch-op versions (codecs.py, pack.py) cost several passes over cache-sized chunks each
@@ -328,15 +328,11 @@ static int simd_on(void) {
 
 /* decode_sum writes out with streaming stores when it only writes it (no accumulate) and out holds at least
  * this many bytes. A plain store reads every line before writing it (write-allocate), which doubles the
- * memory traffic of a decode (session 8's machine: torch's fill_ 13.5 GB/s, copy_ 7.3 GB/s). In a step
- * the outputs are not read again while they could still be in cache: a worker's parameters wait for
- * the next forward pass, a server's sums for the next chunk (several ms and MBs of socket buffers
- * later). Session 13 set the line at 4 MiB; on session 15's machine (2 vCPUs of a Xeon sharing some
- * 20-25 GB/s of memory bandwidth) streaming every output above 256 KiB (MiniLM's and BERT's 384x384 /
- * 768x768 matrices too) took 7-13% of the 4-rank PS and ring steps' CPU off and their time 0-4%
- * (benchmarks/results/comm_ab_ntstores_1gbit_session15.json); outputs a core's L2 holds stay plain, for a
- * reader that comes at once. nt_stores(n) sets it (n >= 0; a huge n
- * turns them off), -1 reads. */
+ * memory traffic of a decode. In a step the outputs are not read again while they could still be in
+ * cache: a worker's parameters wait for the next forward pass, a server's sums for the next chunk
+ * (several ms and MBs of socket buffers later). 256 KiB streams every matrix of a BERT-sized model
+ * (384x384 and up) while outputs a core's L2 holds stay plain, for a reader that comes at once
+ * (measurements: docs/benchmarks.md). nt_stores(n) sets it (n >= 0; a huge n turns them off), -1 reads. */
 static long long nt_min_bytes = 256LL << 10;
 
 static PyObject *native_nt_stores(PyObject *self, PyObject *args) {

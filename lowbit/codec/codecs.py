@@ -25,8 +25,8 @@ from lowbit.quant.qtensor import QTensor, grid_k, levels
 from lowbit.quant.weights import laq_project, quantize_weight
 
 # CPU decode chunk: CHUNK payload bytes for b in {1, 2, 4, 8} (2-bit: 512K values), 4·CHUNK values
-# for the other widths. benchmarks/decode_chunk_ab.py, one thread: 1<<17 decodes 2-bit 46% and
-# 3-bit 17-20% faster than 1<<15 (each chunk costs ~15 Python-level torch calls); 1<<18 adds <= 3%.
+# for the other widths. Large enough to amortise the ~15 Python-level torch calls a chunk costs,
+# small enough to keep a chunk's scratch near the cache (see docs/benchmarks.md).
 CHUNK = 1 << 17
 
 
@@ -68,7 +68,7 @@ def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: tor
     ``index_select`` per chunk writes them; for b = 3 each group of 8 codes (3 bytes) is read as
     one 24-bit word whose two 12-bit halves index a 4096-entry table of 4 values each; for
     b ∈ {5, 6, 7} the codes are unpacked per chunk and looked up in the 2^b-entry table. Codes
-    outside the grid raise FrameError as before. An fp32 CPU decode with one scale per tensor runs
+    outside the grid raise FrameError. An fp32 CPU decode with one scale per tensor runs
     the compiled loop of :mod:`lowbit.codec.native` when it was built (:func:`decode_sum` with one
     frame: the grid's values times the scale in fp32, for 1-4 bits by AVX2 where the CPU has it),
     with the same bits.
@@ -336,7 +336,7 @@ def _native_sum(frames, out: torch.Tensor, divisor: int, accumulate: bool) -> No
     width = 12 if bits == 3 else 8
     # The tables are held in locals while the loop runs: lru_cache does not store the result of a
     # call that raced another thread to the same key, so a bare ``_code_values(...).data_ptr()`` can
-    # point into a tensor freed right after it (measured: garbage values under Ray's threaded actors).
+    # point into a tensor freed right after it (a real hazard under Ray's threaded actors).
     # A small 3-bit frame goes code by code: scaling the 4096-entry table would cost more.
     tab = None if bits == 3 and n <= SMALL_FRAME else _code_values(enc, bits, width, "cpu")
     one = _code_values(enc, bits, bits, "cpu")
