@@ -1,74 +1,34 @@
 """Sharded parameter server over torch.distributed point-to-point (gloo on CPU, NCCL on GPU).
 
-Ranks ``[0, S)`` of the group are servers, ``[S, S+W)`` workers. Keys are assigned to servers by
-:func:`~lowbit.comm.transport.partition` over their element counts (largest first onto the least
-loaded server), so every rank computes the same assignment from the ``shapes`` map alone.
+Ranks ``[0, S)`` of the group are servers, ``[S, S+W)`` workers; keys go to servers by
+:func:`~lowbit.comm.transport.partition` over their element counts, so every rank computes the
+same assignment from ``shapes`` alone. In one synchronous step each worker sends every server the
+gradient frames of its keys (bundle G_{w,s}); each server decodes and sums them in fp32
+(:class:`GradAccumulator`), lets its owner update and re-quantize, and sends the weight bundle V_s,
+encoded once, to every worker.
 
-One synchronous step (``step(step, grads, owner)``)::
+The step is pipelined by key group (:func:`chunk_keys`): a bundle travels as one chunk message
+per group, a lazy ``grads`` encodes group i + 1 while group i is on the wire, and a server sums
+group i as it arrives and sends its weights while later groups still come in. Receives are kept
+posted ahead on helper threads (:class:`_Pumps`) because gloo moves a message only once its
+receive is posted. With a receive window (``recv_window``) a server posts every worker's chunk
+i + window only once chunk i has come from all of them, so each worker's upload is shared evenly
+between the servers instead of one flow running ahead.
 
-    worker w:  for each server s: isend bundle G_{w,s} = frames of w's gradients for keys of s
-               irecv from every server s its weight bundle V_s; decode -> all keys
-    server s:  irecv G_{w,s} from every worker; decode and sum in fp32 (GradAccumulator);
-               owner.apply(step, sums / counts, counts); V_s = join(owner.weight_frames(step))
-               encoded once, isend V_s to every worker
+A key a worker leaves out of ``grads`` (its nonfinite policy skipped it) is averaged over the
+contributions that came (``counts[key]`` < W). ``on_worker_failure="stop"`` turns a failed peer
+into a :class:`TransportError` on every rank that talks to it; ``"continue"`` lets the servers
+drop dead workers (whole bundles, :meth:`P2P.exchange_tolerant`; server 0 publishes the live
+workers in the c10d store). A server failure always stops the run.
 
-The step is pipelined by key group. Server s's keys are cut into ``chunks`` contiguous groups,
-equal in size but for the last few, which halve (:func:`chunk_keys`, :func:`chunk_shares`); every
-bundle travels as one chunk message per group (its length and its bytes: :meth:`P2P.send_chunk`). A worker reads ``grads[k]`` for the keys of group
-i only when it posts group i, so ``grads`` may be a :class:`~lowbit.comm.transport.LazyFrames`
-that encodes on access: group i + 1 is then encoded while group i is on the wire; its frames are
-laid out straight into the chunk's message. The server decodes and sums group i as it arrives
-(the first worker's chunk while the others are still on the wire, in an order that does not depend
-on timing: :meth:`ParameterServerTransport._sum_arriving`); once group i has come from every
-worker, the owner updates and re-quantizes those keys (``Owner.apply_keys``) and their weights
-leave for the workers at once (one message laid out once, sent to every worker), while group
-i + 1 is still arriving. Workers decode each weight group into their parameters
-(``out=``) while the next is on the way. An owner without ``apply_keys`` is updated once, after the
-last group; ``"continue"`` mode sends whole bundles (one group).
-
-Both sides receive on helper threads (:class:`_Pumps`) that keep every receive of the step posted
-ahead of its message: gloo sends a message only once the receiver has announced its receive, so a
-receiver that decoded between receives would stall the sender for as long as each decode takes,
-and one that posted chunk i + 1 only after taking chunk i would idle the link for a round trip and
-a thread wake-up per chunk. On gloo every chunk's receive (into a buffer of the chunk's bound) is
-posted at the start of the step (but see the receive window below), a worker's weight receives
-right after its gradient group 0 has been posted (no weight can come before it); in the
-length-then-bytes protocol (NCCL, ``"continue"`` mode) all lengths are posted at the start, each
-chunk's bytes as soon as its length is in.
-
-Receive window (``recv_window``, one-message mode): a server posts only the receives of the first
-``recv_window`` gradient chunks of every worker at the start, and those of chunk i + ``recv_window``
-once chunk i has come from every worker. Since gloo moves a message only once its receive is
-posted, a worker whose connection to this server runs ahead waits for the slowest worker, and so
-each worker's upload link is shared evenly between the servers. Without it TCP shares the links
-as it likes: on the 4-rank testbed one worker's flow to a server ran 10-12 ms ahead of the other's,
-every group at that server completed only with the slow flow, and the last three groups completed
-together at the end, their weights all still to go down (the step's tail).
-
-A worker may leave a key out of ``grads`` (or map it to ``None`` / ``b""``): its nonfinite policy
-skipped that gradient. The server then averages over the contributions that came
-(``counts[key]`` < W); a key nobody sent is absent from both ``grads`` and ``counts`` given to
-``Owner.apply``.
-
-Worker failures (``on_worker_failure``): ``"stop"`` (default) makes any failed peer a
-:class:`TransportError` on every rank that talks to it, so the run stops and resumes from its last
-checkpoint. ``"continue"`` lets servers ride out dead workers: each server receives from and sends
-to every live worker on its own (:meth:`P2P.exchange_tolerant`); a worker whose connection closed
-or that did not answer within the timeout is dropped (workers then wait up to 4x the timeout for
-the servers, who may have spent it waiting on a silent peer). With several servers, they agree on the
-dropped set (an all-reduce of a rank mask within the server group) after each half, so every
-server serves the same workers. The step completes with the contributions that came (the
-accumulator averages over them); server 0 then publishes the live workers of the step in the c10d
-store (a :class:`~lowbit.comm.board.Board`, key ``lowbit/ps/live/<step>/<server 0>``; control
-plane, not counted as payload), which workers read after pulling their weights. A server failure still stops the run (its shard exists nowhere else).
-
-Bytes per step (one message = 8-byte length prefix + chunk, see :mod:`lowbit.comm.p2p`; C_s = the
-number of chunks of server s, ``chunks`` or fewer when s has fewer keys; 1 in ``"continue"`` mode)::
+Bytes per step (one message = 8-byte length prefix + chunk; C_s = the number of chunks of server
+s, 1 in ``"continue"`` mode)::
 
     worker w:  up_sent   = Σ_s (8·C_s + |G_{w,s}|)      down_recv = Σ_s (8·C_s + |V_s|)
     server s:  up_recv   = Σ_w (8·C_s + |G_{w,s}|)      down_sent = W · (8·C_s + |V_s|)
 
-:func:`expected_bytes` evaluates these from per-key frame sizes.
+:func:`expected_bytes` evaluates these from per-key frame sizes. See docs/transports.md for the
+full design.
 """
 from __future__ import annotations
 
