@@ -1,43 +1,32 @@
 """Ring and tree exchange of frames without a central server, on torch.distributed point-to-point.
 
 Every rank ``r`` of the ``p`` ranks owns the shard ``K_r`` of keys given by
-:func:`~lowbit.comm.transport.partition` over element counts, computes gradients for *all* keys,
-and gets back the dequantized weights of all keys. One step is
+:func:`~lowbit.comm.transport.partition` over element counts, computes gradients for *all* keys
+and gets back the dequantized weights of all keys. One step: a reduce-scatter of *payloads* (every
+gradient frame travels unmodified to its key's owner, which decodes and sums in fp32; nothing is
+re-quantized in flight), then ``owner.apply`` and ``V_r = join(owner.weight_frames(step))``, then
+an all-gather of the weight bundles (forwarded unchanged, which is exact).
 
-1. a reduce-scatter of *payloads*: every gradient frame travels, unmodified, to the owner of its
-   key; the owner decodes and sums in fp32 (nothing is summed or re-quantized in flight);
-2. ``owner.apply(step, averages, counts)`` and ``V_r = join(owner.weight_frames(step))``;
-3. an all-gather of the weight bundles ``V_q`` (forwarded unchanged, which is exact).
+Bytes per step (one message = 8-byte length prefix + bundle, :mod:`lowbit.comm.p2p`; ``g_k`` /
+``w_k`` = size of a gradient / weight frame of key ``k``, ``G(Q) = Σ_{k owned by a rank in Q} g_k``,
+``V_q = Σ_{k ∈ K_q} w_k``)::
 
-Notation for the byte formulas (one message = 8-byte length prefix + bundle, :mod:`lowbit.comm.p2p`):
-``g_k`` / ``w_k`` = size of a gradient / weight frame of key ``k`` (the same on every rank for a
-given codec), ``G(Q) = Σ_{k owned by a rank in Q} g_k``, ``V_q = Σ_{k ∈ K_q} w_k``.
+    ring: reduce-scatter round s = 1..p−1 sends (r+s)%p my frames for K_{(r+s)%p}, receives from
+          (r−s)%p; all-gather round t = 0..p−2 sends (r+1)%p V_{(r−t)%p}, receives V_{(r−1−t)%p}
+        up_sent   = 8(p−1) + Σ_{q≠r} G({q})          up_recv   = 8(p−1) + (p−1)·G({r})
+        down_sent = 8(p−1) + Σ_{q≠(r+1)%p} V_q       down_recv = 8(p−1) + Σ_{q≠r} V_q
+        messages  = 2(p−1)
+    tree: p = 2^L, rounds j = 0..L−1 with partner r XOR 2^j; halving sends the frames owned in
+          O_j(r) = {q : q ≡ r on bits < j, bit j of q ≠ bit j of r}, receives those for
+          M_j(r) = {q : q ≡ r on bits ≤ j}; doubling sends all held, H_j(r) = {q : q >> j = r >> j}
+        up_sent   = Σ_j [8 + 2^j · G(O_j(r))]        up_recv   = Σ_j [8 + 2^j · G(M_j(r))]
+        down_sent = Σ_j [8 + Σ_{q ∈ H_j(r)} V_q]     down_recv = Σ_j [8 + Σ_{q ∈ H_j(r ⊕ 2^j)} V_q]
+        messages  = 2L
 
-Ring (:class:`RingTransport`), p − 1 rounds per phase::
-
-    reduce-scatter, round s = 1..p−1: send to (r+s)%p my frames for K_{(r+s)%p}, receive from (r−s)%p
-        up_sent   = 8(p−1) + Σ_{q≠r} G({q})           (≈ (p−1)/p of my gradient payload)
-        up_recv   = 8(p−1) + (p−1)·G({r})
-    all-gather, round t = 0..p−2: send to (r+1)%p the bundle V_{(r−t)%p}, receive V_{(r−1−t)%p}
-        down_sent = 8(p−1) + Σ_{q≠(r+1)%p} V_q          down_recv = 8(p−1) + Σ_{q≠r} V_q
-    messages = 2(p−1)
-
-Tree (:class:`TreeTransport`), p = 2^L, L rounds per phase, partner at round j = r XOR 2^j::
-
-    recursive halving, j = 0..L−1: I hold frames from the 2^j sources that differ from r only in
-    bits < j, for the owners agreeing with r on bits < j. I send those whose owner is in the
-    partner's half O_j(r) = {q : q ≡ r on bits < j, bit j of q ≠ bit j of r}, keep the rest, and
-    receive the partner's frames for my half M_j(r) = {q : q ≡ r on bits ≤ j}:
-        up_sent   = Σ_j [8 + 2^j · G(O_j(r))]          (≈ (L/2) of my gradient payload)
-        up_recv   = Σ_j [8 + 2^j · G(M_j(r))]
-    recursive doubling, j = 0..L−1: send everything I hold, H_j(r) = {q : q >> j = r >> j}, and
-    receive the partner's H_j(r XOR 2^j):
-        down_sent = Σ_j [8 + Σ_{q ∈ H_j(r)} V_q]        down_recv = Σ_j [8 + Σ_{q ∈ H_j(r ⊕ 2^j)} V_q]
-    messages = 2L
-
-So the tree moves more gradient bytes than the ring for p ≥ 8 (L/2 vs (p−1)/p of the payload)
-but in log2(p) rounds instead of p − 1: the better choice for small, latency-bound messages.
-:func:`ring_expected_bytes` and :func:`tree_expected_bytes` evaluate the formulas.
+The tree moves more gradient bytes than the ring for p ≥ 8 (L/2 vs (p−1)/p of the payload) but in
+log2(p) rounds instead of p − 1: the better choice for small, latency-bound messages.
+:func:`ring_expected_bytes` and :func:`tree_expected_bytes` evaluate the formulas. See
+docs/transports.md for the full design.
 """
 from __future__ import annotations
 
@@ -113,8 +102,7 @@ def _log2_exact(p: int) -> int:
 class _Overlap:
     """Decoding handed to one helper thread, in order, while the calling thread goes on with the
     next round: the decode of round i overlaps the transfer of round i + 1 instead of leaving the
-    link idle in between (interface counters showed gaps of 50-100 ms between a ring's rounds on
-    a 100 Mbit/s link). One thread keeps the order, so fp32 sums are bit-identical to decoding
+    link idle in between. One thread keeps the order, so fp32 sums are bit-identical to decoding
     inline. :meth:`join` waits for everything submitted and raises the first error."""
 
     def __init__(self) -> None:

@@ -23,6 +23,7 @@ hang. Tensors live on the process group's device: CPU for gloo, the current CUDA
 its kind, step, key (known and allowed from that peer) and shape (from the key -> shape map the
 transport was built with). A bad peer yields a :class:`FrameError` on the receiving rank that
 names the peer and the step. The announced length is bounded before anything is allocated.
+See docs/transports.md for the full design.
 """
 from __future__ import annotations
 
@@ -81,8 +82,8 @@ def _nbytes(part) -> int:
 
 def _lay_out(dst: torch.Tensor, parts: list) -> None:
     """``parts`` (bytes-likes or uint8 tensors, their lengths summing to ``dst.numel()``) copied one
-    after another into ``dst``: one copy from the frames into the message (measured: half the time
-    of joining them into a new bytes object and copying that, which also page-faults fresh memory)."""
+    after another into ``dst``: one copy from the frames into the message, instead of joining them
+    into a new bytes object and copying that (two copies, and page faults on the fresh memory)."""
     mv = memoryview(dst.numpy()) if dst.device.type == "cpu" else None
     off = 0
     for b in parts:
@@ -116,8 +117,8 @@ class P2P:
     receiver has announced its receive to the sender, and that announcement travels on the same
     connection as the receiver's own outgoing data: a worker's "ready for weight chunk i" queued
     behind the megabytes of gradients it is still sending, so no weight left a server before every
-    gradient had arrived (measured: up and down strictly one after the other). Its own connections
-    let the weights flow down while the gradients still go up."""
+    gradient had arrived. Its own connections let the weights flow down while the gradients still
+    go up."""
 
     group: object = None
     counter: ByteCounter | None = None
@@ -187,8 +188,7 @@ class P2P:
         ``max_recv`` for what it receives and ``send_bound`` (the receiver's ``max_recv`` for this
         rank) for what it sends, and in one-message mode it moves each bundle as one message (see
         the comment above :meth:`send_chunk`): one receive announcement and no round trip between
-        length and bytes (measured: ring and tree steps 15-30% faster, MiniLM w2/g3 at 1 Gbit/s).
-        A bundle over its ``send_bound`` is refused here, before anything is sent. Both ends of a
+        length and bytes. A bundle over its ``send_bound`` is refused here, before anything is sent. Both ends of a
         round must agree on whether it is bounded; an unbounded round is length, then bytes (the
         PS worker's ``"continue"`` upload, which the server takes with :meth:`exchange_tolerant`)."""
         recv_from = self._check_round(direction, sends, recv_from)
@@ -257,8 +257,7 @@ class P2P:
     #    received into a buffer of LEN_PREFIX + bound bytes posted at the start of the step (gloo
     #    takes a shorter message into a larger buffer; only the bytes that come are touched). A
     #    chunk then costs one receive announcement instead of two, and no round trip separates its
-    #    length from its bytes: measured on the PS step (MiniLM w2/g3, 1 Gbit/s, 4 ranks on 2
-    #    cores), 4-5% faster. gloo aborts the receiving *process* when a message exceeds its
+    #    length from its bytes. gloo aborts the receiving *process* when a message exceeds its
     #    buffer, so ``send_chunk(bound=...)`` refuses such a bundle on the sender; a peer that goes
     #    around it and announces more than the bound is a FrameError at the receiver.
     #  - length, then bytes (NCCL, whose receives must match the send's size; the PS's
@@ -350,9 +349,8 @@ class P2P:
 
     def _pooled(self, key: tuple, n: int) -> torch.Tensor:
         """The receive buffer of chunk or round ``key`` for ``n`` bytes: last step's when it is large
-        enough. A step moves the same chunks every time; receiving into fresh memory cost a page fault per
-        4 KiB inside ``recv`` (measured: a tenth of the CPU of a BERT-base step on 2 cores). The
-        bytes a chunk receive returns are therefore valid until the same chunk of the next step
+        enough. A step moves the same chunks every time, and receiving into fresh memory costs a page
+        fault per 4 KiB inside ``recv``. The bytes a chunk receive returns are therefore valid until the same chunk of the next step
         arrives: the transports decode (or forward) every received bundle within its step."""
         buf = self.recv_pool.get(key)
         if buf is None or buf.numel() < n:
@@ -363,8 +361,8 @@ class P2P:
         """A buffer for the one-message form of an ``nbytes`` bundle (LEN_PREFIX + nbytes), the
         pooled one of ``key`` when it is large enough (allocated at the bound, so it is not
         reallocated when the next step's bundle is a little longer), else fresh (``key`` None).
-        Laying a message out in fresh memory page-faulted once per 4 KiB and cost 3x the copy
-        (measured: 3.2 against 1.1 ms for 8.5 MB, a BERT-base ring round). A pooled buffer is
+        Laying a message out in fresh memory page-faults once per 4 KiB, which costs more than the
+        copy itself. A pooled buffer is
         written again only by the same message of a later step, after :meth:`finish` has waited
         for this one; a step that fails drops the pools (:meth:`drop_recv_pool`, and :meth:`finish`
         itself when a send failed)."""
