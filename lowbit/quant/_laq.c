@@ -145,8 +145,8 @@ static void stochastic_avx2(const float *g, int64_t n, uint64_t i0, uint32_t s0,
 }
 #endif
 
-/* The same switch as lowbit/codec/_native.c's, kept per extension: quant and codec know nothing of
- * each other (DESIGN.md), and each is built, and tested on both paths, on its own. */
+/* The same switch as lowbit/codec/_native.c's, kept per extension: the two extensions share no
+ * code, and each is built, and tested on both paths, on its own. */
 static int simd_wanted = 1;
 
 static int simd_on(void) {

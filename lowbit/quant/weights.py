@@ -320,15 +320,14 @@ def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tenso
     without another pass and the result is never worse than the first round's plain projection) or
     of the last (plain alternation, whose objective never increases).
 
-    The plain alternation is a fixed-point iteration α ← f(α) that crawls at 3 bits and more (measured
-    on 4M Gaussian weights, 4 bits, from max|w|: after 10 rounds the objective is 84% above the
-    optimum, after 20 still 28%); from the second round on the next α is the secant step on
-    f(α) − α = 0 through the last two rounds (kept where it lands within [α/2, 2α], else f(α)), which
-    reaches the optimum in 6-10 rounds. Up to 4 bits (k ≤ SECANT_MAX_K) only: at 8 bits the
-    objective is rugged in α (a kink wherever a code moves) and where the secant steps end depends
-    on the sums' last bits (measured: 22-33% apart between the compiled and the torch path, 1 or 2
-    threads), so 8 bits keeps the plain alternation, whose result does not. Stops early once no
-    row's α moves by more than 1e-6 relatively.
+    The plain alternation is a fixed-point iteration α ← f(α) that crawls at 3 bits and more (from
+    max|w|, ten rounds can leave the objective well above the optimum); from the second round on the
+    next α is the secant step on f(α) − α = 0 through the last two rounds (kept where it lands within
+    [α/2, 2α], else f(α)), which reaches the optimum within the usual round budget. Up to 4 bits
+    (k ≤ SECANT_MAX_K) only: at 8 bits the objective is rugged in α (a kink wherever a code moves),
+    so where the secant steps end depends on the sums' last bits and would differ between the
+    compiled and the torch path; 8 bits keeps the plain alternation, whose result does not. Stops
+    early once no row's α moves by more than 1e-6 relatively.
     """
     if grid == "sym" and w2.shape[0] == 1:
         return _laq_alternate_fused(w2, d2, alpha, k, iters)
