@@ -16,8 +16,8 @@ egress of *both* ends of every veth: on the host's ``eth0`` it shapes the host's
 bridge port ``p{i}`` it shapes the host's downlink. Each host therefore has a full-duplex link of
 rate R in each direction, and a switch (the bridge) with unlimited backplane.
 
-Limits: only bandwidth is emulated. This kernel has no ``sch_netem``, so there is no added
-delay, jitter or loss; the latency a benchmark sees is that of veth + bridge (tens of µs).
+Limits: only bandwidth is emulated. No ``sch_netem`` is used (not every kernel has it), so there is
+no added delay, jitter or loss; the latency a benchmark sees is that of veth + bridge (tens of µs).
 
 Cleanup: :meth:`Testbed.close` kills the processes it started and deletes every namespace
 (deleting a namespace deletes its veths and the bridge). It runs on ``with`` exit (also on an
