@@ -23,13 +23,13 @@ What is timed (per step; every rank starts after a barrier, a step's time is the
   of ``WeightCodec("laq-linear", W)`` frames (per-tensor scale, symmetric grid). The step therefore
   includes the wire, framing, CRC checks, decoding + fp32 summing of the received gradients (into
   the transport's reused accumulator buffers) and decoding of all received weights (into
-  persistent per-key tensors, as a training worker decodes into its parameters), but not the encoding. Encoding is timed separately on every
-  rank at the same time (4 ranks share the machine's cores, as in the step): ``grad_encode_s``
+  persistent per-key tensors, as a training worker decodes into its parameters), but not the
+  encoding. Encoding is timed separately on every rank at the same time (4 ranks share the machine's cores, as in the step): ``grad_encode_s``
   (StochasticGradCodec over all parameters) and ``weight_quant_s`` (real WeightCodec laq-linear
-  with a D matrix, timed on a 1M-element sample and scaled to the owned shard, because it runs at
-  ~10-40 MB/s on this CPU and would dominate; warm-started from the previous step's scale as the
-  training server runs it; ``weight_quant_cold_s`` without the warm start, which is what runs before
-  session 5 recorded as ``weight_quant_s``). ``step_total_s = step_s + grad_encode_s + weight_quant_s``.
+  with a D matrix, timed on a 1M-element sample and scaled to the owned shard, because it is far
+  slower per byte than the other codec passes and would dominate the run; warm-started from the
+  previous step's scale as the training server runs it; ``weight_quant_cold_s`` without the warm
+  start). ``step_total_s = step_s + grad_encode_s + weight_quant_s``.
   ``decode_est_s`` is the part of ``step_s`` spent decoding (rates measured on a sample, scaled to
   what each rank decodes per step).
   With ``codec_device: "cuda"`` in the spec (``comm_bandwidth.py --codec-device cuda``) lowbit's

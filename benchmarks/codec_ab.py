@@ -1,4 +1,4 @@
-"""A/B of the codec against an earlier revision of it, in one process, runs interleaved.
+"""The codec against another git revision of it, in one process, runs interleaved.
 
     python benchmarks/codec_ab.py --rev HEAD~1 --json benchmarks/results/codec_ab.json
 

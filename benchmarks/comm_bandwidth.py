@@ -11,8 +11,8 @@ lowbit_{ps,ring,tree}_w{2,4,8}g{3,8} (gradient frames up, weight frames down). E
 timed for each is in benchmarks/_comm_common.py. One testbed per link rate; the ranks are started
 once per rate and run every model and method in sequence.
 
-Shaping: tbf rate R in each direction on every host link (bridge with unlimited backplane); this
-kernel has no sch_netem, so no delay is emulated: latency is that of veth + bridge (tens of µs),
+Shaping: tbf rate R in each direction on every host link (bridge with unlimited backplane); no
+sch_netem is used, so no delay is emulated: latency is that of veth + bridge (tens of µs),
 and the latency-bound regime of real Ethernet (50-500 µs per hop, more across racks) is absent.
 
 Output: a table per rate on stdout, progress on stderr, --json (records: method, bandwidth, model,

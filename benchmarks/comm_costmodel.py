@@ -18,9 +18,9 @@ Fit: T = α·M + V·8/(η·B) + codec, with (M, V) from lowbit.net.costmodel.ter
 method (PS as S servers + W workers, p = W). α and η are least-squares fitted (relative error) on the
 shaped records, with the codec part of the lowbit records as a known offset (targets: baselines
 ``step_s``, lowbit ``step_total_s``; every record weighted by 1/measured). The codec part is not
-fitted but *measured*, at two rates
-because LAQ weight quantization is ~20x slower per byte than the streaming passes and its share
-(1/S of the weights) changes with the cluster size::
+fitted but *measured*, at two rates because LAQ weight quantization is over an order of magnitude
+slower per byte than the streaming passes and its share (1/S of the weights) changes with the
+cluster size::
 
     codec = γ_stream · 4n·(2 + W/S)  +  γ_laq · 4n/S
             (grad encode, weight decode, W/S grad decodes)   (quantize the owned 1/S of the weights)
@@ -138,8 +138,8 @@ def main(argv=None) -> int:
         print("comm_costmodel: fewer than 2 shaped records, nothing to fit")
         return 0
 
-    # Codec cost, measured, in two rates (the laq weight quantizer is ~20x slower per byte than the
-    # streaming passes, and its share, 1/S of the weights, changes with the cluster size):
+    # Codec cost, measured, in two rates (the laq weight quantizer is over an order of magnitude
+    # slower per byte than the streaming passes, and its share, 1/S of the weights, changes with the cluster size):
     #   γ_stream = (grad encode + decodes) / (4n·(2 + W/S))     γ_laq = weight quantization / (4n/S)
     # in-run values (all ranks sharing this machine's cores) for the fit, single-process ones for
     # the extrapolation (every node has its own cores).

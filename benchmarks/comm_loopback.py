@@ -14,8 +14,8 @@ at 2/3/8 bits (clipped stochastic gradient frames up, m-bit sym-grid weight fram
 size of per-tensor LAQ-linear frames) and 32 bits (fp32 passthrough both ways). Frames are encoded
 before the clock starts and the owners' ``apply`` is a no-op, so ``step_s`` is the exchange alone:
 point-to-point transfers plus validating, decoding and summing the frames in fp32 (median over
-``--reps`` steps of the slowest rank; on a 2-core host the fp32 decode and sum dominate). ``bytes_per_rank`` is the largest number of bytes any rank
-sent in one step (the server for PS), frames plus 8-byte length prefixes; ``recv_max`` likewise.
+``--reps`` steps of the slowest rank; on a host with few cores the fp32 decode and sum
+dominate). ``bytes_per_rank`` is the largest number of bytes any rank sent in one step (the server for PS), frames plus 8-byte length prefixes; ``recv_max`` likewise.
 
     .venv/bin/python benchmarks/comm_loopback.py --models minilm bert-base --bits 2 3 8 32 --reps 2
 """

@@ -1,4 +1,4 @@
-"""A/B of the CPU decode chunk (lowbit.codec.codecs.CHUNK) in one process, settings interleaved.
+"""Decode speed per CPU decode chunk (lowbit.codec.codecs.CHUNK) in one process, settings interleaved.
 
     python benchmarks/decode_chunk_ab.py --json benchmarks/results/decode_chunk_ab.json
 

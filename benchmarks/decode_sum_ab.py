@@ -3,13 +3,13 @@
 frames (a server's two workers), three ways:
 
 * ``table``: ``_native.decode``, the byte / 12-bit-group table loop with tables scaled by torch ops
-  (how every frame was decoded before ``decode_sum``; the mean of two as decode, add, ``div_``);
+  (one frame per call; the mean of two as decode, add, ``div_``);
 * ``scalar``: ``_native.decode_sum`` with its AVX2 path off (``_native.simd(0)``: what a CPU without
   AVX2 runs), one pass over the output in 2048-value blocks;
 * ``avx2``: ``_native.decode_sum`` as it runs by default on an AVX2 CPU.
 
 Every result is checked bit for bit against ``table``. ``--numel 384`` (a LayerNorm weight) shows
-what a small frame costs per call, where the table scaling by torch ops dominated.
+what a small frame costs per call, where scaling the tables by torch ops dominates.
 
     python benchmarks/decode_sum_ab.py --json benchmarks/results/decode_sum_ab.json
 """

@@ -7,13 +7,13 @@
 3. dev accuracy (SST-2's metric) on the full GLUE dev set, packed-checkpoint size on disk
    (lowbit.models.export_packed), the drop vs fp32, next to the published drops.
 
-CPU default (this 2-core machine, ~10-15 min when the machine is otherwise idle): 1,024 training
+CPU default (sized for ~10-15 min on 2 otherwise idle cores): 1,024 training
 sentences (a fixed random subset), max_len 64 with per-batch dynamic padding, batch 32, 1 epoch
 fp32 (32 steps) and 1 epoch (32 steps) of distillation per quantized model, full dev set (872).
 A full GPU run would use the full training set (67,349), max_len 128, batch 32, 3 epochs fp32 and
 3 epochs of distillation per quantized model (TernaryBERT's recipe: lr 5e-5, best dev checkpoint):
     python benchmarks/glue.py --train-subset 0 --max-len 128 --epochs 3 --q-epochs 3
-What was run on one H100 (5.5 min, results/glue_h100.json; MiniLM weights carried as fp16 and
+The recorded GPU run (results/glue_h100.json, one H100; MiniLM weights carried as fp16 and
 loaded as fp32, hence --preset <dir>):
     python benchmarks/glue.py --preset <minilm dir> --train-subset 32000 --max-len 64 --epochs 2 --q-epochs 1
 

@@ -9,7 +9,7 @@ moved by 0.1% of their mean magnitude) and cold (no alpha), best of ``--reps`` i
 number of rounds the alternation ran (calls of the compiled round); and the D-weighted objective
 ‖w − α b‖²_D of the result relative to the best over a dense search of α (the search's codes
 b = Π_Q(w/α) with their exact α* = Σdwb / Σdb²), on the first ``--search-n`` elements.
-``PYTHONPATH=<worktree>`` runs another version's code (an A/B).
+``PYTHONPATH=<worktree>`` runs another version's code (to compare two versions).
 """
 from __future__ import annotations
 
