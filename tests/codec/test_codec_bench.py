@@ -1,4 +1,4 @@
-"""Smoke run of benchmarks/codec_throughput.py: its three decode paths and the A/B knobs."""
+"""Smoke run of benchmarks/codec_throughput.py: its three decode paths and its tuning knobs."""
 import json
 
 import pytest

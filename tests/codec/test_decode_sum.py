@@ -127,7 +127,7 @@ def test_compiled_loop_checks_its_arguments():
 def test_threads_racing_for_the_cached_tables():
     """Threads that miss the table caches at the same moment (a Ray actor's concurrent pushes):
     lru_cache keeps only one thread's table, so the decode must hold the one it was given while the
-    compiled loop reads it (it once took a bare ``.data_ptr()`` and read freed memory)."""
+    compiled loop reads it (a bare ``.data_ptr()`` of the cached call can point into freed memory)."""
     import threading
     frames = {n: _frames(n, bits, 1, n)[0] for n, bits in ((7, 3), (30, 3), (12, 2), (5000, 3), (100, 4))}
     refs = {n: _sequential([f], torch.zeros(n), 1, False) for n, f in frames.items()}

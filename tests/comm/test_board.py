@@ -49,8 +49,8 @@ def test_store_lost_after_the_wait_is_a_transport_error():
 
 
 def test_checkpoint_is_committed_by_any_rank_that_passed_the_barrier(tmp_path):
-    """Rank 0 (a server, not the leader) commits too: in CI it died right after the barrier and
-    the leader, still reading the marks from rank 0's store, never committed."""
+    """Rank 0 (a server, not the leader) commits too: should it die right after the barrier, the
+    leader, still reading the marks from rank 0's store, could not commit."""
     store = dist.HashStore()
     ck = Checkpointer(tmp_path)
     Board(store, 1, 1.0).publish("ck", 3)  # the other rank has written its part

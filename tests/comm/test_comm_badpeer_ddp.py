@@ -130,7 +130,7 @@ DDP_STEPS = 8
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    """One 2-rank gloo group for the bad-peer and DDP checks (one spawn saves ~10 s)."""
+    """One 2-rank gloo group for the bad-peer and DDP checks (one spawn for all: spawning is the slow part)."""
     return run_ranks(_two_rank_body, 2, DDP_STEPS, timeout=110)
 
 

@@ -1,5 +1,5 @@
-"""Ring and tree decode on a helper thread while the next round is on the wire: sums and weights as
-before, and a frame that passes its CRC but fails to decode (a code outside the grid) is raised on
+"""Ring and tree decode on a helper thread while the next round is on the wire: sums and weights equal to
+decoding inline, and a frame that passes its CRC but fails to decode (a code outside the grid) is raised on
 the owner as FrameError naming key and peer, once its rounds are over; the other ranks, left
 without that owner's weights, fail with a TransportError within their timeout instead of hanging."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""lowbit.train.data (owned with the models work): locate, read, encode, subset, shard."""
+"""lowbit.train.data: locate, read, encode, subset, shard."""
 import pytest
 import torch
 
