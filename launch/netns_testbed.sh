@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Emulated cluster on one machine: N network namespaces on a bridge, each host's link shaped
-# with tc tbf (RATE Mbit/s in each direction). Bandwidth only: this kernel has no netem, so no
+# with tc tbf (RATE Mbit/s in each direction). Bandwidth only: netem is not used, so no
 # delay/loss emulation. Needs root and iproute2 (`ip`, `tc`).
 #
 #   sudo launch/netns_testbed.sh up N RATE_MBIT   # builds it, prints how to run commands, stays
