@@ -35,7 +35,7 @@ COLS = ["alpha", "bits", "label_skew", "best_acc", "final_acc", "rounds_to_targe
 
 
 def merge(paths, target: float, out: Path, argv) -> int:
-    """One JSON + plot from several benchmark JSONs (same setup apart from alpha/bits)."""
+    """One JSON + plot from several benchmark JSONs (same setup apart from alpha and bits)."""
     import json
 
     records, curves, commands, setup = [], {}, [], None

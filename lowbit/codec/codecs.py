@@ -25,8 +25,8 @@ from lowbit.quant.qtensor import QTensor, grid_k, levels
 from lowbit.quant.weights import laq_project, quantize_weight
 
 # CPU decode chunk: CHUNK payload bytes for b in {1, 2, 4, 8} (2-bit: 512K values), 4·CHUNK values
-# for the other widths. Large enough to amortise the ~15 Python-level torch calls a chunk costs,
-# small enough to keep a chunk's scratch near the cache (see docs/benchmarks.md).
+# for the other widths: large enough to amortise the ~15 Python-level torch calls a chunk costs;
+# larger chunks gain little more (measurements: docs/benchmarks.md).
 CHUNK = 1 << 17
 
 
