@@ -1,11 +1,14 @@
 """GLUE TSV data: locate, read, tokenize, subset, shard.
 
-Data lives in ``shared/data/glue/<TASK>/{train,dev}.tsv`` (header ``sentence<TAB>label`` for SST-2);
-nothing is downloaded at run time.
+GLUE SST-2 ships inside the package (``lowbit/data/glue/SST-2/{train,dev}.tsv.gz``); other GLUE tasks
+are read from a folder holding ``glue/<TASK>/{train,dev}.tsv`` (or ``.tsv.gz``) given as ``data_dir``
+(``lowbit train --data-dir``) or ``$LOWBIT_DATA``. Nothing is downloaded at run time.
 """
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import os
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +17,8 @@ import torch
 
 from lowbit.errors import ConfigError
 
-__all__ = ["find_data_dir", "load_glue_tsv", "encode", "subset", "shard", "TASKS"]
+__all__ = ["find_data_dir", "packaged_data_dir", "resolve_task", "task_file", "check_task", "load_glue_tsv",
+           "encode", "subset", "shard", "TASKS", "DATA_ENV"]
 
 #: task -> (text column(s), label column); a second text column makes a sentence-pair task
 TASKS = {
@@ -24,47 +28,116 @@ TASKS = {
     "QNLI": (("question", "sentence"), "label"),
     "RTE": (("sentence1", "sentence2"), "label"),
 }
+DATA_ENV = "LOWBIT_DATA"
+SPLITS = ("train", "dev")
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+def packaged_data_dir() -> Path:
+    """The data folder inside the installed package (holds ``glue/SST-2``)."""
+    return Path(__file__).resolve().parents[1] / "data"
 
 
-def find_data_dir() -> Path:
-    """``$LOWBIT_DATA``, else ``<repo>/../shared/data``, else ``/work/shared/data``."""
-    tried = []
-    env = os.environ.get("LOWBIT_DATA")
-    cands = ([Path(env)] if env else []) + [_REPO_ROOT.parent / "shared" / "data", Path("/work/shared/data")]
-    for c in cands:
-        tried.append(str(c))
-        if c.is_dir():
-            return c
-    raise ConfigError(f"no data directory found; tried {tried} (set LOWBIT_DATA to the folder holding glue/)")
+def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The folder GLUE tasks are read from: ``data_dir`` when given, else ``$LOWBIT_DATA``, else the
+    packaged copy. A given folder must exist."""
+    for given, what in ((data_dir, "data_dir"), (os.environ.get(DATA_ENV) or None, f"${DATA_ENV}")):
+        if given:
+            p = Path(given).expanduser()
+            if not p.is_dir():
+                raise ConfigError(f"{what} {str(p)!r} is not a folder (it should hold glue/<TASK>/train.tsv)")
+            return p
+    return packaged_data_dir()
+
+
+def _glue_root(root: Path) -> Path:
+    """``root/glue`` when it exists, else ``root`` itself (a folder of task folders)."""
+    return root / "glue" if (root / "glue").is_dir() else root
+
+
+def _norm(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def resolve_task(task: str, data_dir: str | os.PathLike | None = None) -> str:
+    """The task folder's name for ``task``, matched case- and dash-insensitively (``sst2``, ``sst-2``
+    and ``SST-2`` are one task). An unknown task raises ConfigError listing the tasks found."""
+    glue = _glue_root(find_data_dir(data_dir))
+    present = sorted(p.name for p in glue.iterdir() if p.is_dir()) if glue.is_dir() else []
+    for name in present:
+        if _norm(name) == _norm(task):
+            return name
+    raise ConfigError(f"unknown task {task!r}: tasks found in {str(glue)!r}: {present or 'none'}"
+                      + ("" if data_dir or os.environ.get(DATA_ENV) else
+                         f" (only SST-2 ships with lowbit; --data-dir or ${DATA_ENV} point at other GLUE tasks)"))
+
+
+def task_file(task: str, split: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """The TSV (or .tsv.gz) file of one split of a task."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+    name = resolve_task(task, data_dir)
+    folder = _glue_root(find_data_dir(data_dir)) / name
+    for cand in (folder / f"{split}.tsv", folder / f"{split}.tsv.gz"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"task {name}: no {split}.tsv or {split}.tsv.gz in {str(folder)!r}")
+
+
+def _open(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return path.open(encoding="utf-8", newline="")
+
+
+def _columns(task: str, header: list[str], path: Path) -> tuple[list[int], int]:
+    text_cols, label_col = TASKS.get(task, (("sentence",), "label"))
+    try:
+        return [header.index(c) for c in text_cols], header.index(label_col)
+    except ValueError:
+        raise ConfigError(f"{path}:1: header {header} lacks one of {list(text_cols) + [label_col]}") from None
+
+
+def check_task(task: str, data_dir: str | os.PathLike | None = None) -> str:
+    """Validate a task before any process starts: it is found, both splits exist and their headers
+    parse. Returns the task folder's name."""
+    name = resolve_task(task, data_dir)
+    for split in SPLITS:
+        path = task_file(name, split, data_dir)
+        try:
+            with _open(path) as fh:
+                line = fh.readline()
+        except (OSError, UnicodeDecodeError, EOFError) as e:
+            raise ConfigError(f"{path}: cannot be read: {e}") from None
+        if not line.strip():
+            raise ConfigError(f"{path} is empty")
+        _columns(name, next(csv.reader(io.StringIO(line), delimiter="\t", quoting=csv.QUOTE_NONE)), path)
+    return name
 
 
 def load_glue_tsv(task: str, split: str, data_dir: str | os.PathLike | None = None
                   ) -> tuple[list, list[int]]:
-    """Sentences (str, or (str, str) pairs for pair tasks) and integer labels of one GLUE split."""
-    root = Path(data_dir) if data_dir is not None else find_data_dir()
-    path = root / "glue" / task / f"{split}.tsv"
-    if not path.is_file():
-        have = sorted(p.name for p in (root / "glue").iterdir()) if (root / "glue").is_dir() else []
-        raise ConfigError(f"GLUE file {str(path)!r} not found (tasks present: {have})")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    """Sentences (str, or (str, str) pairs for pair tasks) and integer labels of one GLUE split.
+    A malformed file raises ConfigError naming the file and the line."""
+    name = resolve_task(task, data_dir)
+    path = task_file(name, split, data_dir)
+    try:
+        with _open(path) as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except (OSError, UnicodeDecodeError, EOFError, csv.Error) as e:
+        raise ConfigError(f"{path}: cannot be read: {e}") from None
     if not rows:
         raise ConfigError(f"{path} is empty")
     header = rows[0]
-    text_cols, label_col = TASKS.get(task, (("sentence",), "label"))
-    try:
-        ti = [header.index(c) for c in text_cols]
-        li = header.index(label_col)
-    except ValueError as e:
-        raise ConfigError(f"{path}: header {header} lacks one of {text_cols + (label_col,)}") from e
+    ti, li = _columns(name, header, path)
     sents, labels = [], []
     for n, r in enumerate(rows[1:], start=2):
         if len(r) <= max(ti + [li]):
             raise ConfigError(f"{path}:{n}: expected {len(header)} tab-separated fields, got {len(r)}")
+        try:
+            labels.append(int(r[li]))
+        except ValueError:
+            raise ConfigError(f"{path}:{n}: label {r[li]!r} is not an integer") from None
         sents.append(r[ti[0]].strip() if len(ti) == 1 else tuple(r[i].strip() for i in ti))
-        labels.append(int(r[li]))
     return sents, labels
 
 
