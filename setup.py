@@ -1,10 +1,13 @@
-"""Build hook for the two compiled parts: lowbit.codec._native, the codec's inner loops
-(lowbit/codec/_native.c), and lowbit.quant._laq, LAQ's linear-grid round and stochastic gradient codes (lowbit/quant/_laq.c).
-Everything else is in pyproject.toml. Both are optional: without a C compiler the install still
-succeeds and the codecs and LAQ use their torch ops (same codes, slower)."""
-from setuptools import Extension, setup
+"""Build hook: the packages (lowbit, and the benchmarks folder installed as lowbit.benchmarks so that
+`lowbit bench` runs from an installed wheel) and the two optional compiled parts: lowbit.codec._native,
+the codec's inner loops (lowbit/codec/_native.c), and lowbit.quant._laq, LAQ's linear-grid round and
+stochastic gradient codes (lowbit/quant/_laq.c). Without a C compiler the install still succeeds and
+the codecs and LAQ use their torch ops (same codes, slower). Everything else is in pyproject.toml."""
+from setuptools import Extension, find_packages, setup
 
-setup(ext_modules=[Extension("lowbit.codec._native", ["lowbit/codec/_native.c"],
+setup(packages=find_packages(include=["lowbit", "lowbit.*"]) + ["lowbit.benchmarks"],
+      package_dir={"lowbit.benchmarks": "benchmarks"},
+      ext_modules=[Extension("lowbit.codec._native", ["lowbit/codec/_native.c"],
                              extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off"],
                              optional=True),
                    Extension("lowbit.quant._laq", ["lowbit/quant/_laq.c"],

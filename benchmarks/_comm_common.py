@@ -71,8 +71,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 
 LOWBIT_CONFIGS = {"w2g3": (2, 3), "w4g3": (4, 3), "w8g8": (8, 8)}  # name -> (w_bits, g_bits)
 TRANSPORTS = ("ps", "ring", "tree")
@@ -727,5 +725,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

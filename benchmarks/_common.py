@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# benchmarks/results in a source checkout; from an installed package, ./lowbit-results
+_SOURCE_RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = _SOURCE_RESULTS if _SOURCE_RESULTS.is_dir() else Path.cwd() / "lowbit-results"
 
 
 def machine() -> dict:

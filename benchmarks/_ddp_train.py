@@ -13,13 +13,11 @@ import math
 import socket
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-HERE = Path(__file__).resolve().parent
 START_POWERSGD = 2
 
 
@@ -100,8 +98,7 @@ def run_ddp(hook: str, *, model: str, steps: int, batch_size: int, max_len: int,
             lr: float, workers: int) -> dict:
     """One DDP training run with PyTorch's ``hook`` ("powersgd4" or "fp16"); returns a record in the
     format of :mod:`train_sst2`."""
-    sys.path.insert(0, str(HERE))
-    from _comm_common import baseline_payload_bytes
+    from lowbit.benchmarks._comm_common import baseline_payload_bytes
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

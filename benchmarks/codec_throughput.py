@@ -22,16 +22,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, print_table, write_json  # noqa: E402
+from lowbit.benchmarks._common import RESULTS, print_table, write_json  # noqa: E402
 
 import lowbit.codec.codecs as codecs_module  # noqa: E402
 from lowbit.codec import (Frame, StochasticGradCodec, WeightCodec, decode_frame, decode_sum, native,  # noqa: E402
                           set_codec_threads)
+from lowbit.testing import kept_settings  # noqa: E402
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -59,6 +58,17 @@ def codecs():
 
 
 def main(argv=None) -> int:
+    """The benchmark; every process-wide setting it changes (threads, the codec switch, the decode
+    chunk, the streaming-store threshold) is put back when it returns."""
+    chunk = codecs_module.CHUNK
+    with kept_settings():
+        try:
+            return _main(argv)
+        finally:
+            codecs_module.CHUNK = chunk
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1M,16M,64M")
     ap.add_argument("--reps", type=int, default=3)

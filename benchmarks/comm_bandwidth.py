@@ -36,12 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
-from _comm_common import DEFAULT_METHODS, model_shapes, parse_method, select_methods  # noqa: E402
-from _common import RESULTS, print_table, write_json  # noqa: E402
+from lowbit.benchmarks._comm_common import DEFAULT_METHODS, model_shapes, parse_method, select_methods  # noqa: E402
+from lowbit.benchmarks._common import RESULTS, print_table, write_json  # noqa: E402
 
 QUICK = {"models": "minilm", "rates": "100,1000", "methods": "fp32_allreduce,ddp_fp16,ddp_powersgd4,lowbit_*_w2g3",
          "reps": 2}
@@ -101,9 +98,8 @@ def run_rate(rate_mbit: float | None, models: list[dict], methods: list[str], *,
                            **({} if codec_device == "cuda" else {
                                # CPU tensors over gloo: hide GPUs, or PyTorch's PowerSGD hook calls
                                # torch.cuda.synchronize() on a CPU device and fails where a GPU exists
-                               "CUDA_VISIBLE_DEVICES": ""}),
-                           PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-                procs.append(tb.run(i, [sys.executable, str(HERE / "_comm_common.py"), "--rank-spec", str(spec_path)],
+                               "CUDA_VISIBLE_DEVICES": ""}))
+                procs.append(tb.run(i, [sys.executable, "-m", "lowbit.benchmarks._comm_common", "--rank-spec", str(spec_path)],
                                     env=env, stdout=subprocess.DEVNULL))
             failed = None
             deadline = t_start + timeout_s * max(4, 3 * len(models) * len(methods))

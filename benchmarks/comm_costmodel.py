@@ -48,12 +48,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
-from _comm_common import parse_method  # noqa: E402
-from _common import RESULTS, print_table, write_json  # noqa: E402
+from lowbit.benchmarks._comm_common import parse_method  # noqa: E402
+from lowbit.benchmarks._common import RESULTS, print_table, write_json  # noqa: E402
 
 from lowbit.errors import ConfigError  # noqa: E402
 from lowbit.net.costmodel import BERT_BASE_N, Method, bert_param_shapes, extrapolate, fit, holdout  # noqa: E402

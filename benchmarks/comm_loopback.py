@@ -28,17 +28,17 @@ import os
 import queue as _queue
 import socket
 import statistics
-import sys
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
 import torch
+
+from lowbit.benchmarks._common import RESULTS
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowbit.codec.codecs import RawCodec, frame_from_qtensor  # noqa: E402
 from lowbit.comm.collective import RingTransport, TreeTransport  # noqa: E402
@@ -203,7 +203,7 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", default=["minilm", "bert-base"])
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 8, 32])
     ap.add_argument("--reps", type=int, default=2, help="timed steps per configuration (median reported)")
-    ap.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "comm_loopback.json"))
+    ap.add_argument("--json", default=str(RESULTS / "comm_loopback.json"))
     a = ap.parse_args(argv)
     for b in a.bits:
         if b not in (2, 3, 4, 5, 6, 7, 8, 32):

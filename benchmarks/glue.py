@@ -27,14 +27,14 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from lowbit.benchmarks._common import RESULTS
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowbit.models import attach_optimizer, distill_step, export_packed, load_preset, wrap  # noqa: E402
 from lowbit.train.data import encode, load_glue_tsv, subset  # noqa: E402
@@ -133,7 +133,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "glue.json"))
+    p.add_argument("--out", default=str(RESULTS / "glue.json"))
     p.add_argument("--ckpt-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lowbit_glue_ckpt"),
                    help="where the fp32 and packed checkpoints are written (their sizes are reported)")
     args = p.parse_args(argv)

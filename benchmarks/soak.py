@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, print_table, write_json  # noqa: E402
+from lowbit.benchmarks._common import RESULTS, print_table, write_json  # noqa: E402
 
 from lowbit.train.config import Config  # noqa: E402
 from lowbit.train.loop import Checkpointer, launch_local  # noqa: E402

@@ -20,8 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, print_table, write_json  # noqa: E402
+from lowbit.benchmarks._common import RESULTS, print_table, write_json  # noqa: E402
 
 from lowbit.train.config import Config  # noqa: E402
 from lowbit.train.loop import launch_local  # noqa: E402
@@ -75,7 +74,7 @@ def main(argv=None) -> int:
             write_json(args.json, recs, {"command": "python benchmarks/train_sst2.py " + " ".join(argv or sys.argv[1:]),
                                          "partial": True})
     for name in filter(None, args.baselines.split(",")):
-        from _ddp_train import run_ddp
+        from lowbit.benchmarks._ddp_train import run_ddp
         print(f"== ddp {name} ==", file=sys.stderr, flush=True)
         recs = [r for r in recs if not (r["transport"] == "ddp" and r["config"] == name[4:])]
         recs.append(run_ddp(name[4:], model=args.model, steps=args.steps, batch_size=args.batch_size,

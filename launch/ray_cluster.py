@@ -24,9 +24,7 @@ import socket
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lowbit.cli import add_train_args, config_from_args  # noqa: E402
+from lowbit.cli import add_train_args, config_from_args
 
 
 def gcs_address(address: str, temp_dir: str | None = None) -> str:

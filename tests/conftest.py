@@ -3,24 +3,25 @@ import importlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from lowbit.testing import process_settings, restore_settings, settings_diff
+
+# Settings that libraries fix once per process on first use, made here so that no test is blamed for
+# them: lowbit's presets set HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE at import (nothing is fetched from
+# a hub), torch's inductor records its cache folder in TORCHINDUCTOR_CACHE_DIR when first asked.
+import lowbit.models.presets  # noqa: E402,F401
+from torch._inductor.runtime.cache_dir_utils import cache_dir as _inductor_cache_dir  # noqa: E402
+
+_inductor_cache_dir()
+
 
 
 @pytest.fixture
 def bench():
-    """``bench(name)`` imports ``benchmarks/<name>.py`` (the scripts import their siblings, so the
-    folder is on sys.path while it loads)."""
-    def load(name: str):
-        sys.path.insert(0, str(BENCH))
-        try:
-            return importlib.import_module(name)
-        finally:
-            sys.path.remove(str(BENCH))
-    return load
+    """``bench(name)`` imports ``benchmarks/<name>.py`` (installed as ``lowbit.benchmarks.<name>``)."""
+    return lambda name: importlib.import_module(f"lowbit.benchmarks.{name}")
 
 
 @pytest.fixture
@@ -31,3 +32,19 @@ def python_with_env():
         return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
                               text=True, timeout=50)
     return run
+
+
+@pytest.fixture(autouse=True)
+def _process_settings_unchanged():
+    """Every test leaves the process as it found it (threads, environment, cwd, sys.path, the codec and
+    LAQ switches): the suite passes in any order and at any thread count. A test that changed one
+    fails, naming it, and the setting is put back so the tests after it are unaffected."""
+    before = process_settings()
+    yield
+    after = process_settings()
+    before["os.environ"].pop("PYTEST_CURRENT_TEST", None)
+    after["os.environ"].pop("PYTEST_CURRENT_TEST", None)
+    if after != before:
+        restore_settings(before)
+        pytest.fail("the test changed process-wide settings: " + "; ".join(settings_diff(before, after)),
+                    pytrace=False)

@@ -32,10 +32,11 @@ This module knows only the transport contract: owners and workers come from pick
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -412,23 +413,56 @@ class RayPS:
                 pass
 
 
-def init_local(num_cpus: int, temp_dir: str | None = None, address: str = "") -> bool:
+def default_temp_dir() -> str:
+    """Where a local cluster keeps its session files: short (Ray's sockets live there) and per user."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"lowbit-ray-{os.getuid()}")
+
+
+def init_local(num_cpus: int, temp_dir: str | None = None, address: str = "", **init_kw) -> bool:
     """Connect to ``address`` when given (or ``$LOWBIT_RAY_ADDRESS``), else start a local cluster
-    on this machine (loopback, no dashboard). Returns True when this call started Ray (the caller
-    shuts it down). Does nothing when Ray is already initialized."""
+    on this machine (loopback, no dashboard, session files under ``temp_dir``, default
+    :func:`default_temp_dir`). Returns True when this call started Ray (the caller shuts it down).
+    Does nothing when Ray is already initialized. Prefer :func:`ray_session`, which also puts back
+    what ``ray.init`` changes in the process (environment variables, ``sys.path``)."""
     ray = _ray()
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     if ray.is_initialized():
         return False
     address = address or os.environ.get("LOWBIT_RAY_ADDRESS", "")
-    env = {"env_vars": {"RAY_AUTH_MODE": "disabled"}}
-    if address:
-        ray.init(address=address, log_to_driver=False, runtime_env=env)
-        return True
-    kw = {}
-    if temp_dir:
+    env = {"env_vars": {"RAY_AUTH_MODE": "disabled", **init_kw.pop("env_vars", {})}}
+    auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # read by ray.init in this process
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, runtime_env=env)
+            return True
+        temp_dir = os.path.abspath(temp_dir or default_temp_dir())
         os.makedirs(temp_dir, exist_ok=True)
-        kw["_temp_dir"] = os.path.abspath(temp_dir)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env,
-             _node_ip_address="127.0.0.1", **kw)
-    return True
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env,
+                 _node_ip_address="127.0.0.1", _temp_dir=temp_dir, **init_kw)
+        return True
+    finally:
+        if auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int, temp_dir: str | None = None, address: str = "", **init_kw) -> Iterator[bool]:
+    """:func:`init_local` for the duration of a block: a cluster (or connection) this call made is shut
+    down afterwards, and the environment variables and ``sys.path`` entries ``ray.init`` set in this
+    process are put back. Yields whether this call started Ray."""
+    import sys
+
+    env, path = dict(os.environ), list(sys.path)
+    started = init_local(num_cpus, temp_dir, address, **init_kw)
+    try:
+        yield started
+    finally:
+        if started:
+            _ray().shutdown()
+            os.environ.clear()
+            os.environ.update(env)
+            sys.path[:] = path

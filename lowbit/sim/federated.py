@@ -23,6 +23,7 @@ serves it), so the sequential and the Ray execution give identical results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -50,7 +51,6 @@ __all__ = [
     "evaluate", "make_splits", "mix_seed", "make_local_optimizer", "trainable",
 ]
 
-REPO = Path(__file__).resolve().parents[2]
 LINK_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 AGGREGATORS = ("fedavg", "fedadam")
 LOCAL_OPTIMIZERS = ("sgd", "adam")
@@ -96,6 +96,7 @@ class FedConfig:
     ray: bool = False
     address: str | None = None     # an existing Ray cluster (implies ray)
     ray_cpus: int = 2              # local cluster size
+    ray_temp_dir: str = ""         # a local cluster's session files ("" = lowbit.comm.ray.default_temp_dir())
     ray_actors: int = 0            # 0 = ray_cpus
     out: str | None = "runs/federated"
     progress: bool = True
@@ -588,19 +589,12 @@ class RayPool:
     def __init__(self, cfg: FedConfig, train, splits):
         import ray
 
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        self._owns = False
-        if not ray.is_initialized():
-            if cfg.address:
-                ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False)
-            else:
-                tmp = REPO / ".ray_tmp"
-                tmp.mkdir(exist_ok=True)
-                ray.init(num_cpus=cfg.ray_cpus, include_dashboard=False, _temp_dir=str(tmp),
-                         log_to_driver=False, object_store_memory=256 * 1024 * 1024,
-                         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                                                   "RAY_AUTH_MODE": "disabled"}})
-            self._owns = True
+        from lowbit.comm.ray import ray_session
+
+        self._session = contextlib.ExitStack()
+        self._session.enter_context(ray_session(
+            cfg.ray_cpus, temp_dir=cfg.ray_temp_dir or None, address=cfg.address,
+            object_store_memory=256 * 1024 * 1024, env_vars={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}))
         self.ray = ray
         n = cfg.ray_actors or cfg.ray_cpus
         actor = ray.remote(num_cpus=1)(_ActorRunner)
@@ -621,8 +615,7 @@ class RayPool:
         for a in self.actors:
             self.ray.kill(a)
         self.actors = []
-        if self._owns:
-            self.ray.shutdown()
+        self._session.close()
 
 
 # --------------------------------------------------------------------------- driver

@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from lowbit.errors import ConfigError
+from lowbit.progress import progress
 from lowbit.train.config import Config
 from lowbit.train.loop import Checkpointer, _batches, _load_worker, _save_worker, batch_indices, load_data
 from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _threads(cfg: Config) -> int:
     t = cfg.transport
@@ -134,9 +131,8 @@ def _parse_fault(spec: str) -> tuple[int, int] | None:
 def run_ray(cfg: Config) -> dict:
     """Train with Ray actors; returns the summary (the keys of the SPMD loop's) and writes
     ``OUT/metrics.jsonl``, ``OUT/summary.json`` and checkpoints under ``OUT/ckpt``."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     cfg.validate()
-    from lowbit.comm.ray import RayPS, init_local, key_partition
+    from lowbit.comm.ray import key_partition, ray_session
 
     r, t = cfg.run, cfg.transport
     W, S = t.workers, t.servers
@@ -158,22 +154,28 @@ def run_ray(cfg: Config) -> dict:
     owners = [ShardFactory(cfg, keys_of[j], str(ck.shard_path(start, j)) if start else None) for j in range(S)]
     workers = [WorkerFactory(cfg, w, str(ck.worker_path(start, w)) if start else None) for w in range(W)]
 
-    started = init_local(num_cpus=max(2, W + S), temp_dir=str(REPO / ".ray_tmp"),
-                         address=t.ray_address or os.environ.get("LOWBIT_RAY_ADDRESS", ""))
+    with ray_session(num_cpus=max(2, W + S), temp_dir=t.ray_temp_dir or None,
+                     address=t.ray_address or os.environ.get("LOWBIT_RAY_ADDRESS", "")):
+        return _run(cfg, plan, shapes, key_server, ck, start, owners, workers, fault)
+
+
+def _run(cfg, plan, shapes, key_server, ck, start, owners, workers, fault) -> dict:
+    import ray
+
+    from lowbit.comm.ray import RayPS
+
+    r, t = cfg.run, cfg.transport
+    W, S = t.workers, t.servers
+    out = Path(r.out)
     ps = None
     try:
-        import ray
-
         ps = RayPS(owners, workers, shapes, start_step=start, timeout_s=t.timeout_s, threads=_threads(cfg),
                    key_server=key_server)
         pb = plan_bytes(plan)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
         metrics_fh = open(out / "metrics.jsonl", "a" if r.resume else "w")
-        bar = None
-        if r.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=r.steps, initial=start, desc=f"ray w{cfg.codec.w_bits}/g{cfg.codec.g_bits}",
-                       unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar = progress(r.steps, initial=start, desc=f"ray w{cfg.codec.w_bits}/g{cfg.codec.g_bits}",
+                       enabled=r.progress)
         totals = [0.0, 0.0, 0.0, 0.0]
         t_start = time.time()
         clock = [time.perf_counter()]
@@ -202,7 +204,7 @@ def run_ray(cfg: Config) -> dict:
             if (r.checkpoint_every and (step + 1) % r.checkpoint_every == 0) or step + 1 == r.steps:
                 _checkpoint(ps, ck, step + 1)
             if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", MB=f"{(up + down) / 1e6:.2f}")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", MB=f"{(up + down) / 1e6:.2f}", refresh=False)
                 bar.update(1)
             if fault and fault[1] == step + 1:
                 ps.kill_worker(fault[0], restart=True)
@@ -232,9 +234,6 @@ def run_ray(cfg: Config) -> dict:
     finally:
         if ps is not None:
             ps.shutdown()
-        if started:
-            import ray
-            ray.shutdown()
 
 
 def _checkpoint(ps, ck: Checkpointer, step: int) -> None:

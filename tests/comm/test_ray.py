@@ -11,7 +11,7 @@ import torch  # noqa: E402
 ray = pytest.importorskip("ray")
 
 from lowbit.codec.codecs import RawCodec, StochasticGradCodec  # noqa: E402
-from lowbit.comm.ray import RayPS, init_local, key_partition  # noqa: E402
+from lowbit.comm.ray import RayPS, key_partition, ray_session  # noqa: E402
 from lowbit.errors import FrameError  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # toy classes travel by value
@@ -116,14 +116,12 @@ def reference(w, start, steps):
 def ps():
     """One local cluster and one set of actors (2 servers, 2 workers) for the module: actor
     processes are the slow part. Each test starts from wherever the servers are."""
-    started = init_local(num_cpus=2, temp_dir=os.path.join(REPO, ".ray_tmp"))
-    own = key_partition(SHAPES, 2)
-    owners = [OwnerFactory(sorted(k for k, s in own.items() if s == j)) for j in range(2)]
-    ps = RayPS(owners, [WorkerFactory(w, 32) for w in range(W)], SHAPES, timeout_s=60, max_restarts=2)
-    yield ps
-    ps.shutdown()
-    if started:
-        ray.shutdown()
+    with ray_session(num_cpus=2, temp_dir=os.path.join(REPO, ".ray_tmp")):
+        own = key_partition(SHAPES, 2)
+        owners = [OwnerFactory(sorted(k for k, s in own.items() if s == j)) for j in range(2)]
+        ps = RayPS(owners, [WorkerFactory(w, 32) for w in range(W)], SHAPES, timeout_s=60, max_restarts=2)
+        yield ps
+        ps.shutdown()
 
 
 def where(ps):

@@ -1,5 +1,7 @@
 """LAQ's compiled linear-grid round (lowbit.quant._laq): the same q as the torch ops, sums that match a
 float64 reference, laq_project results that match the torch path, its switch and its argument checks."""
+import math
+
 import pytest
 import torch
 
@@ -53,20 +55,16 @@ def test_laq_project_native_matches_torch_path(bits, weighted, warm):
         got = laq_project(w, d=d, bits=bits, alpha=alpha)
     finally:
         W.set_native_laq(was)
-    # the torch path sums fp32 dot products, this one doubles. Up to 4 bits both reach the same
-    # optimum (secant steps): the objective agrees to 1e-6, α to 3e-4 and the codes but 1e-3 of
-    # them (the objective is flat at the optimum: α moves that far for 2e-7 of it). At 8 bits (the
-    # plain alternation) α agrees to float rounding, and so, apart from values on a rounding edge,
-    # do the codes and the objective.
+    # Both paths minimise the same objective; the torch path's sums are fp32 (cascade summation:
+    # relative error up to log2(n)·u per sum, u = 2^-24), the compiled path's double. So the two
+    # optima agree to a few such sums: obj_tol = 16·log2(n)·u (1.7e-5 here), at any thread count.
+    # The minimum is flat in α (the codes re-round as α moves): α is pinned only to about the square
+    # root of that, which still tells a wrong fixed point (several % off) from the right one.
+    obj_tol = 16 * math.log2(w.numel()) * 2.0 ** -24
     o_got, o_ref = float(weight_objective(w, got, d)), float(weight_objective(w, ref, d))
-    if bits <= 4:
-        assert float(got.scale) == pytest.approx(float(ref.scale), rel=3e-4)
-        assert (got.codes != ref.codes).float().mean() < 1e-3
-        assert o_got == pytest.approx(o_ref, rel=1e-6)
-    else:
-        assert float(got.scale) == pytest.approx(float(ref.scale), rel=1e-5)
-        assert (got.codes != ref.codes).float().mean() < 1e-4
-        assert o_got == pytest.approx(o_ref, rel=1e-5)
+    assert o_got == pytest.approx(o_ref, rel=obj_tol)
+    assert float(got.scale) == pytest.approx(float(ref.scale), rel=math.sqrt(obj_tol))
+    assert (got.codes != ref.codes).float().mean() < math.sqrt(obj_tol)
 
 
 @needs_native

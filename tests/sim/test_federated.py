@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from lowbit.sim.federated import (FedConfig, build_model, dirichlet_split, iid_s
                                   local_batch_indices, main, make_splits, mix_seed, sample_clients,
                                   simulate, trainable)
 
+RAY_TMP = str(Path(__file__).resolve().parents[2] / ".ray_tmp")
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
@@ -202,7 +204,7 @@ def test_sequential_and_ray_agree(tmp_path):
     pytest.importorskip("ray")
     kw = dict(rounds=2, up_bits=3, down_bits=2, error_feedback=True, dropout_prob=0.2, eval_every=1)
     seq = simulate(cfg_(**kw), TRAIN, EVAL, return_state=True)
-    par = simulate(cfg_(ray=True, ray_cpus=2, **kw), TRAIN, EVAL, return_state=True)
+    par = simulate(cfg_(ray=True, ray_cpus=2, ray_temp_dir=RAY_TMP, **kw), TRAIN, EVAL, return_state=True)
     for a, b in zip(seq["weights"], par["weights"]):
         assert torch.equal(a, b)
     strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731

@@ -11,10 +11,12 @@ import torch  # noqa: E402
 
 ray = pytest.importorskip("ray")
 
-from lowbit.comm.ray import init_local  # noqa: E402
+from lowbit.comm.ray import ray_session  # noqa: E402
 from lowbit.train.config import Config  # noqa: E402
 from lowbit.train.loop import Checkpointer, launch_local  # noqa: E402
-from lowbit.train.ray_launch import REPO, run_ray  # noqa: E402
+from lowbit.train.ray_launch import run_ray  # noqa: E402
+
+RAY_TMP = str(Path(__file__).resolve().parents[2] / ".ray_tmp")
 
 
 def tiny_cfg(tmp_path, name, **over):
@@ -40,10 +42,8 @@ def metrics(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    started = init_local(num_cpus=2, temp_dir=str(REPO / ".ray_tmp"))
-    yield
-    if started:
-        ray.shutdown()
+    with ray_session(num_cpus=2, temp_dir=RAY_TMP):
+        yield
 
 
 STEPS = 4
