@@ -71,6 +71,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lowbit.testing import FrameOwner
 
 LOWBIT_CONFIGS = {"w2g3": (2, 3), "w4g3": (4, 3), "w8g8": (8, 8)}  # name -> (w_bits, g_bits)
 TRANSPORTS = ("ps", "ring", "tree")
@@ -259,29 +260,6 @@ class _Sampler:
         self._thread.join()
         self._sample()
         return self.rows
-
-
-class FrameOwner:
-    """Stand-in Owner: the transport has already decoded and averaged the gradients in fp32;
-    ``apply`` keeps the counts (the optimizer step and weight quantization are not run here, their
-    cost is timed separately) and ``weight_frames`` returns precomputed frames of the right size."""
-
-    def __init__(self, keys, frames: dict[int, bytes]) -> None:
-        self.keys = sorted(int(k) for k in keys)
-        self.frames = frames
-        self.counts: dict[int, int] = {}
-
-    def owned_keys(self):
-        return self.keys
-
-    def apply(self, step, grads, counts) -> None:
-        self.counts = dict(counts)
-
-    def apply_keys(self, step, grads, counts, keys, last) -> None:  # the PS pipelines by key group
-        self.counts.update(counts)
-
-    def weight_frames(self, step, keys=None):
-        return self.frames if keys is None else {k: self.frames[k] for k in keys}
 
 
 class _ParamModel(torch.nn.Module):
@@ -621,7 +599,7 @@ class RankBench:
             wcodec = StochasticGradCodec(w_bits)  # same frame layout/size as WeightCodec laq-linear per tensor
             wframes = {k: replace(wcodec.encode(tensor(k), key=k, step=0, generator=gen), kind="weight").to_bytes()
                        for k in mine}
-            owner = FrameOwner(mine, wframes) if owns else None
+            owner = FrameOwner({k: wframes[k] for k in mine}) if owns else None
             grads = gframes if computes else None
             n_owned = sum(math.prod(shapes[k]) for k in mine)
             warm_per, cold_per = laq_seconds_per_elem(w_bits)

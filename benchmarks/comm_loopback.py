@@ -25,25 +25,19 @@ import argparse
 import json
 import math
 import os
-import queue as _queue
-import socket
 import statistics
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from lowbit.benchmarks._common import RESULTS
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-
-from lowbit.codec.codecs import RawCodec, frame_from_qtensor  # noqa: E402
-from lowbit.comm.collective import RingTransport, TreeTransport  # noqa: E402
-from lowbit.comm.ps import ParameterServerTransport  # noqa: E402
-from lowbit.quant.qtensor import QTensor, grid_k  # noqa: E402
+from lowbit.codec.codecs import RawCodec, frame_from_qtensor
+from lowbit.comm.collective import RingTransport, TreeTransport
+from lowbit.comm.ps import ParameterServerTransport
+from lowbit.quant.qtensor import QTensor, grid_k
+from lowbit.testing import FrameOwner, run_ranks
 
 RANKS = 4
 METHODS = ("allreduce", "ps", "ring", "tree")
@@ -71,22 +65,6 @@ def _frame(shape, bits: int, kind: str, key: int, step: int, gen: torch.Generato
     codes = torch.randint(0, 2 * k + 1, shape, generator=gen, dtype=torch.uint8)
     q = QTensor(codes=codes, scale=torch.tensor(0.01), bits=bits, grid="sym")
     return frame_from_qtensor(q, kind=kind, key=key, step=step).to_bytes()
-
-
-class _CachedOwner:
-    """Owner whose weight frames are encoded beforehand (the benchmark times the exchange only)."""
-
-    def __init__(self, frames: dict[int, bytes]):
-        self.frames = frames
-
-    def owned_keys(self):
-        return list(self.frames)
-
-    def apply(self, step, grads, counts):
-        pass
-
-    def weight_frames(self, step):
-        return self.frames
 
 
 def _grad_frames(shapes, bits, step, gen):
@@ -126,7 +104,7 @@ def _bench_rank(rank, world, model, shapes, bits_list, reps):
                 t = (RingTransport if method == "ring" else TreeTransport)(shapes, timeout=900)
                 is_worker = True
             keys = t.owned_keys()
-            owner = _CachedOwner({k: wframes[k] for k in keys}) if keys else None
+            owner = FrameOwner({k: wframes[k] for k in keys}, pipelined=False) if keys else None
             times, sent, recv = [], [], []
             for _ in range(reps):
                 before = t.counter.snapshot()
@@ -144,48 +122,11 @@ def _bench_rank(rank, world, model, shapes, bits_list, reps):
     return recs
 
 
-def _entry(rank, world, port, args, q):
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=900))
-        q.put((rank, "ok", _bench_rank(rank, world, *args)))
-    except BaseException as e:
-        q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    q.close()
-    q.join_thread()
-    os._exit(0)
-
-
 def run_model(model: str, bits_list, reps: int, world: int = RANKS) -> list[dict]:
-    shapes = model_shapes(model)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_entry, args=(r, world, port, (model, shapes, bits_list, reps), q))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    out = {}
     try:
-        while len(out) < world:
-            try:
-                r, status, val = q.get(timeout=5)
-            except _queue.Empty:
-                if not all(p.is_alive() for p in procs) and q.empty():
-                    dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in out]
-                    if dead:
-                        raise SystemExit(f"ranks {dead} died (out of memory?)")
-                continue
-            if status != "ok":
-                raise SystemExit(f"rank {r} failed: {val}")
-            out[r] = val
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+        out = run_ranks(_bench_rank, world, model, model_shapes(model), bits_list, reps, timeout=3600, pg_timeout=900)
+    except AssertionError as e:
+        raise SystemExit(f"the benchmark's ranks failed: {e}") from None
     return out[0]
 
 

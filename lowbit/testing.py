@@ -1,4 +1,6 @@
-"""Helpers for tests and benchmarks: the process-wide settings a run may change, saved and restored.
+"""Helpers for tests and benchmarks: the process-wide settings a run may change, saved and restored;
+ranks of a real gloo group on this machine (:func:`run_ranks`, :func:`free_port`); stand-in owners
+(:class:`SGDOwner`, :class:`FrameOwner`).
 
 :func:`process_settings` reads every setting a lowbit call or a benchmark may change for the whole
 process (torch's thread count, the environment, the working directory, the codec and LAQ switches,
@@ -15,7 +17,8 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["process_settings", "restore_settings", "kept_settings", "settings_diff"]
+__all__ = ["process_settings", "restore_settings", "kept_settings", "settings_diff", "free_port", "run_ranks",
+           "SGDOwner", "FrameOwner"]
 
 
 def process_settings() -> dict[str, Any]:
@@ -97,3 +100,153 @@ def kept_settings() -> Iterator[dict[str, Any]]:
         yield s
     finally:
         restore_settings(s)
+
+
+# ----------------------------------------------------------------------------- ranks on this machine
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port free on ``addr`` now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank: int, world: int, port: int, fn, args, q, pg_timeout: float) -> None:
+    from datetime import timedelta
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=pg_timeout))
+        q.put((rank, "ok", fn(rank, world, *args)))
+    except BaseException as e:  # report, never hang the parent
+        q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    # Flush the queue's feeder thread, then leave without destroy_process_group: a peer may have
+    # left on purpose (bad-peer tests) and a teardown could wait on it.
+    q.close()
+    q.join_thread()
+    os._exit(0)
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 90.0, may_fail: frozenset = frozenset(),
+              pg_timeout: float = 60.0) -> dict[int, object]:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks over 127.0.0.1 (spawned processes, one
+    torch thread each); return rank -> result. A rank that raised makes this raise AssertionError
+    with its traceback. Results must be plain picklable data. Ranks in ``may_fail`` may raise or exit
+    without reporting (fault injection): their result is ``{"failed": <first line of the error or
+    the exit code>}``. ``pg_timeout``: the process group's timeout (its collectives)."""
+    import queue as _queue
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, fn, args, q, pg_timeout), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) + len(errors) < world:
+            for r in may_fail:
+                if r not in results and r not in errors and procs[r].exitcode not in (None, 0):
+                    try:  # it may still have reported just before exiting
+                        rank, status, val = q.get(timeout=0.2)
+                        (results if status == "ok" else errors)[rank] = val
+                    except _queue.Empty:
+                        results[r] = {"failed": f"exit code {procs[r].exitcode}"}
+            if len(results) + len(errors) >= world:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"ranks {sorted(set(range(world)) - set(results) - set(errors))} "
+                                     f"did not report within {timeout}s")
+            try:
+                rank, status, val = q.get(timeout=min(left, 1.0))
+            except _queue.Empty:
+                continue
+            (results if status == "ok" else errors)[rank] = val
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        q.close()
+    for r in may_fail:
+        if r in errors:
+            results[r] = {"failed": errors.pop(r).splitlines()[0]}
+    if errors:
+        raise AssertionError("\n".join(f"rank {r}: {e}" for r, e in sorted(errors.items())))
+    return results
+
+
+# ----------------------------------------------------------------------------- stand-in owners
+
+class SGDOwner:
+    """A stand-in :class:`~lowbit.comm.transport.Owner`: fp32 weights ``init`` (key -> tensor) updated
+    by plain SGD (``w -= lr * g``), weight frames from ``codec`` (fp32 by default). Keeps what it was
+    given: ``grads`` (the last step's averages), ``counts`` (the last step's contributions) and
+    ``count_history`` (every step's), ``step_done``. ``strict_steps``: weight frames asked for a step
+    other than the number of updates applied fail an assertion (the weights for step s are those
+    after s updates)."""
+
+    def __init__(self, init: dict, lr: float = 1.0, codec=None, strict_steps: bool = False):
+        from lowbit.codec.codecs import RawCodec
+
+        self.w = {int(k): v.detach().clone().float() for k, v in init.items()}
+        self.lr, self.strict_steps = lr, strict_steps
+        self.codec = codec if codec is not None else RawCodec(torch.float32, "weight")
+        self.grads: dict = {}
+        self.counts: dict = {}
+        self.count_history: list[dict] = []
+        self.step_done = 0
+
+    def owned_keys(self):
+        return sorted(self.w)
+
+    def apply(self, step, grads, counts) -> None:
+        self.grads = {k: g.clone() for k, g in grads.items()}
+        self.counts = dict(counts)
+        self.count_history.append(dict(counts))
+        for k, g in grads.items():
+            self.w[k] -= self.lr * g
+        self.step_done = step + 1
+
+    def weight_frames(self, step):
+        assert not self.strict_steps or step == self.step_done, (step, self.step_done)
+        return {k: self.codec.encode(w, key=k, step=step).to_bytes() for k, w in self.w.items()}
+
+
+class FrameOwner:
+    """A stand-in Owner whose weight frames are made beforehand (``frames``: key -> bytes), for timing
+    an exchange alone: ``apply`` only keeps the counts. ``pipelined``: it also offers the step by key
+    group (``apply_keys``), as :class:`~lowbit.train.server.ShardServer` does, so the parameter server
+    pipelines it; otherwise it gets one ``apply`` per step."""
+
+    def __init__(self, frames: dict, pipelined: bool = True) -> None:
+        self.keys = sorted(int(k) for k in frames)
+        self.frames = frames
+        self.counts: dict[int, int] = {}
+        if pipelined:
+            self.apply_keys = self._apply_keys
+
+    def owned_keys(self):
+        return self.keys
+
+    def apply(self, step, grads, counts) -> None:
+        self.counts = dict(counts)
+
+    def _apply_keys(self, step, grads, counts, keys, last) -> None:
+        self.counts.update(counts)
+
+    def weight_frames(self, step, keys=None):
+        return self.frames if keys is None else {k: self.frames[k] for k in keys}

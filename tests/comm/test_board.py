@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from lowbit.comm.board import Board
 from lowbit.errors import TransportError
-from lowbit.train.loop import Checkpointer, _checkpoint
+from lowbit.train.checkpoint import Checkpointer
 
 
 def test_publish_gather_and_missing_ranks_are_named():
@@ -48,14 +48,34 @@ def test_store_lost_after_the_wait_is_a_transport_error():
         Board(store, 0, 0.2).gather("ck", 3, [1])
 
 
+def _ckpt(tmp_path, store, rank, timeout):
+    from lowbit.train.config import Config
+    from lowbit.train.control import Control
+    from lowbit.train.loop import _Checkpoints
+
+    cfg = Config()
+    cfg.run.out = str(tmp_path)
+    return _Checkpoints(Checkpointer(tmp_path), Control(store, rank, 2, timeout), cfg, rank, 0, None, None, set())
+
+
 def test_checkpoint_is_committed_by_any_rank_that_passed_the_barrier(tmp_path):
     """Rank 0 (a server, not the leader) commits too: should it die right after the barrier, the
     leader, still reading the marks from rank 0's store, could not commit."""
     store = dist.HashStore()
-    ck = Checkpointer(tmp_path)
-    Board(store, 1, 1.0).publish("ck", 3)  # the other rank has written its part
-    _checkpoint(ck, Board(store, 0, 1.0), 3, rank=0, owner=None, worker=None, leading=False, ranks=[0, 1])
+    Board(store, 1, 1.0).publish("checkpoint", 3, {"files": {}, "error": None})  # the other rank wrote its part
+    _ckpt(tmp_path, store, 0, 1.0).write(3, leading=False, ranks=[0, 1])
     assert json.loads((tmp_path / "ckpt" / "latest.json").read_text())["step"] == 3
+    assert Checkpointer(tmp_path).verify(3)["step"] == 3
     # a barrier that does not complete commits nothing: the previous checkpoint stays the latest
-    _checkpoint(ck, Board(store, 0, 0.2), 6, rank=0, owner=None, worker=None, leading=False, ranks=[0, 1])
+    _ckpt(tmp_path, store, 0, 0.2).write(6, leading=False, ranks=[0, 1])
     assert json.loads((tmp_path / "ckpt" / "latest.json").read_text())["step"] == 3
+
+
+def test_a_rank_that_cannot_write_fails_every_rank_naming_it(tmp_path):
+    from lowbit.train.loop import CheckpointError
+
+    store = dist.HashStore()
+    Board(store, 1, 1.0).publish("checkpoint", 3, {"files": {}, "error": "rank 1: [Errno 28] No space left on device"})
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 3 could not be written: rank 1: .*No space left"):
+        _ckpt(tmp_path, store, 0, 1.0).write(3, leading=False, ranks=[0, 1])
+    assert not (tmp_path / "ckpt" / "latest.json").exists()

@@ -9,27 +9,12 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings, strategies as st
 
-from comm_harness import run_ranks
+from lowbit.testing import SGDOwner, run_ranks
 from lowbit.codec.codecs import RawCodec
 from lowbit.codec.frame import frame_nbytes
 from lowbit.comm.transport import partition
 
 SHAPES = {0: (4, 3), 1: (5,)}
-
-
-class _Owner:
-    def __init__(self, keys):
-        self.w = {k: torch.zeros(SHAPES[k]) for k in keys}
-
-    def owned_keys(self):
-        return list(self.w)
-
-    def apply(self, step, grads, counts):
-        for k, g in grads.items():
-            self.w[k] -= g
-
-    def weight_frames(self, step):
-        return {k: RawCodec(torch.float32, "weight").encode(w, key=k, step=step).to_bytes() for k, w in self.w.items()}
 
 
 def _good(k, step, kind="grad"):
@@ -60,7 +45,7 @@ def _badpeer_body(rank, world):
     t = ParameterServerTransport(SHAPES, 1, timeout=20, chunks=1)  # the bad worker speaks one-chunk bundles
     out = {}
     names = list(_bad_bundles(0))
-    owner = _Owner(t.owned_keys()) if rank == 0 else None
+    owner = SGDOwner({k: torch.zeros(SHAPES[k]) for k in t.owned_keys()}) if rank == 0 else None
     for i, name in enumerate(names):
         step = 10 + i
         if rank == 1:  # the bad worker: push a crafted bundle with the transport's own protocol
@@ -252,7 +237,7 @@ def _chunked_badpeer(rank, world, one_message):
     from lowbit.errors import FrameError, TransportError
     t = ParameterServerTransport(SHAPES, 1, timeout=20, chunks=2)  # chunk 0: key 0, chunk 1: key 1
     t.p2p.one_message = one_message
-    owner = _Owner(t.owned_keys()) if rank == 0 else None
+    owner = SGDOwner({k: torch.zeros(SHAPES[k]) for k in t.owned_keys()}) if rank == 0 else None
     out = {}
     if rank == 1:
         _send_chunks(t, 7, [_good(1, 7), b""])  # key 1 belongs in chunk 1

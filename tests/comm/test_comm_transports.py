@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from comm_harness import run_ranks
+from lowbit.testing import SGDOwner, run_ranks
 from lowbit.codec.codecs import RawCodec, StochasticGradCodec, WeightCodec
 from lowbit.codec.frame import Frame
 from lowbit.comm.collective import RingTransport, TreeTransport
@@ -28,24 +28,9 @@ def grad(rank, step, k):
     return torch.randn(SHAPES[k], generator=torch.Generator().manual_seed(10_000 * step + 100 * rank + k))
 
 
-class SGDOwner:
+def sgd_owner(keys, wcodec):
     """fp32 shard with plain SGD; weight frames from ``wcodec``."""
-
-    def __init__(self, keys, wcodec):
-        self.w = {k: w0(k) for k in keys}
-        self.wcodec = wcodec
-        self.counts = {}
-
-    def owned_keys(self):
-        return list(self.w)
-
-    def apply(self, step, grads, counts):
-        self.counts = dict(counts)
-        for k, g in grads.items():
-            self.w[k] -= LR * g
-
-    def weight_frames(self, step):
-        return {k: self.wcodec.encode(w, key=k, step=step).to_bytes() for k, w in self.w.items()}
+    return SGDOwner({k: w0(k) for k in keys}, LR, wcodec)
 
 
 def _make(kind, rank, world):
@@ -83,7 +68,7 @@ def _one_config(rank, world, kind, mode, drop):
     owns = t.owned_keys()
     gcodec = RawCodec(torch.float32) if mode == "raw" else StochasticGradCodec(3, clip=3.0)
     wcodec = RawCodec(torch.float32, "weight") if mode in ("raw", "3bit") else WeightCodec("laq-linear", 3)
-    owner = SGDOwner(owns, wcodec) if owns else None
+    owner = sgd_owner(owns, wcodec) if owns else None
     ref = {k: w0(k) for k in SHAPES}
     out = {"max_err": 0.0, "max_bound_ratio": 0.0, "bytes_bad": [], "counts_bad": [], "down_exact_err": 0.0}
     gen = torch.Generator().manual_seed(rank)
@@ -195,12 +180,12 @@ def _three_ranks_body(rank, world):
         out[cfg] = _one_config(rank, world, *cfg[:2], drop=set(cfg[2]))
     # fetch_weights alone (PS, 1 server): workers get the server's initial weights.
     t = ParameterServerTransport(SHAPES, 1, timeout=30)
-    got = t.fetch_weights(7, SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if rank == 0 else None)
+    got = t.fetch_weights(7, sgd_owner(t.owned_keys(), RawCodec(torch.float32, "weight")) if rank == 0 else None)
     out["fetch_ok"] = got is None if rank == 0 else all(torch.equal(got[k], w0(k)) for k in SHAPES)
     # A bad peer mid-ring: rank 2 corrupts its frame for rank 0; rank 0 must raise FrameError, the
     # others must fail fast with a TransportError/FrameError instead of hanging.
     t = RingTransport(SHAPES, timeout=5)
-    owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight"))
+    owner = sgd_owner(t.owned_keys(), RawCodec(torch.float32, "weight"))
     grads = {k: bytearray(RawCodec().encode(grad(rank, 9, k), key=k, step=9).to_bytes()) for k in SHAPES}
     if rank == 2:
         for k in t.owned_keys(0):
@@ -255,7 +240,7 @@ def _lazy_body(rank, world):
         for lazy in (False, True):
             t = _make(kind, rank, world)
             is_worker = not (kind.startswith("ps") and rank < t.n_servers)
-            owner = SGDOwner(t.owned_keys(), WeightCodec("laq-linear", 3)) if t.owned_keys() else None
+            owner = sgd_owner(t.owned_keys(), WeightCodec("laq-linear", 3)) if t.owned_keys() else None
             grads = (LazyFrames(SHAPES, enc) if lazy else {k: enc(k) for k in SHAPES}) if is_worker else None
             got = t.step(1, grads, owner)
             res.append((owner, got, grads))
@@ -283,7 +268,7 @@ def _lazy_body(rank, world):
     t0 = __import__("time").monotonic()
     try:
         if rank < 2:
-            t.step(2, None, SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")))
+            t.step(2, None, sgd_owner(t.owned_keys(), RawCodec(torch.float32, "weight")))
             out["refused"] = "no error"
         else:
             t.step(2, LazyFrames(SHAPES, refuse), None)
@@ -325,7 +310,7 @@ def _pool_body(rank, world):
     for kind in ("ps1", "ring", "tree"):
         t = ParameterServerTransport(SHAPES, 1, timeout=30, chunks=3) if kind == "ps1" else _make(kind, rank, world)
         computes = not (kind == "ps1" and rank == 0)
-        owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if t.owned_keys() else None
+        owner = sgd_owner(t.owned_keys(), RawCodec(torch.float32, "weight")) if t.owned_keys() else None
         ptrs, sptrs, exact = [], [], True
         for step in (1, 2, 3):
             grads = None if not computes else {
@@ -380,7 +365,7 @@ def _timeline_body(rank, world):
     codec = StochasticGradCodec(3)
     t = ParameterServerTransport(SHAPES, 2, timeout=30, chunks=2, weights_channel=True,
                                  timeline=StepTimeline(keep=1))
-    owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if t.is_server else None
+    owner = sgd_owner(t.owned_keys(), RawCodec(torch.float32, "weight")) if t.is_server else None
     import time
     for step in (1, 2):
         grads = None if t.is_server else {
@@ -509,7 +494,7 @@ def _window_body(rank, world):
         t = ParameterServerTransport(SHAPES, 1, timeout=30, chunks=6, timeline=StepTimeline(keep=1),
                                      **({} if window == 2 else {"recv_window": 0}))
         assert t.recv_window == window and len(t.groups_of[0]) == 6
-        owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if rank == 0 else None
+        owner = sgd_owner(t.owned_keys(), RawCodec(torch.float32, "weight")) if rank == 0 else None
         grads = None
         if rank > 0:
             grads = {k: codec.encode(grad(rank, 4, k), key=k, step=4).to_bytes() for k in SHAPES}
@@ -540,7 +525,7 @@ def _window_dies_body(rank, world):
     chunks back: the server and worker 1 must fail with a TransportError, not hang."""
     codec = RawCodec(torch.float32)
     t = ParameterServerTransport(SHAPES, 1, timeout=5, chunks=6)
-    owner = SGDOwner(t.owned_keys(), RawCodec(torch.float32, "weight")) if rank == 0 else None
+    owner = sgd_owner(t.owned_keys(), RawCodec(torch.float32, "weight")) if rank == 0 else None
     grads = None
     if rank > 0:
         grads = {k: codec.encode(grad(rank, 4, k), key=k, step=4).to_bytes() for k in SHAPES}

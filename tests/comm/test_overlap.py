@@ -10,27 +10,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from comm_harness import run_ranks
+from lowbit.testing import SGDOwner, run_ranks
 from lowbit.codec.codecs import RawCodec, StochasticGradCodec
 from lowbit.comm.collective import RingTransport, TreeTransport, _Overlap
 from lowbit.errors import FrameError
 
 SHAPES = {0: (64,), 1: (8, 8), 2: (40,), 3: (5, 5)}
-
-
-class _Owner:
-    def __init__(self, keys):
-        self.keys, self.got = list(keys), {}
-
-    def owned_keys(self):
-        return self.keys
-
-    def apply(self, step, grads, counts):
-        self.got = {k: g.clone() for k, g in grads.items()}
-
-    def weight_frames(self, step):
-        return {k: RawCodec(torch.float32, "weight").encode(torch.full(SHAPES[k], float(k)), key=k,
-                                                             step=step).to_bytes() for k in self.keys}
 
 
 def _bad_frame(k, step):
@@ -45,7 +30,7 @@ def _bad_frame(k, step):
 def _body(rank, world, kind):
     from lowbit.errors import TransportError
     t = (RingTransport if kind == "ring" else TreeTransport)(SHAPES, timeout=5)
-    owner = _Owner(t.owned_keys())
+    owner = SGDOwner({k: torch.full(SHAPES[k], float(k)) for k in t.owned_keys()}, lr=0.0)  # fixed weights
     out = {}
     for step in (1, 2):
         grads = {k: RawCodec().encode(torch.full(SHAPES[k], float(rank + 1)), key=k, step=step).to_bytes()
@@ -56,7 +41,7 @@ def _body(rank, world, kind):
         try:
             got = t.step(step, grads, owner)
             out[step] = ("ok", {k: float(v.mean()) for k, v in got.items()},
-                         {k: float(g.mean()) for k, g in owner.got.items()})
+                         {k: float(g.mean()) for k, g in owner.grads.items()})
         except (FrameError, TransportError) as e:
             out[step] = (type(e).__name__, str(e))
         if step == 1:

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from comm_harness import run_ranks
+from lowbit.testing import SGDOwner, run_ranks
 from lowbit.codec.codecs import RawCodec
 from lowbit.comm.ps import ParameterServerTransport
 from lowbit.errors import ConfigError
@@ -28,27 +28,9 @@ def grad(rank, step, k):
     return torch.randn(SHAPES[k], generator=torch.Generator().manual_seed(10_000 * step + 100 * rank + k))
 
 
-class SGDOwner:
-    def __init__(self, keys):
-        self.w = {k: w0(k) for k in keys}
-        self.codec = RawCodec(torch.float32, "weight")
-        self.counts = []
-
-    def owned_keys(self):
-        return list(self.w)
-
-    def apply(self, step, grads, counts):
-        self.counts.append(dict(counts))
-        for k, g in grads.items():
-            self.w[k] -= LR * g
-
-    def weight_frames(self, step):
-        return {k: self.codec.encode(w, key=k, step=step).to_bytes() for k, w in self.w.items()}
-
-
 def _body(rank, world, n_servers, victim, at_step, how, timeout):
     t = ParameterServerTransport(SHAPES, n_servers, timeout=timeout, on_worker_failure="continue")
-    owner = SGDOwner(t.owned_keys()) if t.is_server else None
+    owner = SGDOwner({k: w0(k) for k in t.owned_keys()}, LR) if t.is_server else None
     gcodec = RawCodec(torch.float32)
     t.fetch_weights(0, owner)
     live, got = [], None
@@ -70,7 +52,7 @@ def _body(rank, world, n_servers, victim, at_step, how, timeout):
     out = {"live": live}
     if owner is not None:
         out["w"] = {k: v.tolist() for k, v in owner.w.items()}
-        out["counts"] = owner.counts
+        out["counts"] = owner.count_history
         out["lost"] = {w: s for w, (s, _) in t.lost.items()}
     else:
         out["w"] = {k: v.tolist() for k, v in got.items()}

@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 
 from lowbit.codec.codecs import RawCodec, StochasticGradCodec  # noqa: E402
 from lowbit.comm.ray import RayPS, key_partition, ray_session  # noqa: E402
+from lowbit.testing import SGDOwner  # noqa: E402
 from lowbit.errors import FrameError  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # toy classes travel by value
@@ -40,26 +41,6 @@ def noise(wid, step, k):
 def toy_grad(w, wid, step, k):
     """Gradient of ½||w − t_wid||² plus a deterministic per-(worker, step) perturbation."""
     return (w - targets(wid)[k]) + noise(wid, step, k)
-
-
-class ToyOwner:
-    def __init__(self, keys):
-        init = init_weights()
-        self.w = {k: init[k].clone() for k in keys}
-        self.step_done = 0
-        self.codec = RawCodec(torch.float32, "weight")
-
-    def owned_keys(self):
-        return sorted(self.w)
-
-    def apply(self, step, grads, counts):
-        for k, g in grads.items():
-            self.w[k] -= LR * g
-        self.step_done = step + 1
-
-    def weight_frames(self, step):
-        assert step == self.step_done  # the weights for step `step` are those after `step` updates
-        return {k: self.codec.encode(w, key=k, step=step).to_bytes() for k, w in self.w.items()}
 
 
 class ToyWorker:
@@ -92,7 +73,8 @@ class OwnerFactory:
         self.keys = keys
 
     def __call__(self):
-        return ToyOwner(self.keys)
+        init = init_weights()
+        return SGDOwner({k: init[k] for k in self.keys}, LR, strict_steps=True)
 
 
 class WorkerFactory:
