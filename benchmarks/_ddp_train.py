@@ -10,13 +10,13 @@ plain fp32 and are counted as such.
 from __future__ import annotations
 
 import math
-import socket
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from lowbit.testing import run_ranks
 
 START_POWERSGD = 2
 
@@ -40,58 +40,53 @@ def _hook(kind: str):
     return state, waited
 
 
-def _rank(rank: int, world: int, port: int, spec: dict, q) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        from lowbit.models.presets import load_preset
-        from lowbit.train.config import Config
-        from lowbit.train.loop import _batches, batch_indices, load_data
-        from lowbit.train.server import lr_lambda
+def _rank(rank: int, world: int, spec: dict) -> dict | None:
+    """One DDP rank (lowbit.testing.run_ranks has set up the gloo group); rank 0 returns the result."""
+    from lowbit.models.presets import load_preset
+    from lowbit.train.config import Config
+    from lowbit.train.loop import batch_indices, batches, load_data
+    from lowbit.train.server import lr_lambda
 
-        cfg = Config()
-        cfg.override("run", {"model": spec["model"], "steps": spec["steps"], "batch_size": spec["batch_size"],
-                             "max_len": spec["max_len"], "train_subset": spec["train_subset"]})
-        r = cfg.run
-        torch.manual_seed(r.seed)  # identical initialisation on every rank
-        model, tok = load_preset(r.model, num_labels=2)
-        train, dev = load_data(cfg, tok, rank, world, rank == 0)
-        n_train = train["labels"].shape[0]
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        state, hook = _hook(spec["hook"])
-        ddp.register_comm_hook(state, hook)
-        opt = torch.optim.Adam(ddp.parameters(), lr=spec["lr"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec["steps"] // 10, spec["steps"]))
-        t0 = time.time()
-        for step in range(r.steps):
-            ddp.train()
-            torch.manual_seed((r.seed * 31 + rank * 1_000_033 + step) % (2**63 - 1))  # dropout
-            idx = batch_indices(n_train, r.batch_size, step, r.seed + rank)
-            loss = ddp(**{k: v[idx] for k, v in train.items()}).loss
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if rank == 0 and (step + 1) % 10 == 0:
-                print(f"  ddp {spec['hook']} step {step + 1}/{r.steps} loss {float(loss):.4f}", file=sys.stderr,
-                      flush=True)
-        wall = time.time() - t0
-        res = None
-        if rank == 0:
-            model.eval()
-            correct = total = 0
-            with torch.no_grad():
-                for b in _batches(dev, 64):
-                    correct += int((model(**b).logits.argmax(-1) == b["labels"]).sum())
-                    total += b["labels"].numel()
-            res = {"accuracy": correct / total, "wall_s": wall, "eval_n": total,
-                   "shapes": [tuple(p.shape) for p in model.parameters()]}
-        dist.barrier()
-        dist.destroy_process_group()
-        q.put((rank, "ok", res))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        q.put((rank, "error", repr(e)))
-        raise
+    cfg = Config()
+    cfg.override("run", {"model": spec["model"], "steps": spec["steps"], "batch_size": spec["batch_size"],
+                         "max_len": spec["max_len"], "train_subset": spec["train_subset"]})
+    r = cfg.run
+    torch.manual_seed(r.seed)  # identical initialisation on every rank
+    model, tok = load_preset(r.model, num_labels=2)
+    train, dev = load_data(cfg, tok, rank, world, rank == 0)
+    n_train = train["labels"].shape[0]
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    state, hook = _hook(spec["hook"])
+    ddp.register_comm_hook(state, hook)
+    opt = torch.optim.Adam(ddp.parameters(), lr=spec["lr"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec["steps"] // 10, spec["steps"]))
+    t0 = time.time()
+    for step in range(r.steps):
+        ddp.train()
+        torch.manual_seed((r.seed * 31 + rank * 1_000_033 + step) % (2**63 - 1))  # dropout
+        idx = batch_indices(n_train, r.batch_size, step, r.seed + rank)
+        loss = ddp(**{k: v[idx] for k, v in train.items()}).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if rank == 0 and (step + 1) % 10 == 0:
+            print(f"  ddp {spec['hook']} step {step + 1}/{r.steps} loss {float(loss):.4f}", file=sys.stderr,
+                  flush=True)
+    wall = time.time() - t0
+    res = None
+    if rank == 0:
+        model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for b in batches(dev, 64):
+                correct += int((model(**b).logits.argmax(-1) == b["labels"]).sum())
+                total += b["labels"].numel()
+        res = {"accuracy": correct / total, "wall_s": wall, "eval_n": total,
+               "shapes": [tuple(p.shape) for p in model.parameters()]}
+    dist.barrier()
+    dist.destroy_process_group()
+    return res
 
 
 def run_ddp(hook: str, *, model: str, steps: int, batch_size: int, max_len: int, train_subset: int,
@@ -100,27 +95,12 @@ def run_ddp(hook: str, *, model: str, steps: int, batch_size: int, max_len: int,
     format of :mod:`train_sst2`."""
     from lowbit.benchmarks._comm_common import baseline_payload_bytes
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     spec = {"hook": {"powersgd4": "powersgd", "fp16": "fp16"}[hook], "model": model, "steps": steps,
             "batch_size": batch_size, "max_len": max_len, "train_subset": train_subset, "lr": lr}
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, workers, port, spec, q)) for r in range(workers)]
-    for p in procs:
-        p.start()
-    got = {}
-    while len(got) < workers:
-        rank, status, val = q.get(timeout=3600)
-        if status != "ok":
-            for p in procs:
-                p.kill()
-            raise RuntimeError(f"ddp rank {rank} failed: {val}")
-        got[rank] = val
-    for p in procs:
-        p.join(timeout=60)
-    res = got[0]
+    try:
+        res = run_ranks(_rank, workers, spec, timeout=3600, pg_timeout=1800)[0]
+    except AssertionError as e:
+        raise RuntimeError(f"ddp run failed: {e}") from None
     shapes = [tuple(s) for s in res["shapes"]]
     n = sum(math.prod(s) for s in shapes)
     fp32_step = 2 * (workers - 1) / workers * n * 4  # one rank's sends in a ring all_reduce of fp32

@@ -20,7 +20,8 @@ import torch
 from lowbit.benchmarks._common import RESULTS, print_table, write_json  # noqa: E402
 
 from lowbit.train.config import Config  # noqa: E402
-from lowbit.train.loop import Checkpointer, launch_local  # noqa: E402
+from lowbit.train.checkpoint import Checkpointer  # noqa: E402
+from lowbit.train.launch import launch_local  # noqa: E402
 
 
 def final_weights(out: Path, step: int) -> dict[int, torch.Tensor]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from lowbit.benchmarks._common import RESULTS, print_table, write_json  # noqa: E402
 
 from lowbit.train.config import Config  # noqa: E402
-from lowbit.train.loop import launch_local  # noqa: E402
+from lowbit.train.launch import launch_local  # noqa: E402
 
 CONFIGS = {"fp32": (32, 32), "w8/g8": (8, 8), "w4/g3": (4, 3), "w2/g3": (2, 3)}
 

@@ -24,7 +24,7 @@ import socket
 import sys
 from pathlib import Path
 
-from lowbit.cli import add_train_args, config_from_args
+from lowbit.train.args import add_train_args, config_from_args
 
 
 def gcs_address(address: str, temp_dir: str | None = None) -> str:
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from lowbit.comm.ray import init_local
+    from lowbit.train.preflight import preflight
     from lowbit.train.ray_launch import run_ray
 
     try:
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowbit: connected to the Ray cluster at {ray.get_runtime_context().gcs_address} "
               f"({len(ray.nodes())} node(s), {cpus:g} CPUs; session {node.get_session_dir_path()})",
               file=sys.stderr, flush=True)
-        summary = run_ray(cfg)  # Ray is initialized: run_ray uses this connection and leaves it open
+        cfg, resume = preflight(cfg)
+        summary = run_ray(cfg, resume=resume)  # Ray is initialized: run_ray uses this connection and leaves it open
     finally:
         ray.shutdown()  # disconnects this driver; the cluster keeps running
     out = Path(cfg.run.out).resolve()

@@ -4,109 +4,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
-from lowbit.train.config import (GRAD_BITS, TRANSPORTS, W_SCHEMES, WEIGHT_BITS, Config)
-
-_D = Config()  # the defaults shown in --help
-PRESETS_HELP = ("tiny-bert, roberta-tiny (random init, for smoke runs), minilm (pretrained all-MiniLM-L6-v2), "
-                "minilm-l1 .. minilm-l5 (its first N layers), a local Hugging Face model folder, or a "
-                "transformers config class name such as BertConfig")
-
-# flag -> (section, field, type, choices, help); the default shown is the Config dataclass's
-TRAIN_FLAGS: dict[str, tuple[str, str, type, tuple | None, str]] = {
-    "transport": ("transport", "kind", str, TRANSPORTS, "how gradients and weights move: parameter server, "
-                  "ring or tree exchange over torch.distributed, or Ray actors"),
-    "workers": ("transport", "workers", int, None, "worker ranks (each computes gradients on its data shard)"),
-    "servers": ("transport", "servers", int, None, "server ranks (ps and ray only; ranks 0..S-1)"),
-    "backend": ("transport", "backend", str, ("auto", "gloo", "nccl"), "torch.distributed backend "
-                "(auto: nccl where CUDA is visible, else gloo)"),
-    "addr": ("transport", "addr", str, None, "rendezvous address of rank 0"),
-    "port": ("transport", "port", int, None, "rendezvous port (0 = pick a free one)"),
-    "timeout": ("transport", "timeout_s", float, None, "seconds to wait for any peer before failing"),
-    "on_worker_failure": ("transport", "on_worker_failure", str, ("stop", "continue"),
-                          "stop: a lost rank stops the run (resume from the checkpoint); continue (ps, ray): "
-                          "servers go on with the workers left"),
-    "chunks": ("transport", "chunks", int, None, "ps: key groups per step, each decoded while the next arrives"),
-    "recv_window": ("transport", "recv_window", int, None, "ps: gradient chunks per worker a server posts ahead "
-                    "(0 = all at once)"),
-    "w_bits": ("codec", "w_bits", int, WEIGHT_BITS, "bits of the Transformer weight matrices sent down "
-               "(32 = fp32, 16 = fp16)"),
-    "g_bits": ("codec", "g_bits", int, GRAD_BITS, "bits of the gradients sent up (clipped stochastic; "
-               "32 = fp32, 16 = fp16)"),
-    "w_scheme": ("codec", "w_scheme", str, W_SCHEMES, "weight quantizer of the Transformer matrices"),
-    "embed_bits": ("codec", "embed_bits", int, WEIGHT_BITS, "bits of the embedding tables"),
-    "head_bits": ("codec", "head_bits", int, WEIGHT_BITS, "bits of the classifier and pooler matrices"),
-    "small_bits": ("codec", "small_bits", int, WEIGHT_BITS, "bits of 1-D tensors (LayerNorm, biases)"),
-    "clip": ("codec", "clip", float, None, "gradients are clipped at clip * sigma before quantization"),
-    "nonfinite": ("codec", "nonfinite", str, ("error", "skip", "zero"),
-                  "what a worker does with a gradient holding NaN/Inf"),
-    "optimizer": ("optim", "name", str, ("adam", "sgd"), "the servers' optimizer (Adam makes LAQ loss-aware)"),
-    "lr": ("optim", "lr", float, None, "peak learning rate (linear warm-up, then linear decay to 0)"),
-    "warmup": ("optim", "warmup_steps", int, None, "warm-up steps"),
-    "weight_decay": ("optim", "weight_decay", float, None, "decoupled weight decay (AdamW when > 0)"),
-    "model": ("run", "model", str, None, "model: " + PRESETS_HELP),
-    "task": ("run", "task", str, None, "GLUE task (sst2, SST-2 and sst-2 are one; SST-2 ships with lowbit)"),
-    "data_dir": ("run", "data_dir", str, None, "folder holding glue/<TASK>/{train,dev}.tsv "
-                 "(default: $LOWBIT_DATA, else the packaged SST-2)"),
-    "steps": ("run", "steps", int, None, "optimizer steps"),
-    "batch_size": ("run", "batch_size", int, None, "examples per worker per step"),
-    "max_len": ("run", "max_len", int, None, "tokens per example (padded / truncated)"),
-    "train_subset": ("run", "train_subset", int, None, "train on this many examples (0 = all)"),
-    "eval_subset": ("run", "eval_subset", int, None, "evaluate on this many dev examples (0 = all)"),
-    "eval_every": ("run", "eval_every", int, None, "evaluate every N steps (0 = only at the end)"),
-    "checkpoint_every": ("run", "checkpoint_every", int, None, "checkpoint every N steps (0 = only at the end)"),
-    "seed": ("run", "seed", int, None, "seed of the initialisation, data order and stochastic rounding"),
-    "out": ("run", "out", str, None, "run folder: metrics.jsonl, summary.json, ckpt/"),
-    "fault": ("run", "fault", str, None, "fault injection for tests, e.g. kill-worker:1@5 (rank 1 dies in step 5)"),
-    "dropout": ("run", "dropout", float, None, "override the model's dropout probability"),
-    "threads_per_rank": ("run", "threads_per_rank", int, None, "torch threads per rank (0 = cores / ranks)"),
-}
-TRAIN_SWITCHES = {
-    "error_feedback": ("codec", "error_feedback", "workers keep the quantization error and add it to the next gradient"),
-    "per_row": ("codec", "per_row", "one weight scale per output row instead of per tensor"),
-    "resume": ("run", "resume", "continue from the newest checkpoint under --out"),
-}
+from lowbit.errors import guarded
+from lowbit.train.args import PRESETS_HELP, add_train_args, config_from_args
 
 
-def _default(section: str, field: str):
-    v = getattr(getattr(_D, section), field)
-    return "none" if v in ("", None) else v
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes the run ``argv`` (``train ...``) started: the same flags, without
+    ``--fault`` (an injected fault fires once, not on every resume), with ``--resume``."""
+    rest, skip = [], False
+    for a in argv:
+        if skip or a == "--resume" or a.startswith("--fault="):
+            skip = False
+            continue
+        if a == "--fault":
+            skip = True
+            continue
+        rest.append(a)
+    return shlex.join(["lowbit", *rest, "--resume"])
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="YAML", help="YAML file with codec/transport/optim/run sections; "
-                   "flags given on the command line override it")
-    for flag, (section, field, typ, choices, text) in TRAIN_FLAGS.items():
-        shown = f" (choices: {', '.join(map(str, choices))})" if choices and flag != "model" else ""
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, choices=choices,
-                       metavar=field.upper() if choices else None,
-                       help=f"{text}{shown} [default: {_default(section, field)}]")
-    for flag, (section, field, text) in TRAIN_SWITCHES.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", default=None,
-                       help=f"{text} [default: off]")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bar (it is drawn only on a terminal anyway)")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    cfg = Config.from_yaml(args.config) if getattr(args, "config", None) else Config()
-    for flag, (section, field, *_) in TRAIN_FLAGS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            cfg.override(section, {field: v})
-    for flag, (section, field, _) in TRAIN_SWITCHES.items():
-        if getattr(args, flag, None):
-            cfg.override(section, {field: True})
-    cfg.run.progress = getattr(args, "progress", True)
-    return cfg.validate()
-
-
-def cmd_train(args) -> int:
-    from lowbit.train.loop import launch_local
+def cmd_train(args, argv: list[str]) -> int:
+    from lowbit.train.launch import launch_local
 
     cfg = config_from_args(args)
-    summary = launch_local(cfg)
+    summary = launch_local(cfg, resume_command=resume_command(argv))
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -183,6 +107,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap, b = build_parser()
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "bench":
@@ -190,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             asked = bool({"-h", "--help"} & set(rest))
             b.print_help(sys.stdout if asked else sys.stderr)
             return 0 if asked else 2
-        return cmd_bench(args, rest)
+        return guarded(lambda: cmd_bench(args, rest))
     if args.cmd == "simulate":
-        return cmd_simulate(args, rest)
+        return guarded(lambda: cmd_simulate(args, rest))
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"train": cmd_train, "export": cmd_export, "demo": cmd_demo}[args.cmd](args)
+    if args.cmd == "train":
+        return guarded(lambda: cmd_train(args, argv), debug=args.debug)
+    return guarded(lambda: {"export": cmd_export, "demo": cmd_demo}[args.cmd](args))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import json
 import time
 
 from lowbit.train.config import Config
-from lowbit.train.loop import launch_local
+from lowbit.train.launch import launch_local
 
 
 def demo_config(w_bits: int, g_bits: int, steps: int, out: str) -> Config:

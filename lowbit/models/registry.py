@@ -63,14 +63,7 @@ def register_scheme(name: str):
     return deco
 
 
-def _ensure_builtin() -> None:
-    # importing registers "ternarybert" and "q8bert"
-    import lowbit.models.q8bert  # noqa: F401
-    import lowbit.models.ternarybert  # noqa: F401
-
-
 def list_schemes() -> tuple[str, ...]:
-    _ensure_builtin()
     return tuple(sorted(_SCHEMES))
 
 
@@ -81,7 +74,6 @@ def get_scheme(scheme: str | Callable[..., Scheme] | Scheme, **options) -> Schem
             raise ConfigError("options cannot be passed together with a ready Scheme object")
         return scheme
     if isinstance(scheme, str):
-        _ensure_builtin()
         if scheme not in _SCHEMES:
             raise ConfigError(f"unknown quantization scheme {scheme!r}; registered: {sorted(_SCHEMES)}")
         out = _SCHEMES[scheme](**options)

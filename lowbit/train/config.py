@@ -1,8 +1,10 @@
-"""Configuration: one dataclass per concern, loadable from YAML, overridable from the CLI, validated
-before any process starts."""
+"""Configuration: one dataclass per concern (codec, transport, optim, run), loadable from YAML,
+overridable from the CLI, validated before any process starts (:func:`lowbit.train.preflight.preflight`
+adds the checks that read files: the task's data, the model, the output folder, the checkpoint)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,20 +17,45 @@ TRANSPORTS = ("ps", "ring", "tree", "ray")
 W_SCHEMES = ("laq-linear", "laq-log", "lat", "lat2", "twn", "binary")
 GRAD_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+FAULT_KINDS = ("kill-rank", "kill-worker", "kill-server")
 
 
-def parse_fault(spec: str) -> tuple[str, int, int] | None:
-    """``kill-worker:R@S`` / ``kill-server:R@S`` / ``kill-rank:R@S``: rank R dies abruptly (os._exit,
-    no cleanup, like a SIGKILL) in the middle of step S (1-based), after computing its gradients and
-    before sending anything."""
+@dataclass(frozen=True)
+class Fault:
+    """An injected fault: rank ``rank`` dies abruptly (``os._exit``, no cleanup, like a SIGKILL) in the
+    middle of step ``step`` (1-based), after computing its gradients and before sending anything.
+    Ranks are numbered as in the parameter server (servers 0..S-1, then the workers) for the ray
+    transport too, where Ray replaces the killed worker actor."""
+
+    kind: str
+    rank: int
+    step: int
+
+
+def parse_fault(spec: str) -> Fault | None:
+    """``kill-worker:R@S`` / ``kill-server:R@S`` / ``kill-rank:R@S`` (see :class:`Fault`); "" is none."""
     if not spec:
         return None
     kind, _, where = spec.partition(":")
     who, _, at = where.partition("@")
-    if kind not in ("kill-rank", "kill-worker", "kill-server") or not who.isdigit() or not at.isdigit():
-        raise ConfigError(f"fault spec must look like kill-worker:RANK@STEP, got {spec!r}")
-    return kind, int(who), int(at)
+    if kind not in FAULT_KINDS or not who.isdigit() or not at.isdigit() or int(at) < 1:
+        raise ConfigError(f"fault must look like kill-worker:RANK@STEP (kinds {', '.join(FAULT_KINDS)}, "
+                          f"STEP >= 1), got {spec!r}")
+    return Fault(kind, int(who), int(at))
 
+
+def _finite(name: str, v, lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
+    if not math.isfinite(v):
+        raise ConfigError(f"{name} must be a finite number, got {v!r}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo:g}, got {v!r}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        raise ConfigError(f"{name} must be {'<' if hi_open else '<='} {hi:g}, got {v!r}")
+
+
+def _at_least(name: str, v: int, lo: int) -> None:
+    if v < lo:
+        raise ConfigError(f"{name} must be >= {lo}, got {v!r}")
 
 
 @dataclass
@@ -64,12 +91,10 @@ class CodecConfig:
             raise ConfigError(f"w_scheme must be one of {W_SCHEMES}, got {self.w_scheme!r}")
         if self.w_scheme in ("lat", "lat2", "twn") and self.w_bits not in (2, 16, 32):
             raise ConfigError(f"w_scheme {self.w_scheme!r} is ternary: w_bits must be 2, got {self.w_bits}")
-        if not self.clip > 0:
-            raise ConfigError(f"clip must be > 0, got {self.clip!r}")
+        _finite("clip", self.clip, 0, lo_open=True)
         if self.nonfinite not in ("error", "skip", "zero"):
             raise ConfigError(f"nonfinite must be error|skip|zero, got {self.nonfinite!r}")
-        if self.max_piece_numel < 0:
-            raise ConfigError(f"max_piece_numel must be >= 0, got {self.max_piece_numel}")
+        _at_least("max_piece_numel", self.max_piece_numel, 0)
 
 
 @dataclass
@@ -91,17 +116,16 @@ class TransportConfig:
     def validate(self) -> None:
         if self.kind not in TRANSPORTS:
             raise ConfigError(f"unknown transport {self.kind!r}; expected one of {TRANSPORTS}")
-        if self.workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        _at_least("workers", self.workers, 1)
         if self.kind in ("ps", "ray"):
-            if self.servers < 1:
-                raise ConfigError(f"servers must be >= 1, got {self.servers}")
+            _at_least("servers", self.servers, 1)
         if self.kind == "tree" and self.workers & (self.workers - 1):
             raise ConfigError(f"tree transport needs a power-of-two number of ranks, got {self.workers}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"backend must be auto|gloo|nccl, got {self.backend!r}")
-        if self.timeout_s <= 0:
-            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535 (0 = a free one), got {self.port}")
+        _finite("timeout_s", self.timeout_s, 0, lo_open=True)
         if not 1 <= self.chunks <= 64:
             raise ConfigError(f"chunks must be in 1..64, got {self.chunks}")
         if not 0 <= self.recv_window <= 64:
@@ -113,8 +137,13 @@ class TransportConfig:
                               "rank owns a shard, so a lost rank loses weights; use stop and --resume")
 
     @property
+    def n_servers(self) -> int:
+        """Server ranks (0..S-1) of the parameter-server layout; 0 where every rank owns a shard."""
+        return self.servers if self.kind in ("ps", "ray") else 0
+
+    @property
     def world_size(self) -> int:
-        return self.workers + (self.servers if self.kind == "ps" else 0)
+        return self.workers + self.n_servers
 
 
 @dataclass
@@ -131,10 +160,16 @@ class OptimConfig:
     def validate(self) -> None:
         if self.name not in ("adam", "sgd"):
             raise ConfigError(f"optimizer must be adam|sgd, got {self.name!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _finite("lr", self.lr, 0, lo_open=True)
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers, got {self.betas!r}")
+        for i, b in enumerate(self.betas):
+            _finite(f"betas[{i}]", b, 0, 1, hi_open=True)
+        _finite("eps", self.eps, 0, lo_open=True)
+        _finite("momentum", self.momentum, 0, 1)
+        _finite("weight_decay", self.weight_decay, 0)
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        _finite("laq_eps", self.laq_eps, 0, lo_open=True)
 
 
 @dataclass
@@ -150,6 +185,7 @@ class RunConfig:
     eval_every: int = 0    # 0 = only at the end
     log_every: int = 1
     checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 3  # newest checkpoints kept (the one resumed from is never removed by its run)
     seed: int = 0
     out: str = "runs/latest"
     resume: bool = False
@@ -159,14 +195,48 @@ class RunConfig:
     fault: str = ""  # fault injection, e.g. "kill-worker:1@5"
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_len < 8:
-            raise ConfigError(f"max_len must be >= 8, got {self.max_len}")
-        if self.fault:
-            parse_fault(self.fault)
+        _at_least("steps", self.steps, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        if not 8 <= self.max_len <= 4096:
+            raise ConfigError(f"max_len must be in 8..4096, got {self.max_len}")
+        for name in ("train_subset", "eval_subset", "eval_every", "checkpoint_every", "seed", "threads_per_rank"):
+            _at_least(name, getattr(self, name), 0)
+        _at_least("log_every", self.log_every, 1)
+        _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        if self.dropout is not None:
+            _finite("dropout", self.dropout, 0, 1, hi_open=True)
+        if not self.out:
+            raise ConfigError("out must name a folder")
+        parse_fault(self.fault)
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _check_type(section: str, f: dataclasses.Field, v: Any) -> Any:
+    """``v`` as the field's declared type (an int where a float is declared is taken as a float); a
+    value of another type (a string for an int, a bool for a number) raises ConfigError."""
+    ann = str(f.type).replace(" ", "")
+    optional = ann.endswith("|None")
+    base = ann.removesuffix("|None")
+    if v is None:
+        if optional:
+            return None
+        raise ConfigError(f"{section}.{f.name} must be given (got null)")
+    if base == "tuple[float,float]":
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return tuple(float(x) for x in v)
+        raise ConfigError(f"{section}.{f.name} must be two numbers, got {v!r}")
+    typ = _SCALARS.get(base)
+    if typ is None:  # pragma: no cover - every field has one of the types above
+        return v
+    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, bool) and typ is not bool or not isinstance(v, typ):
+        raise ConfigError(f"{section}.{f.name} must be {'a number' if typ in (int, float) else 'a ' + base}"
+                          f"{' (an integer)' if typ is int else ''}, got {v!r}")
+    return v
 
 
 @dataclass
@@ -181,6 +251,14 @@ class Config:
         self.transport.validate()
         self.optim.validate()
         self.run.validate()
+        fault = parse_fault(self.run.fault)
+        if fault is not None:
+            S, world = self.transport.n_servers, self.transport.world_size
+            ranks = {"kill-rank": range(world), "kill-worker": range(S, world), "kill-server": range(S)}[fault.kind]
+            if fault.rank not in ranks:
+                raise ConfigError(f"fault {self.run.fault!r}: rank {fault.rank} is not a "
+                                  f"{fault.kind.removeprefix('kill-')} rank of this run (those are "
+                                  f"{list(ranks) or 'none'})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,17 +266,33 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config holds sections codec|transport|optim|run, got {type(d).__name__}")
         out = cls()
-        for section, values in (d or {}).items():
-            if not hasattr(out, section):
+        for section, values in d.items():
+            if section not in ("codec", "transport", "optim", "run"):
                 raise ConfigError(f"unknown config section {section!r}; expected codec|transport|optim|run")
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"config section {section!r} must map options to values, got {values!r}")
             out.override(section, values or {})
         return out
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Config":
-        with open(path) as fh:
-            return cls.from_dict(yaml.safe_load(fh) or {})
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} is not a file")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(p)!r} cannot be read: {e}") from None
+        return cls.from_dict(data or {})
 
     def override(self, section: str, values: dict[str, Any]) -> "Config":
         obj = getattr(self, section)
@@ -206,7 +300,9 @@ class Config:
         for k, v in values.items():
             if k not in names:
                 raise ConfigError(f"unknown option {section}.{k}; known: {sorted(names)}")
-            if k == "betas" and v is not None:
-                v = tuple(v)
-            setattr(obj, k, v)
+            setattr(obj, k, _check_type(section, names[k], v))
         return self
+
+
+__all__ = ["Config", "CodecConfig", "TransportConfig", "OptimConfig", "RunConfig", "Fault", "parse_fault",
+           "TRANSPORTS", "W_SCHEMES", "GRAD_BITS", "WEIGHT_BITS", "FAULT_KINDS"]

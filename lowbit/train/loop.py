@@ -1,57 +1,43 @@
-"""The training loop every rank runs (SPMD), and the launcher that spawns ranks on one machine.
+"""The training loop every rank runs (SPMD). One step, in order::
 
-One step, in order::
+    worker.forward_backward(batch)          gradients at the low-bit weights ŵ
+    worker.encode_gradients(step)           clip, quantize, pack: a LazyFrames (the PS encodes group
+                                            i + 1 while group i is on the wire)
+    transport.step(step, frames, owner)     frames up to the owners, which average in fp32, take the
+                                            optimizer step and LAQ-quantize (ShardServer.apply_keys);
+                                            weight frames down, decoded into the model's parameters
+    log (leader), checkpoint
 
-    worker: forward/backward at the low-bit weights ŵ -> g (screened for NaN/Inf)
-    transport.step: clip, quantize, pack each key group's gradients (frames, LazyFrames: the PS
-                    encodes group i + 1 while group i is on the wire) up to owners; owners average
-                    in fp32, optimizer step, LAQ-quantize, pack; weight frames down to every worker
-    worker: unpack -> ŵ for the next step
-
-Ranks are told apart by the transport: in ``ps`` mode ranks [0, S) are servers and the rest
-workers; in ``ring``/``tree`` mode every rank is both. The first worker rank (the *leader*) logs
-metrics, shows the progress bar, evaluates and writes the summary.
+Ranks are told apart by the transport: in ``ps`` mode ranks [0, S) are servers and the rest workers;
+in ``ring``/``tree`` mode every rank is both. The first live worker rank (the *leader*) logs metrics,
+shows the progress bar, evaluates and writes the summary. :mod:`lowbit.train.launch` starts the ranks.
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
 import sys
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from safetensors import SafetensorError
 
-from lowbit.comm.board import Board
-from lowbit.errors import ConfigError, TransportError
-from lowbit.progress import progress
+from lowbit.errors import ConfigError, LowbitError, TransportError
+from lowbit.train.checkpoint import Checkpointer, ResumePoint, fingerprint, load_tensors, save_tensors
 from lowbit.train.config import Config, parse_fault
+from lowbit.train.control import Control
+from lowbit.train.metrics import RunLog, step_record
 from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
 from lowbit.train.server import ShardServer
 from lowbit.train.worker import Worker
 
 
-def free_port(addr: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
-
-
-def pick_backend(cfg: Config) -> str:
-    b = cfg.transport.backend
-    if b == "auto":
-        return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    if b == "nccl" and not torch.cuda.is_available():
-        raise ConfigError("backend nccl asked for, but no CUDA device is visible")
-    return b
+class CheckpointError(LowbitError, RuntimeError):
+    """A rank could not write its part of a checkpoint (a full disk, say); the previous one stands."""
 
 
 def build_transport(cfg: Config, shapes: dict[int, tuple[int, ...]], device: torch.device):
-    """The one place a transport is built from config."""
+    """The one place a torch.distributed transport is built from config."""
     t = cfg.transport
     kw = {"timeout": t.timeout_s, "device": device}
     if t.kind == "ps":
@@ -68,6 +54,19 @@ def build_transport(cfg: Config, shapes: dict[int, tuple[int, ...]], device: tor
     raise ConfigError(f"transport {t.kind!r} is not a torch.distributed transport")
 
 
+def build_model(cfg: Config):
+    """The model every rank starts from: the same seed everywhere, the dropout override applied."""
+    from lowbit.models.presets import load_preset
+
+    torch.manual_seed(cfg.run.seed)
+    model, tokenizer = load_preset(cfg.run.model, num_labels=2)
+    if cfg.run.dropout is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = cfg.run.dropout
+    return model, tokenizer
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     """Positions step·B .. step·B+B-1 of an endless sequence of seeded epoch permutations of n."""
     pos = torch.arange(step * batch_size, (step + 1) * batch_size)
@@ -80,61 +79,9 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return out
 
 
-class Checkpointer:
-    """``OUT/ckpt/step_N/shard_R.safetensors`` per owner and ``worker_R.safetensors`` per worker
-    (error-feedback residuals); ``OUT/ckpt/latest.json`` is written (atomically) after a barrier by
-    every rank that passed it, so it only ever names a complete checkpoint."""
-
-    def __init__(self, out: Path):
-        self.root = Path(out) / "ckpt"
-
-    def latest_step(self) -> int | None:
-        p = self.root / "latest.json"
-        if not p.exists():
-            return None
-        return int(json.loads(p.read_text())["step"])
-
-    def shard_path(self, step: int, rank: int) -> Path:
-        return self.root / f"step_{step}" / f"shard_{rank}.safetensors"
-
-    def worker_path(self, step: int, rank: int) -> Path:
-        return self.root / f"step_{step}" / f"worker_{rank}.safetensors"
-
-    def weights(self, step: int) -> dict[int, torch.Tensor]:
-        """The fp32 weights of every piece saved at ``step`` (key -> tensor), gathered from all shards."""
-        from safetensors.torch import load_file
-        files = sorted((self.root / f"step_{step}").glob("shard_*.safetensors"))
-        if not files:
-            raise ConfigError(f"no checkpoint shards under {self.root / f'step_{step}'}")
-        out: dict[int, torch.Tensor] = {}
-        for f in files:
-            out.update({int(k[2:]): v for k, v in load_file(str(f)).items() if k.startswith("w.")})
-        return out
-
-    def commit(self, step: int) -> None:
-        p = self.root / "latest.json"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"step": step, "time": time.time()}))
-        os.replace(tmp, p)
-
-
-def _save_worker(worker: Worker, path: Path) -> None:
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    res = worker.ef.residuals if worker.ef else {}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in res.items()} or {"_": torch.zeros(0)}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _load_worker(worker: Worker, path: Path) -> None:
-    from safetensors.torch import load_file
-    if worker.ef is not None and path.exists():
-        worker.ef.residuals = {k: v for k, v in load_file(str(path)).items() if k != "_"}
-
-
 def load_data(cfg: Config, tokenizer, worker_index: int, n_workers: int, leader: bool):
+    """Worker ``worker_index``'s shard of the (subset of the) training set, tokenized; the dev set too
+    for the leader."""
     from lowbit.train.data import encode, load_glue_tsv
 
     r = cfg.run
@@ -143,7 +90,6 @@ def load_data(cfg: Config, tokenizer, worker_index: int, n_workers: int, leader:
         g = torch.Generator().manual_seed(r.seed)
         idx = torch.randperm(len(sents), generator=g)[: r.train_subset].tolist()
         sents, labels = [sents[i] for i in idx], [labels[i] for i in idx]
-    # each worker reads its own shard
     sents, labels = sents[worker_index::n_workers], labels[worker_index::n_workers]
     train = encode(tokenizer, sents, labels, max_len=r.max_len)
     return train, (load_dev(cfg, tokenizer) if leader else None)
@@ -159,59 +105,34 @@ def load_dev(cfg: Config, tokenizer) -> dict[str, torch.Tensor]:
     return encode(tokenizer, ds, dl, max_len=r.max_len)
 
 
-def _batches(data: dict[str, torch.Tensor], bs: int):
+def batches(data: dict[str, torch.Tensor], bs: int):
     n = data["labels"].shape[0]
     for i in range(0, n, bs):
         yield {k: v[i:i + bs] for k, v in data.items()}
 
 
-def run_rank(rank: int, world_size: int, cfg: Config, init_method: str, local_rank: int = 0) -> dict | None:
-    """Everything one rank does, from process-group init to the summary."""
-    from lowbit.models.presets import load_preset
-
-    cfg.validate()
-    backend = pick_backend(cfg)
-    device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    threads = cfg.run.threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
-    torch.set_num_threads(threads)
-    timeout = timedelta(seconds=cfg.transport.timeout_s)
-    if init_method == "env://" and "TORCHELASTIC_RESTART_COUNT" in os.environ:
-        # Under torchrun, keys in the agent's store survive a restart of the group; a restarted
-        # rank could read a dead peer's address. A prefix per attempt keeps each group apart.
-        attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                             is_master=(rank == 0 and not agent), timeout=timeout)
-        dist.init_process_group(backend, store=dist.PrefixStore(f"lowbit/attempt_{attempt}", base),
-                                rank=rank, world_size=world_size, timeout=timeout)
-    else:
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=timeout)
-    try:
-        return _train(rank, world_size, cfg, device, load_preset)
-    finally:
-        dist.destroy_process_group()
+def save_worker_state(worker: Worker, path: Path) -> dict:
+    return save_tensors(path, worker.ef.residuals if worker.ef else {})
 
 
-def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
+def load_worker_state(worker: Worker, path: Path) -> None:
+    if worker.ef is not None and path.exists():
+        worker.ef.residuals = load_tensors(path)
+
+
+def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
+          resume: ResumePoint | None = None, console=None) -> dict | None:
+    """Everything one rank does once its process group is up: returns the summary on the rank that
+    wrote it, None elsewhere. ``resume``: the checkpoint to continue from (verified by the caller;
+    None starts at step 0). ``console``: where the leader draws the progress bar."""
     r, t = cfg.run, cfg.transport
     out = Path(r.out)
-    torch.manual_seed(r.seed)  # identical initialisation on every rank
-    model, tokenizer = load_preset(r.model, num_labels=2)
-    if r.dropout is not None:
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = r.dropout
+    model, tokenizer = build_model(cfg)
     plan = make_plan(model, cfg.codec)
-    shapes = {s.key: s.shape for s in plan}
-    transport = build_transport(cfg, shapes, device)
-    n_servers = t.servers if t.kind == "ps" else 0
+    transport = build_transport(cfg, {s.key: s.shape for s in plan}, device)
+    n_servers = t.n_servers
     is_worker = rank >= n_servers
-    worker_index = rank - n_servers
-    n_workers = world_size - n_servers
-    leader = rank == n_servers
+    worker_index, n_workers = rank - n_servers, world_size - n_servers
     owned = transport.owned_keys() if (not is_worker or t.kind != "ps") else []
     params = piece_tensors(model, plan)
     owner = None
@@ -219,21 +140,17 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
         owner = ShardServer([plan[k] for k in owned], {k: params[k] for k in owned}, cfg.optim,
                             total_steps=r.steps, device=device)
     ck = Checkpointer(out)
-    start = 0
-    if r.resume:
-        latest = ck.latest_step()
-        if latest is not None:
-            start = latest
-            if owner is not None:
-                owner.load(ck.shard_path(latest, rank))
-    worker = None
+    start = resume.step if resume is not None and resume.step is not None else 0
+    if start and owner is not None:
+        owner.load(ck.shard_files(start))
+    worker = dev = None
     if is_worker:
         worker = Worker(model, plan, rank, seed=r.seed, error_feedback=cfg.codec.error_feedback,
                         nonfinite=cfg.codec.nonfinite, device=device)
-        if r.resume and start:
-            _load_worker(worker, ck.worker_path(start, rank))
-        train, dev = load_data(cfg, tokenizer, worker_index, n_workers, leader)
-        n_train = train["labels"].shape[0]
+        if start:
+            load_worker_state(worker, ck.worker_path(start, worker_index))
+        train_set, dev = load_data(cfg, tokenizer, worker_index, n_workers, leader=rank == n_servers)
+        n_train = train_set["labels"].shape[0]
     else:
         del model
     dest = worker.weight_buffers() if worker is not None else None  # weights are decoded in place
@@ -242,69 +159,61 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
         worker.load_weights(weights)
 
     pb = plan_bytes(plan)
-    # Control plane (lowbit.comm.board), keys under lowbit/ctl/<kind>/<step>/<rank>:
-    #   w   worker: [loss, skipped gradients], set before its gradients go up (counted => reported)
-    #   o   owner: [up bytes received, down bytes sent] this step and since the loop started
-    #   ck  a rank has written its part of a checkpoint;  end  a rank is done with the store
-    ctl = Board(dist.distributed_c10d._get_default_store(), rank, t.timeout_s)
-    log: _LeaderLog | None = None
+    ctl = Control(store, rank, world_size, t.timeout_s)
+    fault = parse_fault(r.fault)
+    log: RunLog | None = None
     base = transport.counter.snapshot()
     cum = [0.0, 0.0]  # bytes up / down since this launch's first step (as the leader last saw them)
-    t_start = time.time()
+    steps_done, stopped = start, False
+    ckpt = _Checkpoints(ck, ctl, cfg, rank, worker_index, owner, worker, protect={start} if start else set())
     for step in range(start, r.steps):
+        stop_at = ctl.begin_step(step)
+        if stop_at is not None and step >= stop_at:
+            stopped = True
+            break
         t0 = time.perf_counter()
         before = transport.counter.snapshot()
         frames = None
         if worker is not None:
             idx = batch_indices(n_train, r.batch_size, step, r.seed + worker_index)
-            loss = worker.forward_backward({k: v[idx] for k, v in train.items()}, step)
+            loss = worker.forward_backward({k: v[idx] for k, v in train_set.items()}, step)
             frames = worker.encode_gradients(step, lazy=True)  # encoded as the transport reads them
-            ctl.publish("w", step, [loss, float(worker.skipped)])  # before sending: counted => reported
-        _maybe_fault(cfg, rank, step + 1)  # mid-step: gradients computed, nothing sent yet
+            ctl.publish("worker_step", step, [loss, float(worker.skipped)])  # before sending: counted => reported
+        if fault is not None and fault.rank == rank and fault.step == step + 1:
+            os._exit(17)  # mid-step: gradients computed, nothing sent yet
         weights = transport.step(step, frames, owner, out=dest)
         if worker is not None:
             worker.load_weights(weights)
         dt = time.perf_counter() - t0
         if owner is not None:
             d, c = transport.counter.delta(before), transport.counter.delta(base)
-            ctl.publish("o", step, [d["up_recv"], d["down_sent"], c["up_recv"], c["down_sent"]])
+            ctl.publish("owner_bytes", step, [d["up_recv"], d["down_sent"], c["up_recv"], c["down_sent"]])
         live = transport.live_workers
         leading = worker is not None and rank == min(live)
         if leading:
             if log is None:  # first step, or the previous leader is gone
-                log = _LeaderLog(cfg, out, step, start, worker, dev if dev is not None else load_dev(cfg, tokenizer))
-            ws = ctl.gather("w", step, live)
-            os_ = ctl.gather("o", step, transport.owners)
+                dev = dev if dev is not None else load_dev(cfg, tokenizer)
+                log = RunLog(cfg, start, step, lambda: worker.evaluate(batches(dev, 64)), console=console)
+            ws = ctl.gather("worker_step", step, live)
+            os_ = ctl.gather("owner_bytes", step, transport.owners)
             up, down = (sum(v[i] for v in os_.values()) for i in (0, 1))
             cum = [sum(v[i] for v in os_.values()) for i in (2, 3)]
-            rec = {"step": step + 1, "loss": sum(v[0] for v in ws.values()) / len(ws),
-                   "lr": owner.lr() if owner is not None else None,
-                   "bytes_up": int(up), "bytes_down": int(down),
-                   "fp32_bytes_up": int(up * pb["fp32_frames"] / pb["grad_frames"]),
-                   "fp32_bytes_down": int(down * pb["fp32_frames"] / pb["weight_frames"]),
-                   "step_s": dt, "skipped_grads": int(sum(v[1] for v in ws.values())), "workers": len(live)}
+            rec = step_record(step + 1, [v[0] for v in ws.values()], int(sum(v[1] for v in ws.values())), up, down,
+                              pb, dt, owner.lr() if owner is not None else None, len(live))
             log.step(rec, last=step + 1 == r.steps)
-        if (r.checkpoint_every and (step + 1) % r.checkpoint_every == 0) or step + 1 == r.steps:
-            _checkpoint(ck, ctl, step + 1, rank, owner, worker, leading,
-                        sorted(set(transport.owners) | set(live)))
+        steps_done = step + 1
+        if (r.checkpoint_every and steps_done % r.checkpoint_every == 0) or steps_done == r.steps:
+            ckpt.write(steps_done, leading, sorted(set(transport.owners) | set(live)))
+    if stopped and ckpt.last != steps_done:  # a stop writes the last completed step, if not done already
+        ckpt.write(steps_done, worker is not None and rank == min(transport.live_workers),
+                   sorted(set(transport.owners) | set(transport.live_workers)))
     summary = None
     if log is not None:
-        ev = log.close()
-        fp32 = [cum[0] * pb["fp32_frames"] / pb["grad_frames"], cum[1] * pb["fp32_frames"] / pb["weight_frames"]]
+        ev = log.close(evaluate=not stopped)
         lost = sorted(set(range(n_servers, world_size)) - set(transport.live_workers))
-        summary = {
-            "accuracy": ev["accuracy"], "eval_loss": ev["eval_loss"], "eval_n": ev["n"],
-            "steps": r.steps, "start_step": start, "transport": t.kind, "workers": n_workers,
-            "workers_lost": lost, "servers": n_servers, "w_bits": cfg.codec.w_bits, "g_bits": cfg.codec.g_bits,
-            "bytes_up": int(cum[0]), "bytes_down": int(cum[1]),
-            "fp32_bytes_up": int(fp32[0]), "fp32_bytes_down": int(fp32[1]),
-            "compression": float(sum(fp32) / max(1.0, sum(cum))),
-            "wall_s": time.time() - t_start, "model": r.model, "task": r.task,
-            "numel": pb["numel"], "grad_frame_bytes": pb["grad_frames"], "weight_frame_bytes": pb["weight_frames"],
-            "fp32_frame_bytes": pb["fp32_frames"],
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    # The store lives in rank 0's process (tcp:// rendezvous): it leaves only after everyone is done with it.
+        summary = log.summary(ev, start=start, steps_done=steps_done, up=cum[0], down=cum[1], plan_bytes=pb,
+                              workers_lost=lost, stopped=stopped)
+    # Under torchrun the store may live in rank 0's process: it leaves only after everyone is done with it.
     ctl.publish("end", None)
     if rank == 0:
         try:
@@ -316,154 +225,46 @@ def _train(rank, world_size, cfg, device, load_preset) -> dict | None:
     return summary
 
 
-class _LeaderLog:
-    """What the leading worker keeps: metrics.jsonl, the progress bar, periodic evaluation. A worker
-    that takes the lead mid-run (the previous leader died) appends to the same file."""
+class _Checkpoints:
+    """Writes this rank's part of a checkpoint and commits it once every rank has written its part."""
 
-    def __init__(self, cfg: Config, out: Path, step: int, start: int, worker: Worker, dev) -> None:
-        self.cfg, self.worker, self.dev = cfg, worker, dev
-        out.mkdir(parents=True, exist_ok=True)
-        if step == start:
-            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-        fresh = step == start and not cfg.run.resume
-        self.fh = open(out / "metrics.jsonl", "w" if fresh else "a")
-        c = cfg.codec
-        self.bar = progress(cfg.run.steps, initial=step, desc=f"{cfg.transport.kind} w{c.w_bits}/g{c.g_bits}",
-                            enabled=cfg.run.progress)
+    def __init__(self, ck: Checkpointer, ctl: Control, cfg: Config, rank: int, worker_index: int, owner, worker,
+                 protect: set[int]):
+        self.ck, self.ctl, self.cfg, self.rank, self.worker_index = ck, ctl, cfg, rank, worker_index
+        self.owner, self.worker, self.protect = owner, worker, protect
+        self.fingerprint = fingerprint(cfg)
+        self.last: int | None = None
 
-    def step(self, rec: dict, last: bool) -> None:
-        r = self.cfg.run
-        if r.eval_every and rec["step"] % r.eval_every == 0 and not last:
-            rec.update({f"eval_{k}": v for k, v in self.worker.evaluate(_batches(self.dev, 64)).items()})
-        if rec["step"] % max(1, r.log_every) == 0 or last:
-            self.fh.write(json.dumps(rec) + "\n")
-            self.fh.flush()
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", MB=f"{(rec['bytes_up'] + rec['bytes_down']) / 1e6:.2f}",
-                                 workers=rec["workers"], refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> dict:
-        if self.bar is not None:
-            self.bar.close()
-        self.fh.close()
-        return self.worker.evaluate(_batches(self.dev, 64))
-
-
-def _checkpoint(ck: Checkpointer, ctl: Board, step: int, rank: int, owner, worker, leading: bool,
-                ranks: list[int]) -> None:
-    """Every rank writes its part and marks it in the store, then waits until all ``ranks`` (owners
-    and live workers) have marked theirs (a barrier through the store); the leader then commits
-    ``latest.json``. The wait matters: the store lives in rank 0's process, so rank 0 must not run
-    ahead (and possibly die) before the marks are read. Every rank that saw all marks commits
-    (the same atomic write of ``latest.json``): rank 0 hosts the store and may die right after the
-    barrier, before a slower leader has read the marks (seen in CI), so the commit cannot depend on
-    one rank. Commits stay in step order: a rank publishes the next step's mark only after its own
-    commit. If a rank dies while saving, the step is not committed, the previous checkpoint stays
-    the latest, and training goes on."""
-    if owner is not None:
-        owner.save(ck.shard_path(step, rank))
-    if worker is not None and worker.ef is not None:
-        _save_worker(worker, ck.worker_path(step, rank))
-    ctl.publish("ck", step)
-    try:
-        ctl.gather("ck", step, ranks, delete=False)
-    except TransportError as e:
+    def write(self, step: int, leading: bool, ranks: list[int]) -> None:
+        """Every rank writes its files and reports their records; once every one of ``ranks`` (owners
+        and live workers) has, every rank that saw them all commits (the same manifest and
+        ``latest.json``: the store's host may leave right after the barrier, so the commit does not
+        depend on one rank), and the leader prunes old checkpoints. Commits stay in step order: a
+        rank reports the next checkpoint only after its own commit. A rank that dies while saving
+        leaves the step uncommitted (the previous checkpoint stays the latest); a rank that cannot
+        write (a full disk) fails every rank with a :class:`CheckpointError` naming it."""
+        ck, files, error = self.ck, {}, None
+        try:
+            if self.owner is not None:
+                files[f"shard_{self.rank}.safetensors"] = self.owner.save(ck.shard_path(step, self.rank))
+            if self.worker is not None and self.worker.ef is not None:
+                path = ck.worker_path(step, self.worker_index)
+                files[path.name] = save_worker_state(self.worker, path)
+        except (OSError, SafetensorError) as e:  # safetensors reports a write error as its own type
+            error = f"rank {self.rank}: {e}"
+        self.ctl.publish("checkpoint", step, {"files": files, "error": error})
+        try:
+            marks = self.ctl.gather("checkpoint", step, ranks, delete=False)
+        except TransportError as e:
+            if leading:
+                print(f"lowbit: checkpoint of step {step} not committed: {e}", file=sys.stderr, flush=True)
+            return
+        errors = [m["error"] for m in marks.values() if m.get("error")]
+        if errors:
+            last = ck.latest_step()
+            raise CheckpointError(f"checkpoint of step {step} could not be written: {'; '.join(errors)}. "
+                                  + (f"The last complete checkpoint is step {last}." if last else "No checkpoint is complete."))
+        ck.commit(step, {n: rec for m in marks.values() for n, rec in m["files"].items()}, self.fingerprint)
+        self.last = step
         if leading:
-            print(f"lowbit: checkpoint of step {step} not committed: {e}", file=sys.stderr, flush=True)
-        return
-    ck.commit(step)
-
-
-def _maybe_fault(cfg: Config, rank: int, step: int) -> None:
-    f = parse_fault(cfg.run.fault)
-    if f is not None and f[1] == rank and f[2] == step:
-        os._exit(17)
-
-
-def _spawn_entry(rank: int, world_size: int, cfg: Config, init_method: str, q) -> None:
-    try:
-        res = run_rank(rank, world_size, cfg, init_method)
-        q.put((rank, "ok", res))
-    except BaseException as e:  # report to the launcher instead of dying silently
-        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        raise
-
-
-def launch_local(cfg: Config) -> dict:
-    """Spawn every rank on this machine (gloo over 127.0.0.1 unless configured otherwise) and
-    return the leader's summary. Config errors surface here, before any process starts."""
-    cfg.validate()
-    if cfg.transport.kind == "ray":
-        from lowbit.train.ray_launch import run_ray
-        return run_ray(cfg)
-    import torch.multiprocessing as mp
-
-    world = cfg.transport.world_size
-    port = cfg.transport.port or free_port(cfg.transport.addr)
-    init = f"tcp://{cfg.transport.addr}:{port}"
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_spawn_entry, args=(r, world, cfg, init, q), daemon=False)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.time() + cfg.transport.timeout_s * 4 + 600
-    # In ps "continue" mode a worker rank may die: the servers go on without it.
-    n_servers = cfg.transport.servers if cfg.transport.kind == "ps" else 0
-    may_lose = set(range(n_servers, world)) if cfg.transport.on_worker_failure == "continue" else set()
-    results, errors, lost = {}, {}, {}
-
-    def drain() -> None:
-        while not q.empty():
-            rank, status, payload = q.get()
-            if status == "ok":
-                results[rank] = payload
-            elif rank in may_lose:
-                lost[rank] = payload.splitlines()[0]
-            else:
-                errors[rank] = payload.splitlines()[0]
-
-    def exited() -> dict[int, int]:
-        return {i: p.exitcode for i, p in enumerate(procs)
-                if p.exitcode not in (None, 0) and i not in errors and i not in lost and i not in results}
-
-    dead: dict[int, int] = {}
-    while len(results) + len(lost) < world:
-        drain()
-        for i, c in exited().items():
-            if i in may_lose:
-                lost[i] = f"exited with code {c}"
-        if len(lost) == len(may_lose) and may_lose:
-            errors.setdefault(-1, "every worker was lost")
-        dead = {i: c for i, c in exited().items() if i not in may_lose}
-        if errors or dead:
-            time.sleep(1.0)  # let the other ranks notice and report, then tell the whole story
-            drain()
-            dead = {i: c for i, c in exited().items() if i not in may_lose}
-            break
-        if time.time() > deadline:
-            errors[-1] = "timed out waiting for ranks"
-            break
-        time.sleep(0.05)
-    if errors or dead:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(5)
-        parts = [f"rank {i} exited with code {c} without reporting (killed or crashed)" for i, c in sorted(dead.items())]
-        parts += [f"rank {i}: {m}" for i, m in sorted(errors.items())]
-        parts += [f"worker rank {i} lost earlier: {m}" for i, m in sorted(lost.items())]
-        first = min(list(dead) + list(errors))
-        raise RuntimeError(f"training failed on rank {first}: " + "; ".join(parts) +
-                           f". Checkpoints under {cfg.run.out}/ckpt are intact; rerun with --resume to continue.")
-    for p in procs:
-        p.join(60)
-    summaries = [res for res in results.values() if res is not None]
-    if not summaries:
-        raise RuntimeError("training finished but no rank wrote a summary")
-    if lost:
-        print("lowbit: continued without worker ranks " +
-              "; ".join(f"{i} ({m})" for i, m in sorted(lost.items())), file=sys.stderr, flush=True)
-    return summaries[0]
+            ck.prune(self.cfg.run.keep_checkpoints, self.protect)

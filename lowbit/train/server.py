@@ -9,11 +9,9 @@ to be sent to every worker.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from lowbit.codec.codecs import WeightCodec, frame_from_qtensor
 from lowbit.errors import ConfigError
@@ -153,27 +151,37 @@ class ShardServer:
             meta["sched_last_epoch"] = self.sched.last_epoch
         return tensors, meta
 
-    def save(self, path: Path) -> None:
-        """Atomic: write to a temp file in the same directory, fsync, then rename."""
-        tensors, meta = self.state_tensors()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"lowbit": json.dumps(meta)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+    def save(self, path: Path) -> dict:
+        """The shard's state to ``path`` (safetensors, written atomically); returns its manifest record."""
+        from lowbit.train.checkpoint import save_tensors
 
-    def load(self, path: Path) -> None:
+        tensors, meta = self.state_tensors()
+        return save_tensors(Path(path), tensors, meta)
+
+    def load(self, paths) -> None:
+        """Load the owned keys' state from the shard files ``paths`` (one path or several: a run may
+        resume with another layout of owners, each key is read from whichever file holds it)."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads(fh.metadata()["lowbit"])
-        tensors = load_file(str(path))
+        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        tensors: dict[str, torch.Tensor] = {}
+        meta = {"opt_scalars": {}}
+        mine = {str(k) for k in self.params}
+        for path in paths:
+            with safe_open(str(path), framework="pt") as fh:
+                names = [n for n in fh.keys() if n.count(".") and n.split(".")[1] in mine]
+                if not names:
+                    continue
+                m = json.loads(fh.metadata()["lowbit"])
+                meta["opt_scalars"].update(m.get("opt_scalars", {}))
+                for key in ("step_done", "sched_last_epoch"):
+                    if key in m:
+                        meta[key] = m[key]
+                tensors.update({n: fh.get_tensor(n) for n in names})
         self.alpha = {}
         for k, p in self.params.items():
             if f"w.{k}" not in tensors:
-                raise ConfigError(f"checkpoint {path} lacks weights for key {k} ({self.specs[k].name})")
+                raise ConfigError(f"checkpoint {[str(p) for p in paths]} lacks weights for key {k} ({self.specs[k].name})")
             p.data.copy_(tensors[f"w.{k}"])
             if f"alpha.{k}" in tensors:
                 a = tensors[f"alpha.{k}"].to(self.device)
@@ -188,6 +196,8 @@ class ShardServer:
                     st["step"] = torch.tensor(s)
                 if st:
                     self.opt.state[p] = st
+        if "step_done" not in meta:  # an owner of no keys
+            return
         self.step_done = int(meta["step_done"])
         if self.sched:
             self.sched.last_epoch = int(meta.get("sched_last_epoch", self.step_done))

@@ -1,9 +1,10 @@
 import pytest
 
-from lowbit.cli import config_from_args, main
+from lowbit.cli import main
+from lowbit.train.args import config_from_args
 from lowbit.errors import ConfigError
 from lowbit.train.config import Config
-from lowbit.train.loop import launch_local
+from lowbit.train.launch import launch_local
 
 
 @pytest.mark.parametrize("section,values,match", [
@@ -36,7 +37,7 @@ def test_yaml_and_cli_overrides(tmp_path):
     p.write_text("codec:\n  w_bits: 4\n  g_bits: 8\ntransport:\n  kind: ps\n  servers: 2\n")
     import argparse
 
-    from lowbit.cli import add_train_args
+    from lowbit.train.args import add_train_args
     ap = argparse.ArgumentParser()
     add_train_args(ap)
     cfg = config_from_args(ap.parse_args(["--config", str(p), "--g-bits", "3", "--error-feedback"]))
@@ -56,10 +57,10 @@ def test_train_help_gives_every_flag_its_default_and_choices(capsys):
         main(["train", "--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    from lowbit.cli import TRAIN_FLAGS, TRAIN_SWITCHES
+    from lowbit.train.args import TRAIN_FLAGS, TRAIN_SWITCHES
     for flag in list(TRAIN_FLAGS) + list(TRAIN_SWITCHES):
         assert "--" + flag.replace("_", "-") in text
-    assert text.count("[default:") == len(TRAIN_FLAGS) + len(TRAIN_SWITCHES)
+    assert text.count("[default:") == len(TRAIN_FLAGS) + len(TRAIN_SWITCHES) + 1  # and --debug
     assert "(choices: ps, ring, tree, ray) [default: ring]" in text
     assert "minilm (pretrained" in text and "[default: minilm]" in text
 

@@ -13,7 +13,8 @@ ray = pytest.importorskip("ray")
 
 from lowbit.comm.ray import ray_session  # noqa: E402
 from lowbit.train.config import Config  # noqa: E402
-from lowbit.train.loop import Checkpointer, launch_local  # noqa: E402
+from lowbit.train.checkpoint import Checkpointer  # noqa: E402
+from lowbit.train.launch import launch_local  # noqa: E402
 from lowbit.train.ray_launch import run_ray  # noqa: E402
 
 RAY_TMP = str(Path(__file__).resolve().parents[2] / ".ray_tmp")
@@ -54,7 +55,7 @@ def fp32_ray(cluster, tmp_path_factory):
     """Full precision on both links, 2 workers and 1 server (several servers: tests/comm/test_ray.py);
     worker actor 1 is killed after step 2 (Ray replaces it, the replacement re-fetches the weights)."""
     root = tmp_path_factory.mktemp("fp32")
-    cfg = tiny_cfg(root, "ray", run={"fault": "kill-worker:1@2"})
+    cfg = tiny_cfg(root, "ray", run={"fault": "kill-worker:2@2"})  # rank 2: worker actor 1
     return root, run_ray(cfg)
 
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from lowbit.train.loop import Checkpointer, free_port
+from lowbit.testing import free_port
+from lowbit.train.checkpoint import Checkpointer
 
 ARGS = ["--model", "tiny-bert", "--transport", "ring", "--w-bits", "2", "--g-bits", "3", "--steps", "4",
         "--batch-size", "4", "--max-len", "16", "--train-subset", "32", "--eval-subset", "16",

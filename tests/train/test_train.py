@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from lowbit.train.config import Config
-from lowbit.train.loop import Checkpointer, batch_indices, launch_local, load_data
+from lowbit.train.checkpoint import Checkpointer
+from lowbit.train.launch import launch_local
+from lowbit.train.loop import batch_indices, load_data
 from lowbit.train.plan import assemble, make_plan
 from lowbit.train.server import lr_lambda
 
@@ -103,8 +105,8 @@ def test_laq_training_reduces_loss_and_compresses(tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind,fault,who", [("ring", "kill-worker:1@4", "rank 1 exited"),
-                                            ("ps", "kill-server:0@4", "rank 0 exited")])
+@pytest.mark.parametrize("kind,fault,who", [("ring", "kill-worker:1@4", r"rank 1 exited with code 17 in step 4"),
+                                            ("ps", "kill-server:0@4", r"rank 0 \(server\) exited with code 17 in step 4")])
 def test_resume_after_crash_equals_uninterrupted(tmp_path, kind, fault, who):
     """A rank killed mid-step (SIGKILL-like) stops the run cleanly with a message naming it; the
     last complete checkpoint is intact and --resume reproduces the uninterrupted trajectory."""
@@ -114,8 +116,9 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, kind, fault, who):
     launch_local(a)
     b = tiny_cfg(tmp_path, "b", **over)
     b.run.fault = fault  # dies in the middle of step 4: the step-3 checkpoint is the last complete one
-    with pytest.raises(RuntimeError, match=who):
+    with pytest.raises(RuntimeError, match=who) as e:
         launch_local(b)
+    assert "step_3" in str(e.value) and "resume with:" in str(e.value)
     assert json.loads((Path(b.run.out) / "ckpt" / "latest.json").read_text())["step"] == 3
     b.run.fault = ""
     b.run.resume = True

@@ -1,0 +1,71 @@
+"""The run's control plane, over the c10d store every rank already shares (:class:`lowbit.comm.board.Board`):
+per-step numbers for the leader's log, checkpoint marks, the end handshake, and a coordinated stop.
+
+Keys (under ``lowbit/ctl/``)::
+
+    worker_step/<step>/<rank>   a worker's [loss, skipped gradients], set before its gradients go up
+    owner_bytes/<step>/<rank>   an owner's [up bytes received, down bytes sent] this step and since the start
+    checkpoint/<step>/<rank>    a rank wrote its part of a checkpoint: {"files": {name: record}, "error"}
+    at/<rank>                   the step a rank is in now (overwritten every step)
+    stop                        the step at which every rank stops (set once, see :func:`request_stop`)
+    end/<rank>                  a rank is done with the store
+
+A stop (SIGTERM or Ctrl-C on the launcher, SIGTERM on a rank) must end every rank at the same step
+boundary, or the ranks still in the exchange would wait for the ones that left. The requester reads
+every rank's ``at`` and sets ``stop`` = max + 2: the ranks run in lockstep (no rank is a whole step
+ahead of another), and a rank checks ``stop`` when it begins a step, so none has begun that step yet.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+from lowbit.comm.board import Board
+
+STOP_KEY = "lowbit/ctl/stop"
+_STOP_REQUESTS = "lowbit/ctl/stop_requests"
+_AT = "lowbit/ctl/at/"
+
+_signalled = threading.Event()  # set by the SIGTERM handler of a rank
+
+
+def request_stop(store, ranks: list[int]) -> int:
+    """Ask every rank to stop at the next step boundary no rank has reached; returns that step. Only
+    the first request sets it (later ones return the same step)."""
+    if store.add(_STOP_REQUESTS, 1) == 1:
+        at = [int(store.get(_AT + str(r))) for r in ranks if store.check([_AT + str(r)])]
+        store.set(STOP_KEY, str(max(at, default=0) + 2))
+    return int(store.get(STOP_KEY))  # waits (up to the store's timeout) for the first requester
+
+
+def install_stop_handler() -> None:
+    """A rank's SIGTERM (a scheduler's preemption) requests a coordinated stop instead of killing the
+    rank mid-exchange; Ctrl-C is the launcher's to handle (the terminal sends it to every process)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, lambda *_: _signalled.set())
+
+
+class Control:
+    """One rank's view of the control plane (see the module docstring)."""
+
+    def __init__(self, store, rank: int, world_size: int, timeout: float):
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.board = Board(store, rank, timeout)
+        self._stop_at: int | None = None
+
+    def begin_step(self, step: int) -> int | None:
+        """Called as a step begins: records where this rank is and returns the step every rank stops
+        at, once one is set (None until then)."""
+        self.store.set(_AT + str(self.rank), str(step))
+        if _signalled.is_set() and self._stop_at is None:
+            self._stop_at = request_stop(self.store, list(range(self.world_size)))
+        if self._stop_at is None and self.store.check([STOP_KEY]):
+            self._stop_at = int(self.store.get(STOP_KEY))
+        return self._stop_at
+
+    def publish(self, kind: str, step: int | None, values=None) -> None:
+        self.board.publish(kind, step, values)
+
+    def gather(self, kind: str, step: int | None, ranks, *, delete: bool = True) -> dict:
+        return self.board.gather(kind, step, ranks, delete=delete)

@@ -1,0 +1,79 @@
+"""Everything checked before any rank or actor starts, once: the configuration's values
+(:meth:`Config.validate`), the task's data files, the model, the output folder and, on ``--resume``,
+the checkpoint (verified against its manifest, compatible with this run). A problem is a
+:class:`~lowbit.errors.ConfigError` whose message says what is wrong and how to fix it."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from lowbit.errors import ConfigError
+from lowbit.train.checkpoint import Checkpointer, ResumePoint, check_compatible
+from lowbit.train.config import Config
+
+
+def check_out(out: str) -> Path:
+    """``out`` as a writable folder (created when missing)."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--out {str(p)!r} is a file; it must be a folder (the run writes metrics, logs and "
+                          "checkpoints there)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".lowbit-write-test"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {str(p)!r} is not a writable folder: {e.strerror or e}") from None
+    return p
+
+
+def check_resume(cfg: Config, quiet: bool = False) -> ResumePoint:
+    """The checkpoint ``--resume`` continues from: the newest one under ``OUT/ckpt`` that verifies
+    (the ones passed over are named), compatible with ``cfg``. With no checkpoint at all the run
+    starts at step 0 (said in one line); with checkpoints none of which verifies it is an error."""
+    ck = Checkpointer(cfg.run.out)
+    rp = ck.resume_point()
+    say = (lambda m: None) if quiet else (lambda m: print(f"lowbit: --resume: {m}", file=sys.stderr, flush=True))
+    for line in rp.skipped:
+        say(f"passing over {line}")
+    if rp.step is None:
+        if rp.skipped:
+            raise ConfigError(f"--resume: no checkpoint under {ck.root} verifies ({'; '.join(rp.skipped)})")
+        say(f"no checkpoint under {ck.root}; starting at step 0")
+        return rp
+    check_compatible(rp.manifest.get("fingerprint", {}), cfg, f"checkpoint {ck.step_dir(rp.step)}")
+    if rp.step >= cfg.run.steps:
+        raise ConfigError(f"--resume: the checkpoint is at step {rp.step} and --steps is {cfg.run.steps}: nothing "
+                          "left to train (raise --steps)")
+    say(f"resuming from {ck.step_dir(rp.step)}")
+    return rp
+
+
+def preflight(cfg: Config, quiet: bool = False) -> tuple[Config, ResumePoint | None]:
+    """Validate ``cfg`` and everything it names (see the module docstring). Returns the config with the
+    task's canonical name and, on ``--resume``, where to resume from. ``quiet``: no messages (every
+    rank of a torchrun launch checks, rank 0 speaks)."""
+    from lowbit.models.presets import check_model
+    from lowbit.train.data import check_task
+
+    cfg.validate()
+    cfg.run.task = check_task(cfg.run.task, cfg.run.data_dir or None)
+    check_model(cfg.run.model)
+    t = cfg.transport
+    if t.kind == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError("the ray transport needs Ray: pip install 'lowbit[ray]'") from None
+    if t.backend == "nccl":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("backend nccl asked for, but no CUDA device is visible")
+        if torch.cuda.device_count() < t.world_size and not os.environ.get("LOCAL_RANK"):
+            raise ConfigError(f"backend nccl: {t.world_size} ranks on this machine need as many GPUs, "
+                              f"{torch.cuda.device_count()} are visible")
+    check_out(cfg.run.out)
+    resume = check_resume(cfg, quiet) if cfg.run.resume else None
+    return cfg, resume
