@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from multiprocessing.connection import wait
 from datetime import timedelta
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def run_rank(rank: int, world_size: int, cfg: Config, *, store_addr: tuple[str, 
 
 def _spawn_entry(rank: int, world_size: int, cfg: Config, store_addr, resume, log_path: str, q) -> None:
     """A spawned rank: its output goes to its log file (the console is kept for the leader's progress
-    bar); Ctrl-C is the launcher's to handle; the result or the error goes back on ``q``."""
+    bar); Ctrl-C is the launcher's to handle; the result or the error goes back on the pipe ``q`` (a
+    pipe, not a queue: a queue's semaphores would leak if the launcher were killed)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit is an OSError (EFBIG), not a kill
     console = os.fdopen(os.dup(2), "w", buffering=1)
@@ -99,10 +101,10 @@ def _spawn_entry(rank: int, world_size: int, cfg: Config, store_addr, resume, lo
     os.dup2(log.fileno(), 2)
     try:
         res = run_rank(rank, world_size, cfg, store_addr=store_addr, resume=resume, console=console)
-        q.put((rank, "ok", res))
+        q.send((rank, "ok", res))
     except BaseException as e:  # report to the launcher instead of dying silently
         traceback.print_exc()
-        q.put((rank, "error", f"{type(e).__name__}: {e}"))
+        q.send((rank, "error", f"{type(e).__name__}: {e}"))
         sys.exit(1)
 
 
@@ -158,10 +160,11 @@ def launch_local(cfg: Config, *, resume_command: str | None = None) -> dict:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
+    pipes = [ctx.Pipe(duplex=False) for _ in range(world)]  # (launcher's end, rank's end)
     procs = [ctx.Process(target=_spawn_entry, daemon=False,
-                         args=(r, world, cfg, (t.addr, store.port), resume, str(logs / f"rank_{r}.log"), q))
+                         args=(r, world, cfg, (t.addr, store.port), resume, str(logs / f"rank_{r}.log"), pipes[r][1]))
              for r in range(world)]
+    reports = [reader for reader, _ in pipes]
     n_servers = t.n_servers
     may_lose = set(range(n_servers, world)) if t.on_worker_failure == "continue" else set()
     results, errors, lost, dead = {}, {}, {}, {}
@@ -169,12 +172,18 @@ def launch_local(cfg: Config, *, resume_command: str | None = None) -> dict:
     with _StopRequest() as stop:
         for p in procs:
             p.start()
+        for _, writer in pipes:
+            writer.close()  # the rank holds its end; EOF here means it is gone
         t_start = time.time()
         deadline = t_start + t.timeout_s * 4 + 600
 
         def drain() -> None:
-            while not q.empty():
-                rank, status, payload = q.get()
+            for conn in wait(reports, timeout=0):
+                try:
+                    rank, status, payload = conn.recv()
+                except (EOFError, OSError):
+                    reports.remove(conn)
+                    continue
                 if status == "ok":
                     results[rank] = payload
                 elif rank in may_lose:
@@ -217,7 +226,8 @@ def launch_local(cfg: Config, *, resume_command: str | None = None) -> dict:
         if p.is_alive():
             p.kill()
             p.join(5)
-    q.close()
+    for reader, _ in pipes:
+        reader.close()
     ck = Checkpointer(out)
     if errors or dead or (stop.count and len(results) + len(lost) < world):
         raise _failure(cfg, ck, store, errors, dead, lost, logs, resume_command, interrupted=bool(stop.count))
