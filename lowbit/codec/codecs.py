@@ -79,6 +79,8 @@ def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: tor
     instead, one cache-sized chunk at a time (a gradient sum without a full-size temporary).
     Returns ``out`` viewed with the frame's shape.
     """
+    if f.kind == "wdelta":
+        raise FrameError(f"a weight delta (key {f.key}) decodes only onto held codes: lowbit.codec.delta.DeltaDecoder")
     if out is None:
         if accumulate:
             raise ConfigError("accumulate=True needs an out tensor to add into")

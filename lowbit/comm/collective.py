@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from lowbit.comm.p2p import LEN_PREFIX, P2P, ParsedFrame, bundle_bound, join, parse_bundle
+from lowbit.codec.delta import DeltaDecoder
 from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, decode_weight, partition
 from lowbit.errors import ConfigError, FrameError
 
@@ -140,6 +141,7 @@ class _ShardedTransport(Transport):
         self.keys_of = {q: sorted(k for k, o in self.owner_of.items() if o == q) for q in range(self.world_size)}
         self.device = torch.device(device)
         self.counter = ByteCounter()
+        self.held = DeltaDecoder()  # this rank's codes, onto which delta-coded weight frames apply
         self.p2p = P2P(self.group, self.counter, timeout)
         self._acc = GradAccumulator(self.device)  # buffers reused every step (see GradAccumulator)
         self._overlap = _Overlap()
@@ -220,7 +222,7 @@ class _ShardedTransport(Transport):
         for pf in parse_bundle(buf, peer=peer, step=step, kind="weight", shapes=self.shapes,
                                allowed_keys=keys, required_keys=keys, rank=self.rank):
             try:
-                out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
+                out[pf.frame.key] = decode_weight(pf.frame, self.device, dest, self.held)
             except FrameError as e:
                 raise FrameError(f"rank {self.rank}: weight frame for key {pf.frame.key} from peer {peer} "
                                  f"at step {step}: {e}") from e

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from lowbit.codec.frame import Frame
 from lowbit.comm.board import Board
 from lowbit.comm.p2p import LEN_PREFIX, P2P, Pending, bundle_bound, join, parse_bundle
+from lowbit.codec.delta import DeltaDecoder
 from lowbit.comm.transport import (ByteCounter, GradAccumulator, Owner, StepTimeline, Transport, decode_weight,
                                    partition)
 from lowbit.errors import ConfigError, FrameError, TransportError
@@ -162,6 +163,7 @@ class ParameterServerTransport(Transport):
         self.keys_of = {s: sorted(k for k, o in self.owner_of.items() if o == s) for s in self.servers}
         self.device = torch.device(device)
         self.counter = ByteCounter()
+        self.held = DeltaDecoder()  # a worker's codes, onto which delta-coded weight frames apply
         self.p2p = P2P(self.group, self.counter, timeout)
         if on_worker_failure == "continue":  # whole bundles as length, then bytes (P2P.exchange_tolerant),
             self.p2p.one_message = False     # which the workers' chunk receives must then speak too
@@ -484,7 +486,7 @@ class ParameterServerTransport(Transport):
                 for pf in parse_bundle(chunk, peer=s, step=step, kind="weight", shapes=self.shapes,
                                        allowed_keys=keys, required_keys=keys, rank=self.rank):
                     try:
-                        out[pf.frame.key] = decode_weight(pf.frame, self.device, dest)
+                        out[pf.frame.key] = decode_weight(pf.frame, self.device, dest, self.held)
                     except FrameError as e:
                         raise FrameError(f"rank {self.rank}: bundle from peer {s} at step {step}: {e}") from e
                 self.timeline.mark("weights_decoded", s, i)

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol
 import torch
 
 from lowbit.codec.codecs import decode_frame, decode_sum
+from lowbit.codec.delta import DeltaDecoder
 from lowbit.codec.frame import Frame
 from lowbit.errors import ConfigError, FrameError
 
@@ -198,10 +199,15 @@ class GradAccumulator:
         return out
 
 
-def decode_weight(frame: Frame, device: torch.device | str, out: Mapping[int, torch.Tensor] | None
-                  ) -> torch.Tensor:
+def decode_weight(frame: Frame, device: torch.device | str, out: Mapping[int, torch.Tensor] | None,
+                  held: DeltaDecoder | None = None) -> torch.Tensor:
     """A weight frame decoded into ``out[frame.key]`` when given (in place; a non-contiguous
-    destination gets a copy), else into a new tensor on ``device``."""
+    destination gets a copy), else into a new tensor on ``device``. ``held``: the codes this
+    receiver keeps, which a delta frame applies to (:mod:`lowbit.codec.delta`)."""
+    if held is not None:
+        frame = held.apply(frame)
+    elif frame.kind == "wdelta":
+        raise FrameError(f"a delta frame for key {frame.key}, but this receiver keeps no codes to apply it to")
     dst = None if out is None else out.get(frame.key)
     if dst is None:
         return decode_frame(frame, device)

@@ -37,6 +37,8 @@ TRAIN_FLAGS: dict[str, tuple[str, str, type, tuple | None, str]] = {
     "head_bits": ("codec", "head_bits", int, WEIGHT_BITS, "bits of the classifier and pooler matrices"),
     "small_bits": ("codec", "small_bits", int, WEIGHT_BITS, "bits of 1-D tensors (LayerNorm, biases)"),
     "clip": ("codec", "clip", float, None, "gradients are clipped at clip * sigma before quantization"),
+    "keyframe_every": ("codec", "keyframe_every", int, None, "with delta-coded weights, whole weight frames every "
+                       "N steps (0 = only at the start, on resume and when a delta would not be smaller)"),
     "nonfinite": ("codec", "nonfinite", str, ("error", "skip", "zero"),
                   "what a worker does with a gradient holding NaN/Inf"),
     "optimizer": ("optim", "name", str, ("adam", "sgd"), "the servers' optimizer (Adam makes LAQ loss-aware)"),
@@ -61,10 +63,14 @@ TRAIN_FLAGS: dict[str, tuple[str, str, type, tuple | None, str]] = {
     "dropout": ("run", "dropout", float, None, "override the model's dropout probability"),
     "threads_per_rank": ("run", "threads_per_rank", int, None, "torch threads per rank (0 = cores / ranks)"),
 }
+# flag -> (section, field, the value it sets, help)
 TRAIN_SWITCHES = {
-    "error_feedback": ("codec", "error_feedback", "workers keep the quantization error and add it to the next gradient"),
-    "per_row": ("codec", "per_row", "one weight scale per output row instead of per tensor"),
-    "resume": ("run", "resume", "continue from the newest checkpoint under --out"),
+    "error_feedback": ("codec", "error_feedback", True,
+                       "workers keep the quantization error and add it to the next gradient"),
+    "per_row": ("codec", "per_row", True, "one weight scale per output row instead of per tensor"),
+    "no_delta_weights": ("codec", "delta_weights", False, "send whole weight frames every step instead of the "
+                         "codes that changed (delta coding is exact; this only costs bytes)"),
+    "resume": ("run", "resume", True, "continue from the newest checkpoint under --out"),
 }
 
 
@@ -81,7 +87,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, choices=choices,
                        metavar=field.upper() if choices else None,
                        help=f"{text}{shown} [default: {_default(section, field)}]")
-    for flag, (section, field, text) in TRAIN_SWITCHES.items():
+    for flag, (section, field, _, text) in TRAIN_SWITCHES.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", default=None,
                        help=f"{text} [default: off]")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
@@ -96,8 +102,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         v = getattr(args, flag, None)
         if v is not None:
             cfg.override(section, {field: v})
-    for flag, (section, field, _) in TRAIN_SWITCHES.items():
+    for flag, (section, field, value, _) in TRAIN_SWITCHES.items():
         if getattr(args, flag, None):
-            cfg.override(section, {field: True})
+            cfg.override(section, {field: value})
     cfg.run.progress = getattr(args, "progress", True)
     return cfg.validate()

@@ -77,6 +77,8 @@ class CodecConfig:
     error_feedback: bool = False
     nonfinite: str = "error"  # error | skip | zero
     max_piece_numel: int = 2_097_152  # larger matrices travel (and are owned) as blocks of rows; 0 = never
+    delta_weights: bool = True  # weights down as the codes that changed since the last step (exact)
+    keyframe_every: int = 100   # with delta_weights, whole weight frames every N steps (0 = only when needed)
 
     def validate(self) -> None:
         for name in ("w_bits", "embed_bits", "head_bits", "small_bits"):
@@ -95,6 +97,7 @@ class CodecConfig:
         if self.nonfinite not in ("error", "skip", "zero"):
             raise ConfigError(f"nonfinite must be error|skip|zero, got {self.nonfinite!r}")
         _at_least("max_piece_numel", self.max_piece_numel, 0)
+        _at_least("keyframe_every", self.keyframe_every, 0)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from lowbit.errors import ConfigError, LowbitError, TransportError
+from lowbit.codec.delta import DeltaEncoder
 from lowbit.train.checkpoint import Checkpointer, ResumePoint, fingerprint, load_tensors, save_tensors
 from lowbit.train.config import Config, parse_fault
 from lowbit.train.control import Control
@@ -137,8 +138,9 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
     params = piece_tensors(model, plan)
     owner = None
     if owned:
+        delta = DeltaEncoder(cfg.codec.keyframe_every) if cfg.codec.delta_weights else None
         owner = ShardServer([plan[k] for k in owned], {k: params[k] for k in owned}, cfg.optim,
-                            total_steps=r.steps, device=device)
+                            total_steps=r.steps, device=device, delta=delta)
     ck = Checkpointer(out)
     start = resume.step if resume is not None and resume.step is not None else 0
     if start and owner is not None:
@@ -163,7 +165,8 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
     fault = parse_fault(r.fault)
     log: RunLog | None = None
     base = transport.counter.snapshot()
-    cum = [0.0, 0.0]  # bytes up / down since this launch's first step (as the leader last saw them)
+    cum = [0.0, 0.0, 0.0]  # bytes up / down / down as whole frames since this launch's first step (leader)
+    down_full = [0.0, *(owner.down_nbytes() if owner is not None else (0, 0))]  # this owner's: total, encoder's
     steps_done, stopped = start, False
     ckpt = _Checkpoints(ck, ctl, cfg, rank, worker_index, owner, worker, protect={start} if start else set())
     for step in range(start, r.steps):
@@ -187,7 +190,11 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
         dt = time.perf_counter() - t0
         if owner is not None:
             d, c = transport.counter.delta(before), transport.counter.delta(base)
-            ctl.publish("owner_bytes", step, [d["up_recv"], d["down_sent"], c["up_recv"], c["down_sent"]])
+            full, sent = owner.down_nbytes()
+            ratio = (full - down_full[1]) / (sent - down_full[2]) if sent > down_full[2] else 1.0
+            down_full[:] = [down_full[0] + d["down_sent"] * ratio, full, sent]
+            ctl.publish("owner_bytes", step, [d["up_recv"], d["down_sent"], c["up_recv"], c["down_sent"],
+                                              d["down_sent"] * ratio, down_full[0]])
         live = transport.live_workers
         leading = worker is not None and rank == min(live)
         if leading:
@@ -196,10 +203,10 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
                 log = RunLog(cfg, start, step, lambda: worker.evaluate(batches(dev, 64)), console=console)
             ws = ctl.gather("worker_step", step, live)
             os_ = ctl.gather("owner_bytes", step, transport.owners)
-            up, down = (sum(v[i] for v in os_.values()) for i in (0, 1))
-            cum = [sum(v[i] for v in os_.values()) for i in (2, 3)]
+            up, down, full = (sum(v[i] for v in os_.values()) for i in (0, 1, 4))
+            cum = [sum(v[i] for v in os_.values()) for i in (2, 3, 5)]
             rec = step_record(step + 1, [v[0] for v in ws.values()], int(sum(v[1] for v in ws.values())), up, down,
-                              pb, dt, owner.lr() if owner is not None else None, len(live))
+                              pb, dt, owner.lr() if owner is not None else None, len(live), down_full=full)
             log.step(rec, last=step + 1 == r.steps)
         steps_done = step + 1
         if (r.checkpoint_every and steps_done % r.checkpoint_every == 0) or steps_done == r.steps:
@@ -212,7 +219,7 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
         ev = log.close(evaluate=not stopped)
         lost = sorted(set(range(n_servers, world_size)) - set(transport.live_workers))
         summary = log.summary(ev, start=start, steps_done=steps_done, up=cum[0], down=cum[1], plan_bytes=pb,
-                              workers_lost=lost, stopped=stopped)
+                              down_full=cum[2], workers_lost=lost, stopped=stopped)
     # Under torchrun the store may live in rank 0's process: it leaves only after everyone is done with it.
     ctl.publish("end", None)
     if rank == 0:
@@ -260,10 +267,8 @@ class _Checkpoints:
                 print(f"lowbit: checkpoint of step {step} not committed: {e}", file=sys.stderr, flush=True)
             return
         errors = [m["error"] for m in marks.values() if m.get("error")]
-        if errors:
-            last = ck.latest_step()
-            raise CheckpointError(f"checkpoint of step {step} could not be written: {'; '.join(errors)}. "
-                                  + (f"The last complete checkpoint is step {last}." if last else "No checkpoint is complete."))
+        if errors:  # the launcher's summary names the last complete checkpoint
+            raise CheckpointError(f"checkpoint of step {step} could not be written: {'; '.join(errors)}")
         ck.commit(step, {n: rec for m in marks.values() for n, rec in m["files"].items()}, self.fingerprint)
         self.last = step
         if leading:

@@ -2,7 +2,8 @@
 the progress bar, periodic evaluation and the summary (``OUT/summary.json``).
 
 Bytes are the frames' bytes as the transports counted them; their fp32 equivalents scale them by the
-ratio of one full fp32 frame set to one full quantized frame set of the plan (:func:`plan_bytes`).
+ratio of one full fp32 frame set to one full quantized frame set of the plan (:func:`plan_bytes`),
+the weights down as the whole frames the delta-coded ones stand for (``down_full``).
 """
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ from lowbit.train.config import Config
 
 
 def step_record(step: int, losses: list[float], skipped: int, up: float, down: float, plan_bytes: dict,
-                step_s: float, lr: float | None, workers: int) -> dict:
+                step_s: float, lr: float | None, workers: int, down_full: float | None = None) -> dict:
     """One line of ``metrics.jsonl``: step (1-based), mean loss over the workers that took part, lr,
-    bytes up and down this step and their fp32 equivalents, the step's wall time."""
+    bytes up and down this step and their fp32 equivalents, the step's wall time. ``down_full``: the
+    bytes down had every weight frame gone whole (default ``down``)."""
     pb = plan_bytes
+    full = down if not down_full else down_full
     return {"step": step, "loss": sum(losses) / max(1, len(losses)), "lr": lr,
-            "bytes_up": int(up), "bytes_down": int(down),
+            "bytes_up": int(up), "bytes_down": int(down), "bytes_down_whole": int(full),
             "fp32_bytes_up": int(up * pb["fp32_frames"] / pb["grad_frames"]),
-            "fp32_bytes_down": int(down * pb["fp32_frames"] / pb["weight_frames"]),
+            "fp32_bytes_down": int(full * pb["fp32_frames"] / pb["weight_frames"]),
             "step_s": step_s, "skipped_grads": int(skipped), "workers": workers}
 
 
@@ -67,12 +70,12 @@ class RunLog:
         return self.evaluate() if evaluate else None
 
     def summary(self, ev: dict | None, *, start: int, steps_done: int, up: float, down: float, plan_bytes: dict,
-                **extra) -> dict:
+                down_full: float | None = None, **extra) -> dict:
         """``OUT/summary.json``: accuracy, bytes (and their fp32 equivalents), the run's shape; written
         atomically and returned."""
         cfg, pb = self.cfg, plan_bytes
         fp32_up = up * pb["fp32_frames"] / pb["grad_frames"]
-        fp32_down = down * pb["fp32_frames"] / pb["weight_frames"]
+        fp32_down = (down_full or down) * pb["fp32_frames"] / pb["weight_frames"]
         s = {
             "accuracy": ev["accuracy"] if ev else None, "eval_loss": ev["eval_loss"] if ev else None,
             "eval_n": ev["n"] if ev else 0,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lowbit.codec.codecs import WeightCodec, frame_from_qtensor
+from lowbit.codec.delta import DeltaEncoder
 from lowbit.errors import ConfigError
 from lowbit.train.config import OptimConfig
 from lowbit.train.plan import ParamSpec
@@ -34,7 +35,7 @@ class ShardServer:
     """Implements :class:`lowbit.comm.transport.Owner` for the keys in ``specs``."""
 
     def __init__(self, specs: list[ParamSpec], init: dict[int, torch.Tensor], optim: OptimConfig,
-                 total_steps: int, device: torch.device | str = "cpu"):
+                 total_steps: int, device: torch.device | str = "cpu", delta: DeltaEncoder | None = None):
         self.specs = {s.key: s for s in specs}
         self.device = torch.device(device)
         self.params = {k: torch.nn.Parameter(init[k].detach().to(self.device, torch.float32).clone())
@@ -56,6 +57,7 @@ class ShardServer:
         self.frames: dict = {}  # key -> Frame of the current quantized weights
         self.alpha: dict[int, torch.Tensor] = {}  # LAQ warm start: last step's scale per key
         self.warm: dict[int, torch.Tensor] = {}   # the warm starts behind the current frames (checkpointed)
+        self.delta = delta  # sends only the codes that changed since the last frames sent (None: whole frames)
         self._quantize_all()
 
     # -- Owner protocol ---------------------------------------------------------------------------
@@ -84,16 +86,21 @@ class ShardServer:
             self.step_done = step + 1
         self._quantize(keys)
 
-    def weight_frames(self, step: int, keys=None) -> dict[int, bytes]:
+    def weight_frames(self, step: int, keys=None, full: bool = False) -> dict[int, bytes]:
         """The current quantized weights (of ``keys``, default all), serialized for the exchange of
         step ``step`` (the frame header carries that step so receivers can check they got this
-        step's weights)."""
+        step's weights). With a delta encoder, each key's frame is a delta against the frame sent
+        before it (every receiver must have had that one), or a key frame (``full``: always)."""
         out = {}
         for k in (self.frames if keys is None else keys):
             f = self.frames[k]
             f.step = step
-            out[k] = f.to_bytes()
+            out[k] = f.to_bytes() if self.delta is None else self.delta.encode(f, full=full)
         return out
+
+    def down_nbytes(self) -> tuple[int, int]:
+        """(bytes the weight frames made so far would take as whole frames, bytes they took)."""
+        return (self.delta.full_nbytes, self.delta.nbytes) if self.delta is not None else (0, 0)
 
     # -- quantization -----------------------------------------------------------------------------
     def curvature(self, key: int) -> torch.Tensor | None:

@@ -153,3 +153,28 @@ def test_ps_continues_without_a_killed_worker(tmp_path):
     for k, w in ref.items():
         torch.testing.assert_close(got[k], w, atol=2e-5, rtol=1e-4)
     assert [r["loss"] for r in recs] == pytest.approx(losses, abs=1e-5)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["ps", "ring"])
+def test_delta_coded_weights_are_exact_and_move_fewer_bytes(tmp_path, kind):
+    """The same run with whole weight frames and with delta-coded ones: identical losses and final
+    weights; after the first step the deltas move a fraction of the bytes, and the record counts
+    the whole frames they stand for."""
+    over = dict(codec={"w_bits": 4, "g_bits": 3, "embed_bits": 8, "head_bits": 8}, optim={"lr": 1e-4},
+                run={"steps": 4}, transport={"kind": kind, "servers": 1})
+    whole = tiny_cfg(tmp_path, "whole", **over)
+    whole.codec.delta_weights = False
+    delta = tiny_cfg(tmp_path, "delta", **over)
+    launch_local(whole)
+    launch_local(delta)
+    wa, wb = final_weights(Path(whole.run.out), 4), final_weights(Path(delta.run.out), 4)
+    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_losses(Path(delta.run.out)) == read_losses(Path(whole.run.out))
+    ra = [json.loads(line) for line in (Path(whole.run.out) / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(line) for line in (Path(delta.run.out) / "metrics.jsonl").read_text().splitlines()]
+    assert rb[0]["bytes_down"] == ra[0]["bytes_down"]  # key frames first
+    for a, b in zip(ra[1:], rb[1:]):
+        assert b["bytes_down"] < 0.5 * a["bytes_down"]
+        assert b["bytes_down_whole"] == pytest.approx(a["bytes_down"], rel=0.01)
+        assert b["bytes_up"] == a["bytes_up"]
