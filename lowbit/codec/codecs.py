@@ -18,6 +18,7 @@ import torch
 
 from lowbit.codec import native
 from lowbit.codec.frame import Frame, frame_nbytes
+from lowbit.codec.sparse import densify
 from lowbit.codec.pack import pack_bits, pack_into, packed_nbytes, unpack_bits, unpack_small, unpack_words_into
 from lowbit.errors import ConfigError, FrameError, NonFiniteGradientError
 from lowbit.quant.grads import _clip_scale, check_finite, qsgd, stochastic_code_chunks, terngrad
@@ -81,6 +82,8 @@ def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: tor
     """
     if f.kind == "wdelta":
         raise FrameError(f"a weight delta (key {f.key}) decodes only onto held codes: lowbit.codec.delta.DeltaDecoder")
+    if f.kind == "gsparse":
+        f = densify(f)
     if out is None:
         if accumulate:
             raise ConfigError("accumulate=True needs an out tensor to add into")

@@ -5,7 +5,8 @@ Layout, little-endian::
     offset size  field
     0      4     magic  b"LBT\\x01"
     4      1     version (=1)
-    5      1     kind      (0 grad, 1 weight, 2 raw/other, 3 weight delta: lowbit.codec.delta)
+    5      1     kind      (0 grad, 1 weight, 2 raw/other, 3 weight delta: lowbit.codec.delta,
+                             4 row-sparse grad: lowbit.codec.sparse)
     6      1     encoding  (0 raw, 1 sym grid, 2 log grid, 3 bin grid)
     7      1     dtype     of the raw payload / of the decoded tensor (0 fp32, 1 fp16, 2 bf16)
     8      1     bits      (32/16 for raw; 1..8 for grids)
@@ -21,8 +22,8 @@ Layout, little-endian::
     ..     4     CRC32 of everything before it
 
 The payload size is exactly ceil(numel·bits/8) for grids and numel·itemsize for raw payloads, so a
-frame's size is known from its header; a weight delta's payload has its own layout, bounded by
-:func:`delta_payload_bound`. Decoding validates every field and bounds every size
+frame's size is known from its header; a weight delta's and a row-sparse gradient's payloads have
+their own layouts, bounded by :func:`free_payload_bound`. Decoding validates every field and bounds every size
 *before* allocating, so a forged header cannot make the decoder allocate absurd memory.
 """
 from __future__ import annotations
@@ -55,11 +56,13 @@ CRC_SIZE = 4
 MAX_NDIM = 8
 MAX_NUMEL = 1 << 34  # 16 G elements: beyond any tensor we move, well below 2^64
 
-KINDS = {"grad": 0, "weight": 1, "raw": 2, "wdelta": 3}
+KINDS = {"grad": 0, "weight": 1, "raw": 2, "wdelta": 3, "gsparse": 4}
 ENCODINGS = {"raw": 0, "sym": 1, "log": 2, "bin": 3}
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
-_ACCEPTS = {"weight": ("weight", "wdelta")}  # where weights are expected, a delta of them may come
+# where weights are expected a delta of them may come, where gradients are a row-sparse one
+_ACCEPTS = {"weight": ("weight", "wdelta"), "grad": ("grad", "gsparse")}
+_FREE = {"wdelta": 24, "gsparse": 8}  # kinds whose payload has its own layout: the smallest payload
 _ENC_NAMES = {v: k for k, v in ENCODINGS.items()}
 _DTYPE_OF = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
@@ -79,11 +82,12 @@ def payload_nbytes(encoding: str, bits: int, shape: tuple[int, ...], dtype: torc
     return (n * bits + 7) // 8
 
 
-def delta_payload_bound(shape: tuple[int, ...], bits: int) -> int:
-    """The largest weight-delta payload for ``shape`` (every group of 8 codes changed, its id stored
-    raw, plus deflate's worst-case overhead); the smallest is its 24-byte header."""
-    g = (_numel(shape) + 7) // 8
-    return 24 + g * (4 + bits) + g // 250 + 64
+def free_payload_bound(kind: str, shape: tuple[int, ...], bits: int) -> int:
+    """The largest payload of a ``wdelta`` frame (every group of 8 codes changed) or a ``gsparse``
+    frame (every row sent) for ``shape``: their ids stored raw, plus deflate's worst-case overhead."""
+    units = (_numel(shape) + 7) // 8 if kind == "wdelta" else (shape[0] if shape else 1)
+    unit_bytes = bits if kind == "wdelta" else (_numel(shape[1:]) * bits + 7) // 8
+    return _FREE[kind] + units * (4 + unit_bytes) + units // 250 + 64
 
 
 def frame_nbytes(encoding: str, bits: int, shape: tuple[int, ...], n_scales: int,
@@ -121,9 +125,10 @@ class Frame:
         scales = self.scales.detach().to("cpu", torch.float32).contiguous().reshape(-1)
         payload = self.payload.detach().to("cpu").contiguous().reshape(-1)
         expect = payload_nbytes(self.encoding, self.bits, self.shape, self.dtype)
-        if self.kind == "wdelta":
-            if self.encoding == "raw" or not 24 <= payload.numel() <= delta_payload_bound(self.shape, self.bits):
-                raise FrameError(f"a weight delta of {self.encoding} {self.bits}-bit codes of shape {self.shape} "
+        if self.kind in _FREE:
+            if self.encoding == "raw" or not (_FREE[self.kind] <= payload.numel()
+                                              <= free_payload_bound(self.kind, self.shape, self.bits)):
+                raise FrameError(f"a {self.kind} frame of {self.encoding} {self.bits}-bit codes of shape {self.shape} "
                                  f"cannot have a payload of {payload.numel()} bytes")
         elif payload.numel() != expect:
             raise FrameError(f"payload has {payload.numel()} bytes, shape {self.shape} at "
@@ -190,10 +195,12 @@ class Frame:
             raise FrameError(f"frame has {n_scales} scales, expected one of {sorted(want_scales)} "
                              f"for {encoding} encoding of shape {shape}")
         expect_plen = payload_nbytes(encoding, bits, shape, dtype)
-        if _KIND_NAMES[kind] == "wdelta":
-            if encoding == "raw" or not 24 <= plen <= delta_payload_bound(shape, bits):
-                raise FrameError(f"weight delta payload length {plen} outside 24..{delta_payload_bound(shape, bits)} "
-                                 f"for {encoding} codes of shape {shape} at {bits} bits")
+        if _KIND_NAMES[kind] in _FREE:
+            name = _KIND_NAMES[kind]
+            if encoding == "raw" or not _FREE[name] <= plen <= free_payload_bound(name, shape, bits):
+                raise FrameError(f"{name} payload length {plen} outside {_FREE[name]}.."
+                                 f"{free_payload_bound(name, shape, bits)} for {encoding} codes of shape {shape} "
+                                 f"at {bits} bits")
         elif plen != expect_plen:
             raise FrameError(f"payload length {plen} does not match shape {shape} at {bits} bits "
                              f"(expected {expect_plen})")

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from lowbit.codec.frame import CRC_SIZE, HEADER_SIZE, Frame
+from lowbit.codec.sparse import densify
 from lowbit.comm.transport import ByteCounter
 from lowbit.errors import FrameError, TransportError
 
@@ -577,6 +578,8 @@ def parse_bundle(buf, *, peer: int, step: int, kind: str, shapes: Mapping[int, t
     while off < len(mv):
         try:
             f = Frame.from_bytes(mv, off, expect_kind=kind)
+            if f.kind == "gsparse":
+                f = densify(f)  # the dense frame it was cut from: summed as any other
         except FrameError as e:
             raise FrameError(f"{where}, frame #{len(out)} at byte {off}: {e}") from e
         if f.key not in allowed:

@@ -70,6 +70,8 @@ TRAIN_SWITCHES = {
     "per_row": ("codec", "per_row", True, "one weight scale per output row instead of per tensor"),
     "no_delta_weights": ("codec", "delta_weights", False, "send whole weight frames every step instead of the "
                          "codes that changed (delta coding is exact; this only costs bytes)"),
+    "dense_embeddings": ("codec", "sparse_embeddings", False, "send the embeddings' gradients whole instead of "
+                         "without their all-zero rows (row-sparse frames are exact; this only costs bytes)"),
     "resume": ("run", "resume", True, "continue from the newest checkpoint under --out"),
 }
 

@@ -78,6 +78,7 @@ class CodecConfig:
     nonfinite: str = "error"  # error | skip | zero
     max_piece_numel: int = 2_097_152  # larger matrices travel (and are owned) as blocks of rows; 0 = never
     delta_weights: bool = True  # weights down as the codes that changed since the last step (exact)
+    sparse_embeddings: bool = True  # embedding gradients without their all-zero rows (exact)
     keyframe_every: int = 100   # with delta_weights, whole weight frames every N steps (0 = only when needed)
 
     def validate(self) -> None:

@@ -166,6 +166,7 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
     log: RunLog | None = None
     base = transport.counter.snapshot()
     cum = [0.0, 0.0, 0.0]  # bytes up / down / down as whole frames since this launch's first step (leader)
+    up_led = cum_up_whole = 0.0  # bytes up, as sent and as whole frames, over the steps this leader led
     down_full = [0.0, *(owner.down_nbytes() if owner is not None else (0, 0))]  # this owner's: total, encoder's
     steps_done, stopped = start, False
     ckpt = _Checkpoints(ck, ctl, cfg, rank, worker_index, owner, worker, protect={start} if start else set())
@@ -181,7 +182,7 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
             idx = batch_indices(n_train, r.batch_size, step, r.seed + worker_index)
             loss = worker.forward_backward({k: v[idx] for k, v in train_set.items()}, step)
             frames = worker.encode_gradients(step, lazy=True)  # encoded as the transport reads them
-            ctl.publish("worker_step", step, [loss, float(worker.skipped)])  # before sending: counted => reported
+            ctl.publish("worker_step", step, [loss, float(worker.skipped), worker.up_whole])  # before sending
         if fault is not None and fault.rank == rank and fault.step == step + 1:
             os._exit(17)  # mid-step: gradients computed, nothing sent yet
         weights = transport.step(step, frames, owner, out=dest)
@@ -205,8 +206,12 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
             os_ = ctl.gather("owner_bytes", step, transport.owners)
             up, down, full = (sum(v[i] for v in os_.values()) for i in (0, 1, 4))
             cum = [sum(v[i] for v in os_.values()) for i in (2, 3, 5)]
+            up_ratio = sum(v[2] for v in ws.values()) / max(1, len(ws))
+            up_led += up
+            cum_up_whole += up * up_ratio
             rec = step_record(step + 1, [v[0] for v in ws.values()], int(sum(v[1] for v in ws.values())), up, down,
-                              pb, dt, owner.lr() if owner is not None else None, len(live), down_full=full)
+                              pb, dt, owner.lr() if owner is not None else None, len(live), down_full=full,
+                              up_full=up * up_ratio)
             log.step(rec, last=step + 1 == r.steps)
         steps_done = step + 1
         if (r.checkpoint_every and steps_done % r.checkpoint_every == 0) or steps_done == r.steps:
@@ -219,7 +224,8 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
         ev = log.close(evaluate=not stopped)
         lost = sorted(set(range(n_servers, world_size)) - set(transport.live_workers))
         summary = log.summary(ev, start=start, steps_done=steps_done, up=cum[0], down=cum[1], plan_bytes=pb,
-                              down_full=cum[2], workers_lost=lost, stopped=stopped)
+                              down_full=cum[2], up_full=cum[0] * cum_up_whole / max(1.0, up_led),
+                              workers_lost=lost, stopped=stopped)
     # Under torchrun the store may live in rank 0's process: it leaves only after everyone is done with it.
     ctl.publish("end", None)
     if rank == 0:

@@ -18,15 +18,18 @@ from lowbit.train.config import Config
 
 
 def step_record(step: int, losses: list[float], skipped: int, up: float, down: float, plan_bytes: dict,
-                step_s: float, lr: float | None, workers: int, down_full: float | None = None) -> dict:
+                step_s: float, lr: float | None, workers: int, down_full: float | None = None,
+                up_full: float | None = None) -> dict:
     """One line of ``metrics.jsonl``: step (1-based), mean loss over the workers that took part, lr,
     bytes up and down this step and their fp32 equivalents, the step's wall time. ``down_full``: the
-    bytes down had every weight frame gone whole (default ``down``)."""
+    bytes down had every weight frame gone whole (default ``down``); ``up_full`` the same for the
+    gradients up (row-sparse frames are smaller than whole ones)."""
     pb = plan_bytes
     full = down if not down_full else down_full
+    up_full = up if not up_full else up_full
     return {"step": step, "loss": sum(losses) / max(1, len(losses)), "lr": lr,
-            "bytes_up": int(up), "bytes_down": int(down), "bytes_down_whole": int(full),
-            "fp32_bytes_up": int(up * pb["fp32_frames"] / pb["grad_frames"]),
+            "bytes_up": int(up), "bytes_down": int(down), "bytes_up_whole": int(up_full), "bytes_down_whole": int(full),
+            "fp32_bytes_up": int(up_full * pb["fp32_frames"] / pb["grad_frames"]),
             "fp32_bytes_down": int(full * pb["fp32_frames"] / pb["weight_frames"]),
             "step_s": step_s, "skipped_grads": int(skipped), "workers": workers}
 
@@ -70,11 +73,11 @@ class RunLog:
         return self.evaluate() if evaluate else None
 
     def summary(self, ev: dict | None, *, start: int, steps_done: int, up: float, down: float, plan_bytes: dict,
-                down_full: float | None = None, **extra) -> dict:
+                down_full: float | None = None, up_full: float | None = None, **extra) -> dict:
         """``OUT/summary.json``: accuracy, bytes (and their fp32 equivalents), the run's shape; written
         atomically and returned."""
         cfg, pb = self.cfg, plan_bytes
-        fp32_up = up * pb["fp32_frames"] / pb["grad_frames"]
+        fp32_up = (up_full or up) * pb["fp32_frames"] / pb["grad_frames"]
         fp32_down = (down_full or down) * pb["fp32_frames"] / pb["weight_frames"]
         s = {
             "accuracy": ev["accuracy"] if ev else None, "eval_loss": ev["eval_loss"] if ev else None,

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.codec.codecs import grad_codec, weight_codec
+from lowbit.codec.codecs import StochasticGradCodec, grad_codec, weight_codec
+from lowbit.codec.sparse import RowSparseCodec
 from lowbit.train.config import CodecConfig
 
 
@@ -65,6 +66,8 @@ def make_plan(model: nn.Module, cfg: CodecConfig) -> list[ParamSpec]:
         wc = weight_codec(wb, scheme=scheme, per_row=cfg.per_row)
         gb = cfg.small_g_bits if group == "small" else cfg.g_bits
         gc = grad_codec(gb, clip=cfg.clip, nonfinite=cfg.nonfinite)
+        if group == "embedding" and cfg.sparse_embeddings and isinstance(gc, StochasticGradCodec):
+            gc = RowSparseCodec(gc)  # a batch touches a few rows: the zero ones are not sent
         for rows in row_blocks(tuple(p.shape), cfg.max_piece_numel):
             shape = tuple(p.shape) if rows is None else (rows[1] - rows[0],) + tuple(p.shape[1:])
             piece_name = name if rows is None else f"{name}[{rows[0]}:{rows[1]}]"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.codec.codecs import RawCodec
+from lowbit.codec.sparse import RowSparseCodec
 from lowbit.comm.transport import LazyFrames
 from lowbit.quant.grads import ErrorFeedback, check_finite
 from lowbit.train.plan import ParamSpec
@@ -44,6 +45,7 @@ class Worker:
         self.ef = ErrorFeedback() if error_feedback else None
         self.nonfinite = nonfinite
         self.skipped = 0  # gradients dropped by the 'skip' non-finite policy
+        self.up_whole = 1.0  # this step's upload as whole frames / as sent (row-sparse frames are smaller)
 
     def weight_buffers(self) -> dict[int, torch.Tensor]:
         """key -> the piece of the model's own parameter storage (detached views): pass as ``out=``
@@ -89,6 +91,8 @@ class Worker:
             todo[spec.key] = (spec, g)
 
         def encode(key: int) -> bytes | None:
+            if key in early:
+                return early.pop(key)
             if key not in todo:
                 return None  # skipped above
             spec, g = todo[key]
@@ -102,6 +106,13 @@ class Worker:
                 f = codec.encode(g, key=spec.key, step=step, generator=gen)
             return f.to_bytes()
 
+        # Row-sparse frames are encoded now, so the step's upload size is known before it is sent.
+        early: dict[int, bytes | None] = {}
+        early.update({k: encode(k) for k, (spec, _) in todo.items() if isinstance(spec.g_codec, RowSparseCodec)})
+        whole = sum(todo[k][0].g_codec.frame_nbytes(todo[k][0].shape) for k in todo)
+        sent = whole - sum(todo[k][0].g_codec.frame_nbytes(todo[k][0].shape) - len(b) for k, b in early.items()
+                           if b is not None)
+        self.up_whole = whole / sent if sent else 1.0
         if lazy:
             return LazyFrames([spec.key for spec in self.plan], encode)
         return {k: encode(k) for k in todo}
