@@ -64,7 +64,9 @@ def main(argv=None) -> int:
                                  "out": f"{args.out}/{transport}_{name.replace('/', '')}"})
             print(f"== {transport} {name} ==", file=sys.stderr, flush=True)
             s = launch_local(cfg.validate())
+            recs = [r for r in recs if not (r["transport"] == transport and r["config"] == name)]  # replaced
             recs.append({"transport": transport, "config": name, "w_bits": wb, "g_bits": gb,
+                         "delta_weights": cfg.codec.delta_weights, "sparse_embeddings": cfg.codec.sparse_embeddings,
                          "accuracy": s["accuracy"], "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
                          "bytes_total": s["bytes_up"] + s["bytes_down"],
                          "fp32_bytes_total": s["fp32_bytes_up"] + s["fp32_bytes_down"],
