@@ -16,6 +16,13 @@ N threads (lowbit.codec.set_codec_threads); ``--decode-chunk BYTES`` overrides t
 which the compiled decode writes with streaming stores (``off``: never; A/B of the default). The
 bounds next to them: ``copy_into_gbps`` (read and write, a warm buffer) and ``fill_gbps`` (write
 only: what a decode, which reads 1/16-1/4 of what it writes, is bound by).
+
+The wire formats that send less than a whole frame get rows of their own (``--no-wire`` skips
+them), with bits per value on the wire: delta-coded LAQ weights (``weight-2bit-delta``,
+``weight-4bit-delta``: a MiniLM-sized matrix after one Adam-sized step, lr 1e-4; encode = the owner's
+DeltaEncoder against the previous frame, decode = DeltaDecoder.apply and the decode into a warm
+buffer) and a row-sparse embedding gradient (``grad-3bit-rowsparse``: MiniLM's 30,522 x 384 word
+embedding with 384 rows touched, as one batch of 8 x 48 tokens does at most).
 """
 from __future__ import annotations
 
@@ -83,6 +90,7 @@ def _main(argv=None) -> int:
                     help="the torch-op codec only (lowbit.codec.set_native_codec(False)): the compiled loops' baseline")
     ap.add_argument("--decode-chunk", type=int, default=None,
                     help=f"CPU decode chunk in payload bytes (default {codecs_module.CHUNK})")
+    ap.add_argument("--no-wire", action="store_true", help="skip the delta-coded and row-sparse rows")
     ap.add_argument("--nt-stores", default=None,
                     help="output bytes from which the compiled decode uses streaming stores, or 'off' "
                          "(default: the extension's, lowbit.codec._native.nt_stores(-1))")
@@ -191,8 +199,82 @@ def _main(argv=None) -> int:
                  "decode_add_gbps": "{:.2f}", "mean2_gbps": "{:.2f}", "mean2_sequential_gbps": "{:.2f}",
                  "memcpy_gbps": "{:.2f}", "copy_into_gbps": "{:.2f}", "fill_gbps": "{:.2f}",
                  "encode_vs_memcpy": "{:.3f}", "decode_vs_memcpy": "{:.3f}", "ratio": "{:.1f}"})
+    if not args.no_wire and dev.type == "cpu":
+        recs += wire_rows(max(1, args.reps), clock)
     write_json(args.json, recs, {"command": "python benchmarks/codec_throughput.py " + " ".join(argv or sys.argv[1:])})
     return 0
+
+
+def wire_rows(reps: int, clock) -> list[dict]:
+    """Delta-coded weights and row-sparse gradients: bits per value on the wire, encode and decode
+    GB/s of fp32 values, against a copy of the same tensor."""
+    from lowbit.codec.delta import DeltaDecoder, DeltaEncoder
+    from lowbit.codec.sparse import RowSparseCodec
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+
+    def row(name, x, wire_bytes, t_enc, t_dec, t_copy, extra):
+        raw = x.numel() * 4
+        r = {"codec": name, "numel": x.numel(), "encode_gbps": raw / t_enc / 1e9, "decode_into_gbps": raw / t_dec / 1e9,
+             "copy_into_gbps": raw / t_copy / 1e9, "payload_bytes": wire_bytes, "raw_bytes": raw,
+             "ratio": raw / wire_bytes, "bits_per_value": 8 * wire_bytes / x.numel(), **extra}
+        print(f"  {name:20s} n={x.numel():>9d} enc {r['encode_gbps']:6.2f} GB/s  dec {r['decode_into_gbps']:6.2f} GB/s"
+              f"  {r['bits_per_value']:.3f} bits/value", file=sys.stderr, flush=True)
+        out.append(r)
+
+    w = 0.05 * torch.randn(1536, 384 * 8, generator=gen)  # 4.7M values, a MiniLM-sized block
+    d = torch.rand(w.shape, generator=gen) + 0.1
+    step = 1e-4 * torch.randn(w.shape, generator=gen).sign()  # Adam's step is about lr per weight
+    dst = torch.empty_like(w).view(-1)
+    t_copy = best_time(lambda: dst.copy_(w.view(-1)), reps, clock)
+    for bits in (2, 4):
+        codec = WeightCodec("laq-linear", bits)
+        f0 = codec.encode(w, d=d, key=1, step=0)
+        f1 = codec.encode(w + step, d=d, key=1, step=1)
+        alpha = f0.scales
+
+        def enc():
+            e = DeltaEncoder()
+            e.sent = dict(base.sent)
+            box["b"] = e.encode(f1)
+
+        base = DeltaEncoder()
+        base.encode(f0)
+        box = {}
+        t_enc = best_time(enc, reps, clock)
+        held = DeltaDecoder()
+        held.apply(Frame.from_bytes(f0.to_bytes()))
+        snapshot = {k: (v.groups.clone(), v.digest) for k, v in held.held.items()}
+
+        def dec():
+            for k, (g, dg) in snapshot.items():
+                held.held[k].groups.copy_(g)
+                held.held[k].digest = dg
+            decode_frame(held.apply(Frame.from_bytes(box["b"])), out=dst)
+
+        t_dec = best_time(dec, reps, clock)
+        changed = float((codec.quantize(w, d).codes != codec.quantize(w + step, d).codes).float().mean())
+        row(f"weight-{bits}bit-delta", w, len(box["b"]), t_enc, t_dec, t_copy,
+            {"bits": bits, "whole_frame_bytes": len(f1.to_bytes()), "codes_changed": changed,
+             "scale_moved": float((f1.scales - alpha).abs().max())})
+
+    emb = torch.zeros(30522, 384)
+    rows = torch.randperm(30522, generator=gen)[:384]
+    emb[rows] = torch.randn(384, 384, generator=gen)
+    codec = RowSparseCodec(StochasticGradCodec(3))
+    dst = torch.empty_like(emb).view(-1)
+    t_copy = best_time(lambda: dst.copy_(emb.view(-1)), reps, clock)
+    box = {}
+
+    def enc_sparse():
+        box["b"] = codec.encode(emb, generator=torch.Generator().manual_seed(1)).to_bytes()
+
+    t_enc = best_time(enc_sparse, reps, clock)
+    t_dec = best_time(lambda: decode_frame(Frame.from_bytes(box["b"]), out=dst), reps, clock)
+    row("grad-3bit-rowsparse", emb, len(box["b"]), t_enc, t_dec, t_copy,
+        {"bits": 3, "whole_frame_bytes": codec.frame_nbytes(tuple(emb.shape)), "rows_sent": 384})
+    return out
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ the groups of codes that changed.
 Low-bit weight codes barely move from one step to the next (an optimizer step moves few weights
 across a grid boundary) while the scales move a little every step. A delta frame (kind ``wdelta``)
 carries the new scales in full and, of the packed codes, only the groups of 8 codes (``bits`` bytes
-each: packing never splits a group) whose bytes changed. Its payload, little-endian::
+each: packing never splits a group) whose bytes changed, as the XOR of their old and new bytes
+(mostly zero bits: one code of eight changed), deflated. Its payload, little-endian::
 
     offset  size          field
     0       8             base: xxh3-64 of the packed codes the delta applies to
@@ -12,7 +13,7 @@ each: packing never splits a group) whose bytes changed. Its payload, little-end
     16      4             n: groups that changed
     20      4             m: bytes of the compressed group ids
     24      m             the group ids as u32 gaps (first id, then differences), deflated (zlib-ng)
-    24 + m  n · bits      the groups' new packed bytes
+    24 + m  the rest      the n · bits bytes old XOR new of those groups, deflated (zlib-ng)
 
 The frame header (key, step, shape, bits, grid, scales) and its CRC are those of any frame. A
 receiver applies a delta only onto the state whose digest is ``base`` and checks the result against
@@ -33,6 +34,7 @@ import struct
 import torch
 
 from lowbit.codec.frame import Frame
+from lowbit.codec.ids import decode_ids, deflate, encode_ids, inflate_exact
 from lowbit.errors import FrameError
 
 _HEAD = struct.Struct("<QQII")
@@ -133,13 +135,10 @@ class DeltaEncoder:
 
     @staticmethod
     def _delta(f: Frame, prev: _Codes, cur: _Codes, ids: torch.Tensor) -> bytes:
-        from zlib_ng import zlib_ng
-
-        gaps = ids.to(torch.int64).diff(prepend=torch.zeros(1, dtype=torch.int64)).to(torch.int32)
-        packed_ids = zlib_ng.compress(memoryview(gaps.numpy()).cast("B"), 1)
-        body = cur.groups[ids].reshape(-1)
+        packed_ids = encode_ids(ids)
+        flips = deflate(cur.groups[ids].bitwise_xor_(prev.groups[ids]).reshape(-1).numpy())
         head = _HEAD.pack(prev.digest, cur.digest, ids.numel(), len(packed_ids))
-        payload = torch.frombuffer(bytearray(head + packed_ids + memoryview(body.numpy()).tobytes()), dtype=torch.uint8)
+        payload = torch.frombuffer(bytearray(head + packed_ids + flips), dtype=torch.uint8)
         return Frame(kind="wdelta", encoding=f.encoding, dtype=f.dtype, bits=f.bits, shape=f.shape, scales=f.scales,
                      payload=payload, key=f.key, step=f.step).to_bytes()
 
@@ -175,7 +174,7 @@ class DeltaDecoder:
         if base != held.digest:
             raise StateMismatch(f"delta frame for key {f.key} at step {f.step} applies to codes with digest "
                                 f"{base:016x}, the held codes have {held.digest:016x} (a delta was missed)")
-        held.groups[ids] = body  # in place: on a mismatch below the held codes are dropped
+        held.groups[ids] = held.groups[ids].bitwise_xor_(body)  # in place: on a mismatch the codes are dropped
         packed = held.packed()
         got = digest(packed)
         if got != want:
@@ -189,8 +188,6 @@ class DeltaDecoder:
 
 def _parse(f: Frame, held: _Codes):
     """Split and check a delta payload against the held codes' layout."""
-    from zlib_ng import zlib_ng
-
     where = f"delta frame for key {f.key} at step {f.step}"
     p = f.payload.reshape(-1).cpu()
     if p.numel() < _BASE_NBYTES:
@@ -200,19 +197,11 @@ def _parse(f: Frame, held: _Codes):
     n_groups = held.groups.shape[0]
     if n > n_groups:
         raise FrameError(f"{where}: {n} changed groups, the tensor has {n_groups}")
-    if _BASE_NBYTES + m + n * held.bits != p.numel():
-        raise FrameError(f"{where}: payload of {p.numel()} bytes, its header announces "
-                         f"{_BASE_NBYTES} + {m} + {n} x {held.bits}")
-    try:
-        d = zlib_ng.decompressobj()
-        gaps = d.decompress(raw[_BASE_NBYTES:_BASE_NBYTES + m], 4 * n + 1)
-    except zlib_ng.error as e:
-        raise FrameError(f"{where}: group ids do not inflate: {e}") from None
-    if len(gaps) != 4 * n or not d.eof or d.unused_data:
-        raise FrameError(f"{where}: group ids inflate to {len(gaps)} bytes, expected {4 * n}")
-    ids = torch.frombuffer(bytearray(gaps), dtype=torch.int32).to(torch.int64).cumsum(0) if n else \
-        torch.zeros(0, dtype=torch.int64)
-    if n and (int(ids[0]) < 0 or bool((ids[1:] <= ids[:-1]).any()) or int(ids[-1]) >= n_groups):
-        raise FrameError(f"{where}: group ids are not increasing within 0..{n_groups - 1}")
-    body = p[_BASE_NBYTES + m:].reshape(n, held.bits)
+    if _BASE_NBYTES + m > p.numel():
+        raise FrameError(f"{where}: payload of {p.numel()} bytes, its header announces {m} bytes of ids")
+    ids = decode_ids(raw[_BASE_NBYTES:_BASE_NBYTES + m], n, n_groups, f"{where}: group ids")
+    flips = inflate_exact(raw[_BASE_NBYTES + m:], n * held.bits, f"{where}: changed groups")
+    body = torch.frombuffer(bytearray(flips), dtype=torch.uint8).reshape(n, held.bits) if n else \
+        torch.zeros(0, held.bits, dtype=torch.uint8)
     return base, want, n, m, ids, body
+

@@ -26,6 +26,7 @@ from functools import lru_cache
 import torch
 
 from lowbit.codec.frame import Frame
+from lowbit.codec.ids import decode_ids, encode_ids
 from lowbit.codec.pack import pack_bits
 from lowbit.errors import FrameError
 from lowbit.quant.qtensor import grid_k
@@ -49,14 +50,11 @@ def _zero_row(cols: int, bits: int) -> torch.Tensor:
 def sparsify(f: Frame, rows: torch.Tensor) -> Frame | None:
     """The row-sparse frame of the dense gradient frame ``f`` keeping ``rows`` (increasing row
     indices), or None when ``f``'s rows are not whole bytes."""
-    from zlib_ng import zlib_ng
-
     rb = _row_bytes(f.shape, f.bits)
     if rb is None or f.encoding != "sym" or f.kind != "grad":
         return None
     rows = rows.to(torch.int64)
-    gaps = rows.diff(prepend=torch.zeros(1, dtype=torch.int64)).to(torch.int32)
-    ids = zlib_ng.compress(memoryview(gaps.numpy()).cast("B"), 1)
+    ids = encode_ids(rows)
     body = f.payload.reshape(-1, rb)[rows].reshape(-1).cpu()
     payload = torch.frombuffer(bytearray(_HEAD.pack(rows.numel(), len(ids)) + ids + body.numpy().tobytes()),
                                dtype=torch.uint8)
@@ -66,8 +64,6 @@ def sparsify(f: Frame, rows: torch.Tensor) -> Frame | None:
 
 def densify(f: Frame) -> Frame:
     """The dense gradient frame a row-sparse frame was cut from (the missing rows hold the zero code)."""
-    from zlib_ng import zlib_ng
-
     where = f"row-sparse frame for key {f.key} at step {f.step}"
     rb = _row_bytes(f.shape, f.bits)
     if f.kind != "gsparse" or rb is None or f.encoding != "sym":
@@ -82,17 +78,7 @@ def densify(f: Frame) -> Frame:
     if n > rows or _HEAD.size + m + n * rb != p.numel():
         raise FrameError(f"{where}: payload of {p.numel()} bytes does not hold {n} rows of {rb} bytes "
                          f"(the tensor has {rows}) after {m} bytes of ids")
-    try:
-        d = zlib_ng.decompressobj()
-        gaps = d.decompress(raw[_HEAD.size:_HEAD.size + m], 4 * n + 1)
-    except zlib_ng.error as e:
-        raise FrameError(f"{where}: row ids do not inflate: {e}") from None
-    if len(gaps) != 4 * n or not d.eof or d.unused_data:
-        raise FrameError(f"{where}: row ids inflate to {len(gaps)} bytes, expected {4 * n}")
-    ids = torch.frombuffer(bytearray(gaps), dtype=torch.int32).to(torch.int64).cumsum(0) if n else \
-        torch.zeros(0, dtype=torch.int64)
-    if n and (int(ids[0]) < 0 or bool((ids[1:] <= ids[:-1]).any()) or int(ids[-1]) >= rows):
-        raise FrameError(f"{where}: row ids are not increasing within 0..{rows - 1}")
+    ids = decode_ids(raw[_HEAD.size:_HEAD.size + m], n, rows, f"{where}: row ids")
     dense = _zero_row(f.shape[1], f.bits).repeat(rows).reshape(rows, rb)
     dense[ids] = p[_HEAD.size + m:].reshape(n, rb)
     return Frame(kind="grad", encoding="sym", dtype=f.dtype, bits=f.bits, shape=f.shape, scales=f.scales,

@@ -24,8 +24,14 @@ def test_codec_throughput_smoke(tmp_path, bench):
         if has_native:
             native.lib.nt_stores(nt)
     recs = json.loads(out.read_text())["records"]
+    wire = [r for r in recs if "bits_per_value" in r]
+    recs = [r for r in recs if "bits_per_value" not in r]
     assert {r["codec"] for r in recs} == {"grad-2bit", "grad-3bit", "grad-4bit", "grad-8bit",
                                           "weight-ternary-laq", "weight-4bit-laq"}
+    assert {r["codec"] for r in wire} == {"weight-2bit-delta", "weight-4bit-delta", "grad-3bit-rowsparse"}
+    for r in wire:  # a small fraction of the whole frame's bits, encoded and decoded at a real rate
+        assert r["bits_per_value"] < 0.2 * r["bits"] and r["payload_bytes"] < r["whole_frame_bytes"]
+        assert min(r["encode_gbps"], r["decode_into_gbps"]) > 0
     for r in recs:
         assert r["decode_chunk"] == 256 and r["codec_threads"] == 2
         assert r["nt_min_bytes"] == (4096 if has_native else None)

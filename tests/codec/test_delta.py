@@ -109,7 +109,8 @@ def _resealed(buf: bytes, payload_edit) -> bytes:
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda p: p.__setitem__(len(p) - 1, p[len(p) - 1] ^ 0x5A), "produced codes with digest"),
+    (lambda p: p.__setitem__(len(p) - 1, p[len(p) - 1] ^ 0x5A), "changed groups do not inflate"),
+    (lambda p: p.__setitem__(8, p[8] ^ 1), "it announces"),
     (lambda p: p.__setitem__(0, p[0] ^ 1), "a delta was missed"),
     (lambda p: struct.pack_into("<I", p, 16, 10**6), "changed groups"),
     (lambda p: p.__setitem__(24, p[24] ^ 0xFF), "group ids"),
