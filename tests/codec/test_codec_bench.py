@@ -40,3 +40,14 @@ def test_codec_throughput_smoke(tmp_path, bench):
                    r["mean2_gbps"], r["mean2_sequential_gbps"]) > 0
         # payload: bits per element plus the frame's fixed header/shape/scale/CRC bytes
         assert r["payload_bytes"] == pytest.approx(65536 * r["bits"] / 8, abs=128)
+
+
+@pytest.mark.timeout(120)
+def test_entropy_rows_measure_what_the_coders_reach(bench):
+    """The entropy evaluation: every coder round-trips the codes and none beats their entropy."""
+    import time
+    rows = bench("codec_throughput").entropy_rows(1, time.perf_counter, n=1 << 15)
+    assert {r["codec"] for r in rows} >= {"grad-2bit-deflate", "grad-3bit-deflate", "grad-4bit-deflate"}
+    for r in rows:
+        assert 0 < r["entropy_bits"] <= r["bits"] and r["bits_per_value"] >= r["entropy_bits"] - 0.01
+        assert r["encode_mvps"] > 0 and r["decode_mvps"] > 0
