@@ -231,8 +231,9 @@ def step_bytes(out: Path) -> float:
     return sum(r["bytes_up"] + r["bytes_down"] for r in recs) / max(1, len(recs))
 
 
-def resume(transport: str, out: Path, ref: Path, timeout: float) -> dict:
-    """``--resume`` to the end: where it started, what it said, whether it ended on the reference's weights."""
+def resume(transport: str, out: Path, ref: Path, timeout: float) -> tuple[dict, Launch]:
+    """``--resume`` to the end: where it started, what it said, whether it ended on the reference's
+    weights (and the launch, for what it printed when)."""
     la = Launch(train_args(transport, out) + ["--resume"])
     rc, wall = la.wait(timeout)
     start = None
@@ -241,7 +242,7 @@ def resume(transport: str, out: Path, ref: Path, timeout: float) -> dict:
     except (OSError, ValueError, KeyError):
         pass
     return {"resume_rc": rc, "resume_start": start, "resume_said": la.said(),
-            "resumed_exactly": rc == 0 and same_weights(out, ref)}
+            "resumed_exactly": rc == 0 and same_weights(out, ref)}, la
 
 
 # -------------------------------------------------------------------------------------------- faults
@@ -283,7 +284,7 @@ def process_fault(fault: str, transport: str, out: Path, ref: Path, timeout: flo
     if rc == 0 and steps_logged(out) >= STEPS:  # survived without a restart (Ray replaces a worker)
         row.update(survived=True, resumed_exactly=same_weights(out, ref), steps_lost=0)
         return row
-    row.update(survived=False, **resume(transport, out, ref, timeout))
+    row.update(survived=False, **resume(transport, out, ref, timeout)[0])
     if row["resume_start"] is not None:
         row["steps_lost"] = max(0, done_at_signal - row["resume_start"])
     return row
@@ -321,18 +322,11 @@ def checkpoint_fault(fault: str, transport: str, out: Path, ref: Path, timeout: 
         shard.unlink()
     else:  # bad-latest
         (ck.root / "latest.json").write_text("{\"step\": ")
-    la = Launch(train_args(transport, out) + ["--resume"])
-    rc, wall = la.wait(timeout)
-    start = None
-    try:
-        start = json.loads((out / "summary.json").read_text())["start_step"]
-    except (OSError, ValueError, KeyError):
-        pass
+    row, la = resume(transport, out, ref, timeout)
     said = [line for _, line in la.err if "--resume" in line]
-    t = la.first("passing over")
-    return {"rc": rc, "detected_s": round(t, 2) if t is not None else None, "said": " / ".join(said) or la.said(),
-            "survived": False, "resume_rc": rc, "resume_start": start,
-            "resumed_exactly": rc == 0 and same_weights(out, ref),
+    t, start = la.first("passing over"), row["resume_start"]
+    return {**row, "rc": row["resume_rc"], "detected_s": round(t, 2) if t is not None else None,
+            "said": " / ".join(said) or la.said(), "survived": False,
             "steps_lost": (last - start) if start is not None else None}
 
 
@@ -351,7 +345,7 @@ def disk_full(transport: str, out: Path, ref: Path, timeout: float) -> dict:
     rc, t_end = la.wait(timeout)
     row = {"rc": rc, "detected_s": round(t_end - first, 2) if first else None, "said": la.said() or "(nothing)",
            "survived": False, "steps_done_at_fault": steps_logged(out)}
-    row.update(resume(transport, out, ref, timeout))
+    row.update(resume(transport, out, ref, timeout)[0])
     if row["resume_start"] is not None:
         row["steps_lost"] = max(0, row["steps_done_at_fault"] - row["resume_start"])
     return row

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 
 __all__ = ["process_settings", "restore_settings", "kept_settings", "settings_diff", "free_port", "run_ranks",
-           "SGDOwner", "FrameOwner"]
+           "SGDOwner", "FrameOwner", "resealed"]
 
 
 def process_settings() -> dict[str, Any]:
@@ -250,3 +250,21 @@ class FrameOwner:
 
     def weight_frames(self, step, keys=None):
         return self.frames if keys is None else {k: self.frames[k] for k in keys}
+
+
+# ----------------------------------------------------------------------------- frames
+
+def resealed(buf: bytes, edit) -> bytes:
+    """The frame ``buf`` with its payload bytes edited by ``edit(bytearray)`` and its CRC recomputed:
+    corruption the CRC cannot see, which a frame kind's own checks must catch."""
+    import struct
+
+    from lowbit.codec.frame import Frame, crc32
+
+    f = Frame.from_bytes(buf)
+    p = bytearray(f.payload.numpy().tobytes())
+    edit(p)
+    f.payload = torch.frombuffer(p, dtype=torch.uint8)
+    raw = bytearray(f.to_bytes())
+    struct.pack_into("<I", raw, len(raw) - 4, crc32(bytes(raw[:-4])))
+    return bytes(raw)

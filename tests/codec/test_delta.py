@@ -11,6 +11,7 @@ from lowbit.codec.codecs import decode_frame, weight_codec
 from lowbit.codec.delta import DeltaDecoder, DeltaEncoder, StateMismatch
 from lowbit.codec.frame import Frame
 from lowbit.errors import FrameError
+from lowbit.testing import resealed
 
 
 def _frames(shape, bits, scheme, per_row, steps, move, seed):
@@ -95,19 +96,6 @@ def test_a_delta_without_held_codes_or_for_other_codes_is_refused():
         decode_frame(delta)
 
 
-def _resealed(buf: bytes, payload_edit) -> bytes:
-    """``buf`` (a delta frame) with its payload edited and the CRC recomputed: corruption the
-    transport's CRC cannot see, which the delta's own checks must."""
-    from zlib_ng.zlib_ng import crc32
-    f = Frame.from_bytes(buf)
-    p = bytearray(f.payload.numpy().tobytes())
-    payload_edit(p)
-    f.payload = torch.frombuffer(p, dtype=torch.uint8)
-    raw = bytearray(f.to_bytes())
-    struct.pack_into("<I", raw, len(raw) - 4, crc32(bytes(raw[:-4])))
-    return bytes(raw)
-
-
 @pytest.mark.parametrize("edit,match", [
     (lambda p: p.__setitem__(len(p) - 1, p[len(p) - 1] ^ 0x5A), "changed groups do not inflate"),
     (lambda p: p.__setitem__(8, p[8] ^ 1), "it announces"),
@@ -119,7 +107,7 @@ def test_a_corrupted_delta_is_a_frame_error(edit, match):
     enc, dec = DeltaEncoder(), DeltaDecoder()
     f0, f1 = _frames((40, 40), 2, "laq-linear", False, 2, 0.05, 4)
     _send(enc, dec, f0)
-    bad = _resealed(enc.encode(f1), edit)
+    bad = resealed(enc.encode(f1), edit)
     with pytest.raises(FrameError, match=match):
         dec.apply(Frame.from_bytes(bad))
 
@@ -172,7 +160,7 @@ def test_mutated_delta_payloads_behind_a_valid_crc(seed, edits):
     want.apply(Frame.from_bytes(key_frame))
     good = want.apply(Frame.from_bytes(delta))
     try:
-        got = dec.apply(Frame.from_bytes(_resealed(delta, edit)))
+        got = dec.apply(Frame.from_bytes(resealed(delta, edit)))
     except FrameError:
         return
     assert torch.equal(got.payload, good.payload)  # an edit that applies must not change the codes

@@ -10,6 +10,7 @@ from lowbit.codec.codecs import StochasticGradCodec, decode_frame
 from lowbit.codec.frame import Frame
 from lowbit.codec.sparse import RowSparseCodec, densify, sparsify
 from lowbit.errors import FrameError
+from lowbit.testing import resealed
 
 
 def _grad(rows, cols, touched, seed):
@@ -61,17 +62,6 @@ def test_the_codec_sends_sparse_frames_only_when_smaller():
     assert sparsify(StochasticGradCodec(3).encode(_grad(10, 5, 1, 2)), torch.tensor([0])) is None
 
 
-def _resealed(buf: bytes, edit) -> bytes:
-    from zlib_ng.zlib_ng import crc32
-    f = Frame.from_bytes(buf)
-    p = bytearray(f.payload.numpy().tobytes())
-    edit(p)
-    f.payload = torch.frombuffer(p, dtype=torch.uint8)
-    raw = bytearray(f.to_bytes())
-    struct.pack_into("<I", raw, len(raw) - 4, crc32(bytes(raw[:-4])))
-    return bytes(raw)
-
-
 _SEED = RowSparseCodec(StochasticGradCodec(3)).encode(_grad(200, 16, 12, 5), key=2).to_bytes()
 
 
@@ -81,7 +71,7 @@ _SEED = RowSparseCodec(StochasticGradCodec(3)).encode(_grad(200, 16, 12, 5), key
 ])
 def test_a_malformed_sparse_frame_is_a_frame_error(edit, match):
     with pytest.raises(FrameError, match=match):
-        densify(Frame.from_bytes(_resealed(_SEED, edit)))
+        densify(Frame.from_bytes(resealed(_SEED, edit)))
 
 
 @settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -92,7 +82,7 @@ def test_mutated_sparse_frames(edits, reseal):
         for pos, val in edits:
             p[pos % len(p)] = val
     if reseal:
-        buf = _resealed(_SEED, edit)
+        buf = resealed(_SEED, edit)
     else:
         b = bytearray(_SEED)
         edit(b)
