@@ -38,6 +38,7 @@ from lowbit.benchmarks._common import RESULTS, print_table, write_json
 
 TRANSPORTS = ("ps", "ring", "tree", "ray")
 STEPS, EVERY, KILL_AFTER = 30, 5, 12  # steps per run, checkpoint interval, steps done before a signal
+ORPHAN_WAIT_S = 30.0  # how long after the launcher's exit its processes may take to go
 FAULTS = ("sigkill-worker", "sigkill-server", "sigkill-launcher", "sigterm-launcher", "corrupt-shard",
           "truncated-shard", "missing-shard", "bad-latest", "disk-full", "link-down-10s")
 
@@ -272,7 +273,9 @@ def process_fault(fault: str, transport: str, out: Path, ref: Path, timeout: flo
     t_sig = time.monotonic() - la.t0
     os.kill(target, sig)
     rc, t_end = la.wait(timeout)
-    time.sleep(2.0)
+    while alive(family) and time.monotonic() - la.t0 < t_end + ORPHAN_WAIT_S:
+        time.sleep(0.1)
+    gone_s = round(time.monotonic() - la.t0 - t_sig, 1)
     orphans = alive(family)
     for p in orphans:  # leave nothing behind for the next row
         try:
@@ -280,7 +283,8 @@ def process_fault(fault: str, transport: str, out: Path, ref: Path, timeout: flo
         except OSError:
             pass
     row = {"rc": rc, "detected_s": round(t_end - t_sig, 2), "said": la.said() or "(nothing)",
-           "orphans_after_2s": len(orphans), "steps_done_at_fault": done_at_signal}
+           "processes_left": len(orphans), "all_gone_after_s": None if orphans else gone_s,
+           "steps_done_at_fault": done_at_signal}
     if rc == 0 and steps_logged(out) >= STEPS:  # survived without a restart (Ray replaces a worker)
         row.update(survived=True, resumed_exactly=same_weights(out, ref), steps_lost=0)
         return row
@@ -438,8 +442,10 @@ def fault_markdown(rows: list[dict]) -> str:
         said = r.get("said", "")
         said = (said[:220] + " ...") if len(said) > 220 else said
         said = said.replace("|", "\\|") + f" (exit {r.get('rc')})"
-        if r.get("orphans_after_2s"):
-            said += f"; {r['orphans_after_2s']} processes left running"
+        if r.get("processes_left"):
+            said += f"; {r['processes_left']} processes still running {ORPHAN_WAIT_S:.0f} s after the exit"
+        elif r.get("all_gone_after_s") is not None and r["all_gone_after_s"] > r.get("detected_s", 0) + 1:
+            said += f"; its processes gone {r['all_gone_after_s']} s after the signal"
         if r.get("survived"):
             exact = "survived, no restart; " + ("weights identical" if r.get("resumed_exactly") else "weights differ")
         else:
@@ -480,6 +486,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bad-inputs", action="store_true", help="skip the bad-input table")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds one run may take")
     ap.add_argument("--docs", default="", help="also rewrite the tables in this markdown file")
+    ap.add_argument("--include", default="", help="JSON of an earlier run: its rows join this run's (rows this "
+                    "run measures again are replaced), e.g. to rerun one transport")
     ap.add_argument("--json", default=str(RESULTS / "faults.json"))
     args = ap.parse_args(argv)
     transports, faults = args.transports.split(","), args.faults.split(",")
@@ -510,6 +518,13 @@ def main(argv=None) -> int:
                                                                                             args.timeout)}
                 rows.append(row)
                 print(json.dumps(row)[:400], flush=True)
+    if args.include:
+        old = json.loads(Path(args.include).read_text())
+        done = {(r["transport"], r["fault"]) for r in rows}
+        rows = [r for r in old["records"] if (r["transport"], r["fault"]) not in done] + rows
+        rows.sort(key=lambda r: (TRANSPORTS.index(r["transport"]), FAULTS.index(r["fault"])))
+        bad = bad or old.get("bad_inputs", [])
+        command += f" (rows of {old.get('command', args.include)} kept)"
     print_table(rows, ["transport", "fault", "rc", "detected_s", "survived", "resumed_exactly", "steps_lost"])
     write_json(args.json, rows, {"bad_inputs": bad, "command": command, "steps": STEPS, "checkpoint_every": EVERY,
                                  "wall_s": round(time.time() - t0, 1)})

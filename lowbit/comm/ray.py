@@ -33,6 +33,7 @@ This module knows only the transport contract: owners and workers come from pick
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -431,7 +432,7 @@ def init_local(num_cpus: int, temp_dir: str | None = None, address: str = "", **
         return False
     address = address or os.environ.get("LOWBIT_RAY_ADDRESS", "")
     env = {"env_vars": {"RAY_AUTH_MODE": "disabled", **init_kw.pop("env_vars", {})}}
-    auth = os.environ.get("RAY_AUTH_MODE")
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
     os.environ["RAY_AUTH_MODE"] = "disabled"  # read by ray.init in this process
     try:
         if address:
@@ -439,14 +440,16 @@ def init_local(num_cpus: int, temp_dir: str | None = None, address: str = "", **
             return True
         temp_dir = os.path.abspath(temp_dir or default_temp_dir())
         os.makedirs(temp_dir, exist_ok=True)
+        init_kw.setdefault("logging_level", logging.WARNING)  # not "Started a local Ray instance" on every run
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env,
                  _node_ip_address="127.0.0.1", _temp_dir=temp_dir, **init_kw)
         return True
     finally:
-        if auth is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = auth
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager

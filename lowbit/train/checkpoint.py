@@ -195,12 +195,15 @@ class Checkpointer:
 
     def resume_point(self) -> ResumePoint:
         """The newest checkpoint that verifies: the one ``latest.json`` names, else (it is unreadable,
-        or its files fail) the newest ``step_N`` folder whose manifest and files verify."""
+        or its files fail) the newest ``step_N`` folder whose manifest and files verify. A folder with
+        no manifest that ``latest.json`` does not name is a checkpoint that was never committed (a
+        write cut short): it is passed over without counting as damage."""
         skipped: list[str] = []
         latest = self.latest_step()
         if (self.root / LATEST).exists() and latest is None:
             skipped.append(f"{self.root / LATEST} is unreadable: scanning the step folders")
-        order = ([latest] if latest is not None else []) + [s for s in self.steps() if s != latest]
+        committed = [s for s in self.steps() if s != latest and (self.step_dir(s) / MANIFEST).exists()]
+        order = ([latest] if latest is not None else []) + committed
         for s in order:
             try:
                 return ResumePoint(s, self.verify(s), tuple(skipped))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 from lowbit.comm.board import Board
 
@@ -69,3 +70,28 @@ class Control:
 
     def gather(self, kind: str, step: int | None, ranks, *, delete: bool = True) -> dict:
         return self.board.gather(kind, step, ranks, delete=delete)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT on a launcher for the duration of a block (main thread only; the old
+    handlers come back after): counted, the first one's time kept, ``on_signal()`` called. The
+    launcher asks the ranks to stop at a step boundary on the first and kills them on a second."""
+
+    def __init__(self, on_signal=None):
+        self.count, self.when, self._old, self.on_signal = 0, None, {}, on_signal
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        self.when = self.when or time.time()
+        if self.on_signal is not None:
+            self.on_signal()
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from lowbit.errors import ConfigError, LowbitError
 from lowbit.train.checkpoint import Checkpointer, ResumePoint
 from lowbit.train.config import Config
-from lowbit.train.control import install_stop_handler, request_stop
+from lowbit.train.control import StopSignals, install_stop_handler, request_stop
 
 #: exit statuses of ``lowbit train`` (and ``python -m lowbit.train``)
 EXIT_OK, EXIT_USAGE, EXIT_RANK_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -117,30 +117,6 @@ def _signal_name(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-class _StopRequest:
-    """SIGTERM / SIGINT on the launcher while :func:`launch_local` runs (main thread only): the first
-    asks the ranks to stop at a step boundary, a second one kills them."""
-
-    def __init__(self, on_signal=None):
-        self.count, self.when, self._old, self.on_signal = 0, None, {}, on_signal
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.count += 1
-        self.when = self.when or time.time()
-        if self.on_signal is not None:
-            self.on_signal()
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 def launch_local(cfg: Config, *, resume_command: str | None = None) -> dict:
     """Check the configuration (:func:`lowbit.train.preflight.preflight`: nothing starts on a bad
     one), spawn every rank on this machine (gloo over 127.0.0.1 unless configured otherwise), wait
@@ -169,7 +145,7 @@ def launch_local(cfg: Config, *, resume_command: str | None = None) -> dict:
     may_lose = set(range(n_servers, world)) if t.on_worker_failure == "continue" else set()
     results, errors, lost, dead = {}, {}, {}, {}
     stop_at = None
-    with _StopRequest() as stop:
+    with StopSignals() as stop:
         for p in procs:
             p.start()
         for _, writer in pipes:
@@ -258,8 +234,8 @@ def _launch_ray(cfg: Config, resume: ResumePoint | None, resume_command: str | N
         stop.set()
 
     try:
-        with _StopRequest(on_signal):
-            summary = run_ray(cfg, resume=resume, stop=stop)
+        with StopSignals(on_signal):  # until Ray starts; run_ray takes the signals back from it
+            summary = run_ray(cfg, resume=resume, stop=stop, on_signal=on_signal)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - Ray wraps an actor's error in its own types

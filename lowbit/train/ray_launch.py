@@ -18,6 +18,7 @@ goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from lowbit.errors import ConfigError
 from lowbit.train.checkpoint import Checkpointer, ResumePoint, fingerprint
 from lowbit.train.config import Config, parse_fault
+from lowbit.train.control import StopSignals
 from lowbit.train.loop import batch_indices, batches, build_model, load_data, load_worker_state, save_worker_state
 from lowbit.train.metrics import RunLog, step_record
 from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
@@ -108,11 +110,14 @@ class _Stop(Exception):
     """Raised out of a step's callback when the driver was asked to stop."""
 
 
-def run_ray(cfg: Config, resume: ResumePoint | None = None, stop: threading.Event | None = None) -> dict:
+def run_ray(cfg: Config, resume: ResumePoint | None = None, stop: threading.Event | None = None,
+            on_signal=None) -> dict:
     """Train with Ray actors; returns the summary (the keys of the SPMD loop's) and writes
     ``OUT/metrics.jsonl``, ``OUT/summary.json`` and checkpoints under ``OUT/ckpt``. ``resume``: the
     checkpoint to continue from (verified by :func:`lowbit.train.preflight.preflight`). ``stop``:
-    once set, the run checkpoints the step it just finished and ends (``summary["stopped"]``)."""
+    once set, the run checkpoints the step it just finished and ends (``summary["stopped"]``).
+    ``on_signal``: called on SIGTERM / SIGINT while the actors run (``ray.init`` installs handlers of
+    its own that abort the driver; they are replaced for the run and put back after)."""
     cfg.validate()
     from lowbit.comm.ray import key_partition, ray_session
 
@@ -134,7 +139,8 @@ def run_ray(cfg: Config, resume: ResumePoint | None = None, stop: threading.Even
     workers = [WorkerFactory(cfg, w, str(ck.worker_path(start, w)) if start else None) for w in range(W)]
     with ray_session(num_cpus=max(2, W + S), temp_dir=t.ray_temp_dir or None,
                      address=t.ray_address or os.environ.get("LOWBIT_RAY_ADDRESS", "")):
-        return _run(cfg, plan, shapes, key_server, ck, start, owners, workers, stop or threading.Event())
+        with StopSignals(on_signal) if on_signal is not None else contextlib.nullcontext():
+            return _run(cfg, plan, shapes, key_server, ck, start, owners, workers, stop or threading.Event())
 
 
 def _run(cfg: Config, plan, shapes, key_server, ck: Checkpointer, start: int, owners, workers,

@@ -311,3 +311,17 @@ def test_a_full_disk_while_checkpointing_stops_the_run_naming_it(tmp_path):
     assert p.returncode == 3, err
     assert "checkpoint of step 2 could not be written" in err and "File too large" in err
     assert Checkpointer(out).latest_step() is None
+
+
+def test_a_checkpoint_never_committed_is_not_damage(tmp_path):
+    """A step folder with shards but no manifest (the write was cut short, e.g. a full disk) is not
+    a checkpoint: resume passes over it and, with nothing else, starts at step 0."""
+    from lowbit.train.preflight import check_resume
+    cfg = tiny_cfg(tmp_path, run={"resume": True})
+    ck = Checkpointer(tmp_path)
+    ck.shard_path(5, 0).parent.mkdir(parents=True)
+    ck.shard_path(5, 0).write_bytes(b"partial")
+    assert ck.resume_point().step is None and not ck.resume_point().skipped
+    assert check_resume(cfg, quiet=True).step is None
+    _fake_checkpoint(ck, 2, cfg)
+    assert ck.resume_point().step == 2
