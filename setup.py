@@ -1,11 +1,11 @@
-"""Build hook: the packages (lowbit, and the benchmarks folder installed as lowbit.benchmarks so that
+"""Build hook: the packages (lowbit with its data folders, and the benchmarks folder installed as lowbit.benchmarks so that
 `lowbit bench` runs from an installed wheel) and the two optional compiled parts: lowbit.codec._native,
 the codec's inner loops (lowbit/codec/_native.c), and lowbit.quant._laq, LAQ's linear-grid round and
 stochastic gradient codes (lowbit/quant/_laq.c). Without a C compiler the install still succeeds and
 the codecs and LAQ use their torch ops (same codes, slower). Everything else is in pyproject.toml."""
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, find_namespace_packages, setup
 
-setup(packages=find_packages(include=["lowbit", "lowbit.*"]) + ["lowbit.benchmarks"],
+setup(packages=find_namespace_packages(include=["lowbit", "lowbit.*"], exclude=["*__pycache__*"]) + ["lowbit.benchmarks"],
       package_dir={"lowbit.benchmarks": "benchmarks"},
       ext_modules=[Extension("lowbit.codec._native", ["lowbit/codec/_native.c"],
                              extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off"],
