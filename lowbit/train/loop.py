@@ -27,7 +27,7 @@ from lowbit.codec.delta import DeltaEncoder
 from lowbit.train.checkpoint import Checkpointer, ResumePoint, fingerprint, load_tensors, save_tensors
 from lowbit.train.config import Config, parse_fault
 from lowbit.train.control import Control
-from lowbit.train.metrics import RunLog, step_record
+from lowbit.train.metrics import RunLog, WholeFrames, step_record
 from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
 from lowbit.train.server import ShardServer
 from lowbit.train.worker import Worker
@@ -165,9 +165,9 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
     fault = parse_fault(r.fault)
     log: RunLog | None = None
     base = transport.counter.snapshot()
-    cum = [0.0, 0.0, 0.0]  # bytes up / down / down as whole frames since this launch's first step (leader)
-    up_led = cum_up_whole = 0.0  # bytes up, as sent and as whole frames, over the steps this leader led
-    down_full = [0.0, *(owner.down_nbytes() if owner is not None else (0, 0))]  # this owner's: total, encoder's
+    cum = [0.0, 0.0]  # bytes up / down since this launch's first step (as the leader last saw them)
+    whole = WholeFrames()  # the leader's: what those bytes stand for as whole frames
+    encoded = owner.down_nbytes() if owner is not None else (0, 0)  # this owner's weight frames: whole, sent
     steps_done, stopped = start, False
     ckpt = _Checkpoints(ck, ctl, cfg, rank, worker_index, owner, worker, protect={start} if start else set())
     for step in range(start, r.steps):
@@ -191,11 +191,10 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
         dt = time.perf_counter() - t0
         if owner is not None:
             d, c = transport.counter.delta(before), transport.counter.delta(base)
-            full, sent = owner.down_nbytes()
-            ratio = (full - down_full[1]) / (sent - down_full[2]) if sent > down_full[2] else 1.0
-            down_full[:] = [down_full[0] + d["down_sent"] * ratio, full, sent]
+            now = owner.down_nbytes()
             ctl.publish("owner_bytes", step, [d["up_recv"], d["down_sent"], c["up_recv"], c["down_sent"],
-                                              d["down_sent"] * ratio, down_full[0]])
+                                              now[0] - encoded[0], now[1] - encoded[1]])
+            encoded = now
         live = transport.live_workers
         leading = worker is not None and rank == min(live)
         if leading:
@@ -204,14 +203,13 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
                 log = RunLog(cfg, start, step, lambda: worker.evaluate(batches(dev, 64)), console=console)
             ws = ctl.gather("worker_step", step, live)
             os_ = ctl.gather("owner_bytes", step, transport.owners)
-            up, down, full = (sum(v[i] for v in os_.values()) for i in (0, 1, 4))
-            cum = [sum(v[i] for v in os_.values()) for i in (2, 3, 5)]
-            up_ratio = sum(v[2] for v in ws.values()) / max(1, len(ws))
-            up_led += up
-            cum_up_whole += up * up_ratio
+            up, down, enc_whole, enc_sent = (sum(v[i] for v in os_.values()) for i in (0, 1, 4, 5))
+            cum = [sum(v[i] for v in os_.values()) for i in (2, 3)]
+            up_whole, down_whole = whole.step(up, down, sum(v[2] for v in ws.values()) / max(1, len(ws)),
+                                              enc_whole / enc_sent if enc_sent else 1.0)
             rec = step_record(step + 1, [v[0] for v in ws.values()], int(sum(v[1] for v in ws.values())), up, down,
-                              pb, dt, owner.lr() if owner is not None else None, len(live), down_full=full,
-                              up_full=up * up_ratio)
+                              pb, dt, owner.lr() if owner is not None else None, len(live), down_full=down_whole,
+                              up_full=up_whole)
             log.step(rec, last=step + 1 == r.steps)
         steps_done = step + 1
         if (r.checkpoint_every and steps_done % r.checkpoint_every == 0) or steps_done == r.steps:
@@ -223,9 +221,9 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
     if log is not None:
         ev = log.close(evaluate=not stopped)
         lost = sorted(set(range(n_servers, world_size)) - set(transport.live_workers))
+        up_whole, down_whole = whole.scaled(cum[0], cum[1])
         summary = log.summary(ev, start=start, steps_done=steps_done, up=cum[0], down=cum[1], plan_bytes=pb,
-                              down_full=cum[2], up_full=cum[0] * cum_up_whole / max(1.0, up_led),
-                              workers_lost=lost, stopped=stopped)
+                              up_full=up_whole, down_full=down_whole, workers_lost=lost, stopped=stopped)
     # Under torchrun the store may live in rank 0's process: it leaves only after everyone is done with it.
     ctl.publish("end", None)
     if rank == 0:

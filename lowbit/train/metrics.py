@@ -34,6 +34,29 @@ def step_record(step: int, losses: list[float], skipped: int, up: float, down: f
             "step_s": step_s, "skipped_grads": int(skipped), "workers": workers}
 
 
+class WholeFrames:
+    """What the bytes sent stand for as whole frames (delta-coded weights and row-sparse gradients are
+    smaller), kept by the leader from each step's ratios: the workers' for the gradients (each knows
+    its upload before sending it), the owners' encoders' for the weights (every weight frame is sent
+    or forwarded the same number of times, so one ratio over all of them holds for the bytes down)."""
+
+    def __init__(self):
+        self.sent = [0.0, 0.0]
+        self.whole = [0.0, 0.0]
+
+    def step(self, up: float, down: float, up_ratio: float, down_ratio: float) -> tuple[float, float]:
+        """This step's (up, down) as whole frames."""
+        out = (up * up_ratio, down * down_ratio)
+        for i, (s, w) in enumerate(zip((up, down), out)):
+            self.sent[i] += s
+            self.whole[i] += w
+        return out
+
+    def scaled(self, up: float, down: float) -> tuple[float, float]:
+        """Totals sent (over more steps than this leader saw, after a change of leader) as whole frames."""
+        return tuple(x * w / s if s else x for x, s, w in zip((up, down), self.sent, self.whole))
+
+
 class RunLog:
     """Kept by the one process that reports (the leading worker, or the Ray driver): appends to
     ``metrics.jsonl`` (a run that takes over the lead, or resumes, appends to the same file), draws

@@ -325,3 +325,28 @@ def test_a_checkpoint_never_committed_is_not_damage(tmp_path):
     assert check_resume(cfg, quiet=True).step is None
     _fake_checkpoint(ck, 2, cfg)
     assert ck.resume_point().step == 2
+
+
+@pytest.mark.timeout(240)
+def test_a_rank_killed_by_sigkill_from_outside_ends_the_run_with_one_line(tmp_path, bench):
+    """A real SIGKILL (not the injected exit): one line naming the rank and the signal, no traceback,
+    the last checkpoint and the resume command; no rank left running."""
+    faults = bench("faults")
+    out = tmp_path / "s"
+    p = _lowbit("--out", str(out), "--checkpoint-every", "2", "--steps", "400")
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 150
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    family = faults.descendants(p.pid)
+    victim = faults.rank_pid(out, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 3, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("lowbit: training failed: rank 1 was killed by SIGKILL in step ")
+    assert "/ckpt/step_" in lines[0] and lines[0].split("resume with: ")[1].split(". Each")[0].endswith("--resume")
+    time.sleep(1.0)
+    assert not faults.alive(family)
