@@ -438,9 +438,13 @@ def fault_markdown(rows: list[dict]) -> str:
         if r.get("note") and "rc" not in r:
             lines.append(f"| {r['transport']} | {r['fault']} | - | {r['note']} | - | - |")
             continue
-        det = f"{r['detected_s']} s" if r.get("detected_s") is not None else "-"
-        said = r.get("said", "")
+        det = f"{r['detected_s']} s" if r.get("detected_s") is not None and not r.get("survived") else "-"
+        parts = [p for p in r.get("said", "").split(" / ") if p]
+        ours = [p for p in parts if p.startswith("lowbit")] or parts[:1]
+        said = " / ".join(ours)
         said = (said[:220] + " ...") if len(said) > 220 else said
+        if len(parts) > len(ours):
+            said += f" (and {len(parts) - len(ours)} line(s) of Ray's own log)"
         said = said.replace("|", "\\|") + f" (exit {r.get('rc')})"
         if r.get("processes_left"):
             said += f"; {r['processes_left']} processes still running {ORPHAN_WAIT_S:.0f} s after the exit"
@@ -486,6 +490,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bad-inputs", action="store_true", help="skip the bad-input table")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds one run may take")
     ap.add_argument("--docs", default="", help="also rewrite the tables in this markdown file")
+    ap.add_argument("--from-json", default="", help="only rewrite --docs from this JSON of an earlier run")
     ap.add_argument("--include", default="", help="JSON of an earlier run: its rows join this run's (rows this "
                     "run measures again are replaced), e.g. to rerun one transport")
     ap.add_argument("--json", default=str(RESULTS / "faults.json"))
@@ -498,6 +503,11 @@ def main(argv=None) -> int:
         if x not in FAULTS:
             ap.error(f"unknown fault {x!r}; one of {', '.join(FAULTS)}")
     command = "lowbit bench faults " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.from_json:
+        old = json.loads(Path(args.from_json).read_text())
+        rewrite_docs(Path(args.docs), fault_markdown(old["records"]), bad_input_markdown(old["bad_inputs"]),
+                     old["command"])
+        return 0
     t0 = time.time()
     rows, bad = [], []
     with tempfile.TemporaryDirectory(prefix="lowbit-faults-") as tmp:
