@@ -29,7 +29,7 @@ from lowbit.train.checkpoint import Checkpointer, ResumePoint, fingerprint
 from lowbit.train.config import Config, parse_fault
 from lowbit.train.control import StopSignals
 from lowbit.train.loop import batch_indices, batches, build_model, load_data, load_worker_state, save_worker_state
-from lowbit.train.metrics import RunLog, step_record
+from lowbit.train.metrics import RunLog, WholeFrames, step_record
 from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
 
 
@@ -81,7 +81,7 @@ class TrainWorker:
         idx = batch_indices(self.n_train, r.batch_size, step, r.seed + self.index)
         loss = self.worker.forward_backward({k: v[idx] for k, v in self.train.items()}, step)
         frames = self.worker.encode_gradients(step)
-        return frames, {"loss": loss, "skipped": self.worker.skipped}
+        return frames, {"loss": loss, "skipped": self.worker.skipped, "up_whole": self.worker.up_whole}
 
     def evaluate(self):
         return self.worker.evaluate(batches(self.dev, 64))
@@ -158,6 +158,7 @@ def _run(cfg: Config, plan, shapes, key_server, ck: Checkpointer, start: int, ow
         pb = plan_bytes(plan)
         log = RunLog(cfg, start, start, lambda: ray.get(ps.workers[ps.alive[0]].evaluate.remote()))
         totals = [0.0, 0.0]
+        whole = WholeFrames()  # weights go whole (no delta coding over Ray); gradients may be row-sparse
         clock = [time.perf_counter()]
         refetches = [0]
         done = [start]
@@ -170,8 +171,9 @@ def _run(cfg: Config, plan, shapes, key_server, ck: Checkpointer, start: int, ow
             totals[0] += up
             totals[1] += down
             lr = ray.get(ps.servers[0].stats.remote())["lr"]
+            up_whole, _ = whole.step(up, down, sum(x.get("up_whole", 1.0) for x in results) / len(results), 1.0)
             rec = step_record(step + 1, [x["loss"] for x in results], sum(x.get("skipped", 0) for x in results),
-                              up, down, pb, time.perf_counter() - clock[0], lr, len(results))
+                              up, down, pb, time.perf_counter() - clock[0], lr, len(results), up_full=up_whole)
             log.step(rec, last=step + 1 == r.steps)
             done[0] = step + 1
             if (r.checkpoint_every and (step + 1) % r.checkpoint_every == 0) or step + 1 == r.steps or stop.is_set():
@@ -190,7 +192,8 @@ def _run(cfg: Config, plan, shapes, key_server, ck: Checkpointer, start: int, ow
         finally:
             ev = log.close(evaluate=not stop.is_set())
         return log.summary(ev, start=start, steps_done=done[0], up=totals[0], down=totals[1], plan_bytes=pb,
-                           workers_alive=len(ps.alive), weight_refetches=refetches[0], stopped=stopped)
+                           up_full=whole.scaled(totals[0], totals[1])[0], workers_alive=len(ps.alive),
+                           weight_refetches=refetches[0], stopped=stopped)
     finally:
         if ps is not None:
             ps.shutdown()
