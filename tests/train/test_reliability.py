@@ -249,6 +249,14 @@ def _lowbit(*args, **kw):
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)
 
 
+def _wait_for_steps(out: Path, n: int, timeout: float = 150) -> None:
+    """Until the run under ``out`` has logged ``n`` steps (or ``timeout`` seconds passed)."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < n):
+        time.sleep(0.1)
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -275,10 +283,7 @@ def test_a_killed_rank_ends_the_run_with_one_message_and_the_resume_command(tmp_
 def test_sigterm_on_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path):
     out = tmp_path / "t"
     p = _lowbit("--out", str(out), "--steps", "400", "--checkpoint-every", "1000")
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 150
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
+    _wait_for_steps(out, 3)
     kids = _children(p.pid)
     assert len([k for k in kids if Path(f"/proc/{k}").exists()]) >= 2
     t0 = time.time()
@@ -334,10 +339,7 @@ def test_a_rank_killed_by_sigkill_from_outside_ends_the_run_with_one_line(tmp_pa
     faults = bench("faults")
     out = tmp_path / "s"
     p = _lowbit("--out", str(out), "--checkpoint-every", "2", "--steps", "400")
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 150
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.1)
+    _wait_for_steps(out, 3)
     family = faults.descendants(p.pid)
     victim = faults.rank_pid(out, 1)
     assert victim is not None
