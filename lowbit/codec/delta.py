@@ -33,7 +33,7 @@ import struct
 
 import torch
 
-from lowbit.codec.frame import Frame
+from lowbit.codec.frame import Frame, frame_nbytes
 from lowbit.codec.ids import decode_ids, deflate, encode_ids, inflate_exact
 from lowbit.errors import FrameError
 
@@ -114,21 +114,21 @@ class DeltaEncoder:
     def encode(self, f: Frame, *, full: bool = False) -> bytes:
         """The bytes that bring a receiver holding the last frame sent for ``f.key`` to ``f`` (a grid
         weight frame at its step). Raw frames (16/32-bit weights) always go whole."""
-        whole = f.to_bytes()
-        self.full_nbytes += len(whole)
+        whole = frame_nbytes(f.encoding, f.bits, f.shape, f.scales.numel(), f.dtype)  # serialized only if sent
+        self.full_nbytes += whole
         prev = self.sent.get(f.key)
         if f.encoding == "raw":
-            self.nbytes += len(whole)
-            return whole
+            self.nbytes += whole
+            return f.to_bytes()
         cur = _Codes(f)
         key_frame = (full or prev is None or not prev.matches(f)
                      or (self.keyframe_every and f.step % self.keyframe_every == 0))
-        out = whole
+        out = None
         if not key_frame:
-            ids = _changed_groups(cur.groups, prev.groups)
-            delta = self._delta(f, prev, cur, ids)
-            if len(delta) < len(whole):
+            delta = self._delta(f, prev, cur, _changed_groups(cur.groups, prev.groups))
+            if len(delta) < whole:
                 out = delta
+        out = out if out is not None else f.to_bytes()
         self.sent[f.key] = cur
         self.nbytes += len(out)
         return out

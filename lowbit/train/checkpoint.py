@@ -107,6 +107,11 @@ class ResumePoint:
     manifest: dict | None
     skipped: tuple[str, ...] = ()
 
+    @staticmethod
+    def start_of(rp: "ResumePoint | None") -> int:
+        """The first step a run resuming from ``rp`` (None: not resuming) trains."""
+        return rp.step if rp is not None and rp.step is not None else 0
+
 
 class Checkpointer:
     def __init__(self, out: str | os.PathLike):

@@ -142,7 +142,7 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
         owner = ShardServer([plan[k] for k in owned], {k: params[k] for k in owned}, cfg.optim,
                             total_steps=r.steps, device=device, delta=delta)
     ck = Checkpointer(out)
-    start = resume.step if resume is not None and resume.step is not None else 0
+    start = ResumePoint.start_of(resume)
     if start and owner is not None:
         owner.load(ck.shard_files(start))
     worker = dev = None

@@ -133,7 +133,7 @@ def run_ray(cfg: Config, resume: ResumePoint | None = None, stop: threading.Even
     if any(not keys_of[j] for j in range(S)):
         raise ConfigError(f"{S} servers for {len(shapes)} parameter tensors leaves a server without keys")
     ck = Checkpointer(r.out)
-    start = resume.step if resume is not None and resume.step is not None else 0
+    start = ResumePoint.start_of(resume)
     shards = [str(p) for p in ck.shard_files(start)] if start else None
     owners = [ShardFactory(cfg, keys_of[j], shards) for j in range(S)]
     workers = [WorkerFactory(cfg, w, str(ck.worker_path(start, w)) if start else None) for w in range(W)]
