@@ -495,7 +495,7 @@ def main(argv=None) -> int:
                     "run measures again are replaced), e.g. to rerun one transport")
     ap.add_argument("--json", default=str(RESULTS / "faults.json"))
     args = ap.parse_args(argv)
-    transports, faults = args.transports.split(","), args.faults.split(",")
+    transports, faults = [x for x in args.transports.split(",") if x], args.faults.split(",")
     for x in transports:
         if x not in TRANSPORTS:
             ap.error(f"unknown transport {x!r}; one of {', '.join(TRANSPORTS)}")

@@ -66,9 +66,10 @@ def resolve_task(task: str, data_dir: str | os.PathLike | None = None) -> str:
     for name in present:
         if _norm(name) == _norm(task):
             return name
-    raise ConfigError(f"unknown task {task!r}: tasks found in {str(glue)!r}: {present or 'none'}"
-                      + ("" if data_dir or os.environ.get(DATA_ENV) else
-                         f" (only SST-2 ships with lowbit; --data-dir or ${DATA_ENV} point at other GLUE tasks)"))
+    if data_dir or os.environ.get(DATA_ENV):
+        raise ConfigError(f"unknown task {task!r}: tasks found in {str(glue)!r}: {present or 'none'}")
+    raise ConfigError(f"unknown task {task!r}: the data packaged with lowbit holds {present or 'none'} "
+                      f"(--data-dir or ${DATA_ENV} point at other GLUE tasks)")
 
 
 def task_file(task: str, split: str, data_dir: str | os.PathLike | None = None) -> Path:
