@@ -502,7 +502,7 @@ def main(argv=None) -> int:
     for x in faults:
         if x not in FAULTS:
             ap.error(f"unknown fault {x!r}; one of {', '.join(FAULTS)}")
-    command = "lowbit bench faults " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "lowbit bench faults " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.from_json:
         old = json.loads(Path(args.from_json).read_text())
         rewrite_docs(Path(args.docs), fault_markdown(old["records"]), bad_input_markdown(old["bad_inputs"]),
