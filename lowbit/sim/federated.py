@@ -45,7 +45,7 @@ from lowbit.quant.grads import ErrorFeedback
 
 __all__ = [
     "FedConfig", "iid_split", "dirichlet_split", "label_skew", "sample_clients", "client_drops",
-    "local_batch_indices", "LinkSpec", "make_link_plan", "encode_tensors", "decode_tensors",
+    "local_batch_indices", "LinkSpec", "link_spec", "make_link_plan", "encode_tensors", "decode_tensors",
     "link_nbytes", "build_model", "ClientResult", "ClientRunner", "FedServer", "SequentialPool",
     "RayPool", "simulate", "plot_accuracy_vs_bytes", "main", "load_task_data", "rounds_to_target",
     "evaluate", "make_splits", "mix_seed", "make_local_optimizer", "trainable",
@@ -53,6 +53,7 @@ __all__ = [
 
 LINK_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 AGGREGATORS = ("fedavg", "fedadam")
+WEIGHTS = ("data", "seen")
 LOCAL_OPTIMIZERS = ("sgd", "adam")
 
 
@@ -76,6 +77,8 @@ class FedConfig:
     clip: float | None = 3.0       # uplink clip at c·σ (None: no clipping)
     error_feedback: bool = False   # per-client uplink residual kept across rounds
     aggregator: str = "fedavg"     # fedavg | fedadam
+    weight: str = "data"           # a client's weight in the average: its examples (data) or the
+                                   # examples its local steps processed this round (seen)
     server_lr: float | None = None  # None: 1.0 for fedavg, 1e-2 for fedadam
     server_betas: tuple[float, float] = (0.9, 0.99)
     server_tau: float = 1e-3
@@ -129,6 +132,7 @@ class FedConfig:
         need(self.clip is None or (isinstance(self.clip, (int, float)) and self.clip > 0),
              f"clip must be > 0 or None, got {self.clip!r}")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
+        need(self.weight in WEIGHTS, f"weight must be one of {WEIGHTS}, got {self.weight!r}")
         need(self.server_lr is None or self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr!r}")
         b1, b2 = self.server_betas
         need(0 <= b1 < 1 and 0 <= b2 < 1, f"server_betas must be in [0, 1), got {self.server_betas!r}")
@@ -287,18 +291,23 @@ class LinkSpec:
     up: object    # codec of the model delta client -> server
 
 
+def link_spec(key: int, name: str, shape: Sequence[int], *, up_bits: int, down_bits: int,
+              clip: float | None = 3.0, per_row: bool = False) -> LinkSpec:
+    """One tensor's codecs on both links: a matrix goes down as LAQ weights and up as clipped
+    stochastic codes of its delta; a 1-D tensor (LayerNorm, bias) and any 32-bit link go fp32."""
+    small = len(shape) < 2
+    down = RawCodec(torch.float32, "weight") if small or down_bits == 32 else \
+        WeightCodec("laq-linear", down_bits, per_row=per_row)
+    up = RawCodec(torch.float32, "grad") if small or up_bits == 32 else StochasticGradCodec(up_bits, clip)
+    return LinkSpec(key, name, tuple(shape), down, up)
+
+
 def make_link_plan(model: nn.Module, cfg: FedConfig) -> list[LinkSpec]:
-    """Per trainable parameter: matrices use the configured link codecs, 1-D tensors go fp32 both
-    ways. Frozen parameters (``cfg.freeze``) are not on the links."""
-    plan = []
-    for key, (name, p) in enumerate(trainable(model)):
-        small = p.dim() < 2
-        down = RawCodec(torch.float32, "weight") if small or cfg.down_bits == 32 else \
-            WeightCodec("laq-linear", cfg.down_bits, per_row=cfg.per_row)
-        up = RawCodec(torch.float32, "grad") if small or cfg.up_bits == 32 else \
-            StochasticGradCodec(cfg.up_bits, cfg.clip)
-        plan.append(LinkSpec(key, name, tuple(p.shape), down, up))
-    return plan
+    """A :func:`link_spec` per trainable parameter; frozen parameters (``cfg.freeze``) are not on
+    the links."""
+    return [link_spec(key, name, p.shape, up_bits=cfg.up_bits, down_bits=cfg.down_bits, clip=cfg.clip,
+                      per_row=cfg.per_row)
+            for key, (name, p) in enumerate(trainable(model))]
 
 
 def link_nbytes(plan: list[LinkSpec]) -> dict[str, int]:
@@ -442,7 +451,7 @@ def make_local_optimizer(params, cfg: FedConfig) -> torch.optim.Optimizer:
 @dataclass
 class ClientResult:
     client: int
-    n: int                  # the client's examples (FedAvg weight)
+    n: int                  # the client's weight in the average (ClientRunner.weight)
     up: bytes | None        # uplink frames; None when the client dropped out
     loss: float = float("nan")  # mean local training loss
 
@@ -466,12 +475,22 @@ class ClientRunner:
         self.plan = make_link_plan(self.model, cfg)
         self.ef: dict[int, ErrorFeedback] = {}
 
+    def local_steps(self, cid: int) -> int:
+        n = len(self.splits[cid])
+        return self.cfg.local_epochs * math.ceil(n / self.cfg.local_batch) if self.cfg.local_epochs else self.cfg.local_steps
+
+    def weight(self, cid: int) -> int:
+        """Client ``cid``'s weight in the average: its examples, or (``weight="seen"``) the
+        examples its local steps process in a round."""
+        n = len(self.splits[cid])
+        return n if self.cfg.weight == "data" else self.local_steps(cid) * min(self.cfg.local_batch, n)
+
     def local_update(self, start: Sequence[torch.Tensor], cid: int, rnd: int) -> tuple[list[torch.Tensor], float]:
         """E local optimizer steps from ``start`` on client ``cid``'s data: (Δ = w_local − start, mean loss)."""
         cfg = self.cfg
         idx = self.splits[cid]
         n = len(idx)
-        steps = cfg.local_epochs * math.ceil(n / cfg.local_batch) if cfg.local_epochs else cfg.local_steps
+        steps = self.local_steps(cid)
         _set_params(self.model, start)
         self.model.train()
         torch.manual_seed(mix_seed(cfg.seed, _TORCH, rnd, cid))  # dropout masks
@@ -492,7 +511,7 @@ class ClientRunner:
         start = decode_tensors(self.plan, global_bytes, "down")
         results = []
         for cid in clients:
-            n = len(self.splits[cid])
+            n = self.weight(cid)
             if client_drops(self.cfg, rnd, cid):
                 results.append(ClientResult(cid, n, None))
                 continue
@@ -783,6 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clip", type=float, default=d.clip, help="uplink clip factor c (0 = no clipping)")
     a("--error-feedback", action="store_true", help="per-client uplink error feedback")
     a("--aggregator", choices=AGGREGATORS, default=d.aggregator)
+    a("--weight", choices=WEIGHTS, default=d.weight,
+      help="a client's weight in the average: its examples, or the examples it trained on this round")
     a("--server-lr", type=float, default=None)
     a("--server-betas", type=float, nargs=2, default=list(d.server_betas))
     a("--server-tau", type=float, default=d.server_tau)

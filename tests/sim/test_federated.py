@@ -1,6 +1,7 @@
 """Federated simulation: exactness at 32 bits, byte accounting, non-IID splits, drop-outs, Ray parity."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 
 from lowbit.codec.codecs import RawCodec, StochasticGradCodec, WeightCodec
 from lowbit.errors import ConfigError
-from lowbit.sim.federated import (FedConfig, build_model, dirichlet_split, iid_split, label_skew,
+from lowbit.sim.federated import (ClientRunner, FedConfig, build_model, dirichlet_split, iid_split, label_skew,
                                   local_batch_indices, main, make_splits, mix_seed, sample_clients,
                                   simulate, trainable)
 
@@ -220,10 +221,25 @@ def test_sequential_and_ray_agree(tmp_path):
     (dict(clients=100, train_subset=50), "train_subset"),
     (dict(local_optimizer="lamb"), "local_optimizer"),
     (dict(local_optimizer="adam", local_momentum=0.9), "local_momentum"),
+    (dict(weight="tokens"), "weight"),
 ])
 def test_bad_config_raises(bad, msg):
     with pytest.raises(ConfigError, match=msg):
         cfg_(**bad).validate()
+
+
+@pytest.mark.timeout(60)
+def test_weight_seen_counts_the_examples_a_round_processes():
+    """weight="data": a client's examples; "seen": local steps × min(batch, examples), so a client
+    with 10× the data but the same local work weighs the same."""
+    cfg = cfg_(local_steps=3, local_batch=4, threads=0)
+    splits = [torch.arange(2), torch.arange(2, 12), torch.arange(12, 52)]
+    data = ClientRunner(cfg, TRAIN, splits)
+    seen = ClientRunner(dataclasses.replace(cfg, weight="seen"), TRAIN, splits)
+    assert [data.weight(c) for c in range(3)] == [2, 10, 40]
+    assert [seen.weight(c) for c in range(3)] == [3 * 2, 3 * 4, 3 * 4]
+    epochs = ClientRunner(dataclasses.replace(cfg, weight="seen", local_epochs=1), TRAIN, splits)
+    assert [epochs.weight(c) for c in range(3)] == [1 * 2, 3 * 4, 10 * 4]
 
 
 @pytest.mark.timeout(30)
