@@ -12,6 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export FLWR_TELEMETRY_ENABLED ?= 0
 # Every spawned rank imports transformers: let Python cache bytecode, or each one recompiles it.
 unexport PYTHONDONTWRITEBYTECODE
 

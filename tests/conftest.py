@@ -16,6 +16,14 @@ from torch._inductor.runtime.cache_dir_utils import cache_dir as _inductor_cache
 
 _inductor_cache_dir()
 
+# Ray adds RAY_CLIENT_MODE and a sys.path entry when imported; flwr.simulation sets
+# RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 when imported (Flower ships uv, which Ray would otherwise hook).
+for _name in ("ray", "flwr.simulation"):
+    try:
+        importlib.import_module(_name)
+    except ImportError:
+        pass
+
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "lowbit"
 # a package may import only packages of a lower layer
 LAYER = {"errors": 0, "progress": 0, "quant": 1, "codec": 2, "comm": 3, "models": 3, "net": 3, "train": 4,
-         "sim": 5, "testing": 5, "demo": 6, "benchmarks": 6, "cli": 7}
+         "sim": 5, "testing": 5, "integrations": 6, "demo": 6, "benchmarks": 6, "cli": 7}
 
 
 def _module(p: Path) -> str:
