@@ -53,6 +53,7 @@ class LowbitHookState:
     counter: ByteCounter = field(default_factory=ByteCounter)
     residuals: dict[int, torch.Tensor] = field(default_factory=dict)
     iteration: int = 0
+    bucket_numel: dict[int, int] = field(default_factory=dict)  # elements per bucket index, as last seen
 
     def __post_init__(self) -> None:
         self.codec = StochasticGradCodec(self.bits, self.clip)  # validates bits / clip (ConfigError)
@@ -87,6 +88,7 @@ def lowbit_hook(state: LowbitHookState, bucket: dist.GradBucket) -> torch.future
     p = dist.get_world_size(group)
     buf = bucket.buffer()
     idx = bucket.index()
+    state.bucket_numel[idx] = buf.numel()
     step = state.iteration
     if bucket.is_last():
         state.iteration += 1
