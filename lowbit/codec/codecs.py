@@ -3,7 +3,8 @@
     encode(tensor) -> Frame        decode(Frame) -> tensor        frame_nbytes(shape) -> int
 
 A codec holds configuration only; randomness comes in through an explicit ``generator`` and
-state (error feedback residuals) lives with the caller (:class:`lowbit.quant.grads.ErrorFeedback`).
+state (error feedback residuals) lives in a memory the caller owns, composed with a codec by
+:func:`lowbit.codec.feedback.with_feedback`.
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compr
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
 from lowbit.codec.codecs import StochasticGradCodec, decode_frame
+from lowbit.codec.feedback import ErrorFeedback, with_feedback
 from lowbit.codec.frame import Frame
 from lowbit.comm.p2p import group_device
 from lowbit.comm.transport import ByteCounter
@@ -42,7 +43,7 @@ __all__ = ["LowbitHookState", "lowbit_hook", "fp16_hook", "allreduce_hook", "pow
 
 @dataclass
 class LowbitHookState:
-    """State of :func:`lowbit_hook`: codec settings, error-feedback residuals per bucket index, the
+    """State of :func:`lowbit_hook`: codec settings, the error-feedback memory (a residual per bucket index), the
     random generator of the stochastic rounding (seeded ``seed + rank``) and a byte counter."""
 
     process_group: object = None
@@ -51,12 +52,13 @@ class LowbitHookState:
     error_feedback: bool = True
     seed: int = 0
     counter: ByteCounter = field(default_factory=ByteCounter)
-    residuals: dict[int, torch.Tensor] = field(default_factory=dict)
+    memory: ErrorFeedback = field(default_factory=ErrorFeedback)  # residual per bucket index
     iteration: int = 0
     bucket_numel: dict[int, int] = field(default_factory=dict)  # elements per bucket index, as last seen
 
     def __post_init__(self) -> None:
-        self.codec = StochasticGradCodec(self.bits, self.clip)  # validates bits / clip (ConfigError)
+        codec = StochasticGradCodec(self.bits, self.clip)  # validates bits / clip (ConfigError)
+        self.codec = with_feedback(codec, self.memory if self.error_feedback else None)
         rank = dist.get_rank(self.process_group) if dist.is_initialized() else 0
         self._generators: dict[torch.device, torch.Generator] = {}
         self._seed = int(self.seed) + rank
@@ -71,13 +73,10 @@ class LowbitHookState:
 
 def _encode_bucket(state: LowbitHookState, idx: int, step: int, buf: torch.Tensor) -> bytes:
     x = buf.detach().float()
-    e = state.residuals.get(idx) if state.error_feedback else None
-    if e is not None and e.shape == x.shape and e.device == x.device:
-        x = x + e
-    frame = state.codec.encode(x, key=idx, step=step, generator=state.generator(x.device))
-    if state.error_feedback:
-        state.residuals[idx] = x - decode_frame(frame, x.device).float()
-    return frame.to_bytes()
+    e = state.memory.residuals.get(idx)
+    if e is not None and (e.shape != x.shape or e.device != x.device):
+        del state.memory.residuals[idx]  # DDP rebuilt its buckets: this index is a new bucket
+    return state.codec.encode(x, key=idx, step=step, generator=state.generator(x.device)).to_bytes()
 
 
 def lowbit_hook(state: LowbitHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

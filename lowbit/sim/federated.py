@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from lowbit.codec.codecs import RawCodec, StochasticGradCodec, WeightCodec
+from lowbit.codec.feedback import with_feedback
 from lowbit.codec.frame import split_frames
 from lowbit.errors import ConfigError, FrameError
 from lowbit.quant.grads import ErrorFeedback
@@ -325,13 +326,8 @@ def encode_tensors(plan: list[LinkSpec], tensors: Sequence[torch.Tensor], link: 
     quantized uplink tensors carry the residual: send Q(x + e), keep e ← x + e − deQ(...)."""
     frames = []
     for spec, x in zip(plan, tensors):
-        codec = getattr(spec, link)
-        if ef is not None and not isinstance(codec, RawCodec):
-            xc = ef.compensate(spec.name, x)
-            f = codec.encode(xc, key=spec.key, step=step, generator=generator)
-            ef.update(spec.name, xc, codec.decode(f))
-        else:
-            f = codec.encode(x, key=spec.key, step=step, generator=generator)
+        f = with_feedback(getattr(spec, link), ef).encode(x, key=spec.key, step=step, generator=generator,
+                                                          name=spec.name)
         if f is None:
             raise FrameError(f"{link}link codec dropped {spec.name} (non-finite values)")
         frames.append(f.to_bytes())

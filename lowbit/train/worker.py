@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.codec.codecs import RawCodec
+from lowbit.codec.feedback import with_feedback
 from lowbit.codec.sparse import RowSparseCodec
 from lowbit.comm.transport import LazyFrames
 from lowbit.quant.grads import ErrorFeedback, check_finite
@@ -97,13 +97,7 @@ class Worker:
                 return None  # skipped above
             spec, g = todo[key]
             gen = step_generator(self.seed, self.rank, step, self.device, key)
-            codec = spec.g_codec
-            if self.ef is not None and not isinstance(codec, RawCodec):
-                gc = self.ef.compensate(spec.name, g)
-                f = codec.encode(gc, key=spec.key, step=step, generator=gen)
-                self.ef.update(spec.name, gc, codec.decode(f))
-            else:
-                f = codec.encode(g, key=spec.key, step=step, generator=gen)
+            f = with_feedback(spec.g_codec, self.ef).encode(g, key=spec.key, step=step, generator=gen, name=spec.name)
             return f.to_bytes()
 
         # Row-sparse frames are encoded now, so the step's upload size is known before it is sent.
