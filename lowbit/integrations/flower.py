@@ -37,7 +37,8 @@ import torch
 from lowbit.codec.frame import split_frames
 from lowbit.errors import ConfigError, FrameError
 from lowbit.quant.grads import ErrorFeedback
-from lowbit.sim.federated import LINK_BITS, LinkSpec, decode_tensors, encode_tensors, link_spec, mix_seed
+from lowbit.sim.config import LINK_BITS, mix_seed
+from lowbit.sim.links import LinkSpec, decode_tensors, encode_tensors, link_spec
 
 try:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
