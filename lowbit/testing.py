@@ -1,6 +1,6 @@
 """Helpers for tests and benchmarks: the process-wide settings a run may change, saved and restored;
 ranks of a real gloo group on this machine (:func:`run_ranks`, :func:`free_port`); stand-in owners
-(:class:`SGDOwner`, :class:`FrameOwner`).
+(:class:`SGDOwner`, :class:`FrameOwner`); the tiny training run tests start from (:func:`tiny_config`).
 
 :func:`process_settings` reads every setting a lowbit call or a benchmark may change for the whole
 process (torch's thread count, the environment, the working directory, the codec and LAQ switches,
@@ -100,6 +100,27 @@ def kept_settings() -> Iterator[dict[str, Any]]:
         yield s
     finally:
         restore_settings(s)
+
+
+# ----------------------------------------------------------------------------- a tiny training run
+
+def tiny_config(out, *layers: dict[str, dict[str, Any]]):
+    """A :class:`lowbit.train.config.Config` for tests: tiny-bert, 2 ring workers, fp32 links, Adam
+    lr 1e-3, 4 steps of batch 4 on 64 training / 32 dev examples, one thread per rank, no progress,
+    writing to ``out``. Each layer ({section: {option: value}}) overrides in order; validated."""
+    from lowbit.train.config import Config
+
+    cfg = Config()
+    base = {"transport": {"kind": "ring", "workers": 2, "timeout_s": 60},
+            "codec": {"w_bits": 32, "g_bits": 32, "embed_bits": 32, "head_bits": 32},
+            "optim": {"name": "adam", "lr": 1e-3},
+            "run": {"model": "tiny-bert", "steps": 4, "batch_size": 4, "max_len": 16, "train_subset": 64,
+                    "eval_subset": 32, "seed": 0, "dropout": 0.0, "threads_per_rank": 1, "progress": False,
+                    "out": str(out)}}
+    for layer in (base, *layers):
+        for section, values in layer.items():
+            cfg.override(section, values)
+    return cfg.validate()
 
 
 # ----------------------------------------------------------------------------- ranks on this machine

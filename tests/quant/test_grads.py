@@ -6,17 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.errors import ConfigError, NonFiniteGradientError
-from lowbit.quant import (
-    ErrorFeedback,
-    cast_half,
-    check_finite,
-    clip_sigma,
-    qsgd,
-    quantize_grad_stochastic,
-    sign_ef,
-    stochastic_round,
-    terngrad,
-)
+from lowbit.quant import (ErrorFeedback, cast_half, check_finite, clip_sigma, qsgd, quantize_grad_stochastic,
+                          sign_ef, stochastic_round, terngrad)
 
 SETTINGS = settings(deadline=None, max_examples=50)
 

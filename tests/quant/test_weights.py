@@ -7,15 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.errors import ConfigError
-from lowbit.quant import (
-    QTensor,
-    binarize,
-    laq_project,
-    quantize_weight,
-    ternarize_lat,
-    ternarize_twn,
-    weight_objective,
-)
+from lowbit.quant import (QTensor, binarize, laq_project, quantize_weight, ternarize_lat, ternarize_twn,
+                          weight_objective)
 
 SETTINGS = settings(deadline=None, max_examples=50)
 

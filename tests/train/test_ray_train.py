@@ -12,7 +12,7 @@ import torch  # noqa: E402
 ray = pytest.importorskip("ray")
 
 from lowbit.comm.ray import ray_session  # noqa: E402
-from lowbit.train.config import Config  # noqa: E402
+from lowbit.testing import tiny_config  # noqa: E402
 from lowbit.train.checkpoint import Checkpointer  # noqa: E402
 from lowbit.train.launch import launch_local  # noqa: E402
 from lowbit.train.ray_launch import run_ray  # noqa: E402
@@ -21,16 +21,7 @@ RAY_TMP = str(Path(__file__).resolve().parents[2] / ".ray_tmp")
 
 
 def tiny_cfg(tmp_path, name, **over):
-    cfg = Config()
-    cfg.override("transport", {"kind": "ray", "workers": 2, "servers": 1, "timeout_s": 120})
-    cfg.override("codec", {"w_bits": 32, "g_bits": 32, "embed_bits": 32, "head_bits": 32})
-    cfg.override("optim", {"name": "adam", "lr": 1e-3})
-    cfg.override("run", {"model": "tiny-bert", "steps": 4, "batch_size": 4, "max_len": 16,
-                         "train_subset": 64, "eval_subset": 32, "seed": 0, "dropout": 0.0,
-                         "threads_per_rank": 1, "progress": False, "out": str(tmp_path / name)})
-    for section, values in over.items():
-        cfg.override(section, values)
-    return cfg.validate()
+    return tiny_config(tmp_path / name, {"transport": {"kind": "ray", "servers": 1, "timeout_s": 120}}, over)
 
 
 def final_weights(out: Path, steps: int) -> dict[int, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 from lowbit.cli import main
 from lowbit.errors import ConfigError
 from lowbit.train.checkpoint import Checkpointer, check_compatible, fingerprint, write_json
+from lowbit.testing import tiny_config
 from lowbit.train.config import Config
 from lowbit.train.launch import launch_local
 
@@ -25,16 +26,7 @@ TINY = ["--model", "tiny-bert", "--steps", "4", "--batch-size", "4", "--max-len"
 
 
 def tiny_cfg(out, **over) -> Config:
-    cfg = Config()
-    cfg.override("transport", {"kind": "ring", "workers": 2, "timeout_s": 60})
-    cfg.override("codec", {"w_bits": 32, "g_bits": 32, "embed_bits": 32, "head_bits": 32})
-    cfg.override("optim", {"lr": 1e-3})
-    cfg.override("run", {"model": "tiny-bert", "steps": 4, "batch_size": 4, "max_len": 16, "train_subset": 32,
-                         "eval_subset": 16, "dropout": 0.0, "threads_per_rank": 1, "progress": False,
-                         "checkpoint_every": 2, "out": str(out)})
-    for section, values in over.items():
-        cfg.override(section, values)
-    return cfg.validate()
+    return tiny_config(out, {"run": {"train_subset": 32, "eval_subset": 16, "checkpoint_every": 2}}, over)
 
 
 # ------------------------------------------------------------------------------------- bad inputs

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowbit.testing import tiny_config
 from lowbit.train.config import Config
 from lowbit.train.checkpoint import Checkpointer
 from lowbit.train.launch import launch_local
@@ -14,17 +15,7 @@ from lowbit.train.server import lr_lambda
 
 
 def tiny_cfg(tmp_path, name, **over):
-    cfg = Config()
-    cfg.override("transport", {"kind": "ring", "workers": 2, "timeout_s": 60})
-    cfg.override("codec", {"w_bits": 32, "g_bits": 32, "embed_bits": 32, "head_bits": 32,
-                           "max_piece_numel": 1_000_000})
-    cfg.override("optim", {"name": "adam", "lr": 1e-3})
-    cfg.override("run", {"model": "tiny-bert", "steps": 3, "batch_size": 4, "max_len": 16,
-                         "train_subset": 64, "eval_subset": 32, "seed": 0, "dropout": 0.0,
-                         "threads_per_rank": 1, "progress": False, "out": str(tmp_path / name)})
-    for section, values in over.items():
-        cfg.override(section, values)
-    return cfg.validate()
+    return tiny_config(tmp_path / name, {"codec": {"max_piece_numel": 1_000_000}, "run": {"steps": 3}}, over)
 
 
 def final_weights(out: Path, steps: int) -> dict[int, torch.Tensor]:
