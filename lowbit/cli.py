@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 
-from lowbit.errors import guarded
+from lowbit.errors import ConfigError, guarded
 from lowbit.train.args import PRESETS_HELP, add_train_args, config_from_args
 
 
@@ -42,6 +42,17 @@ def cmd_bench(args, rest) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.run:
+        if args.checkpoint:
+            raise ConfigError("--from exports a run's own weights: it takes no --checkpoint")
+        from lowbit.train.export import export_run
+
+        r = export_run(args.run, args.out, step=args.step)
+        print(f"wrote {r['path']}: {r['bytes'] / 1e6:.2f} MB, {r['fp32_bytes'] / r['bytes']:.1f}x smaller than "
+              f"fp32 ({r['fp32_bytes'] / 1e6:.1f} MB); the weight frames of step {r['step']}, {r['pieces']} pieces")
+        return 0
+    if args.step is not None:
+        raise ConfigError("--step applies to --from RUN")
     from lowbit.models import export_packed, load_preset, wrap
 
     model, _ = load_preset(args.model, num_labels=2)
@@ -91,11 +102,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     b.add_argument("what", nargs="?", choices=list(BENCHMARKS), metavar="NAME")
     e = sub.add_parser("export", help="write a packed low-bit checkpoint (safetensors)", formatter_class=_Help,
                        description="Wrap a model with a quantization scheme and write its packed low-bit "
-                       "checkpoint (codes + scales, loadable with lowbit.models.load_packed).")
+                       "checkpoint (codes + scales, loadable with lowbit.models.load_packed); or, with "
+                       "--from RUN, write a training run's final low-bit weights.")
     e.add_argument("--model", default="minilm", help=f"model: {PRESETS_HELP} [default: minilm]")
     e.add_argument("--scheme", default="ternarybert", choices=("ternarybert", "q8bert"),
                    help="quantization scheme [default: ternarybert]")
     e.add_argument("--checkpoint", help="fine-tuned weights (safetensors) loaded before the export [default: none]")
+    e.add_argument("--from", dest="run", metavar="RUN",
+                   help="a `lowbit train` run folder: write the low-bit weights its workers last decoded "
+                   "(--model and --scheme are ignored)")
+    e.add_argument("--step", type=int, default=None,
+                   help="with --from: the checkpoint step [default: the latest that verifies]")
     e.add_argument("--out", required=True, help="the file to write")
     sub.add_parser("simulate", help="federated simulation with quantized links (`lowbit simulate --help`)",
                    add_help=False)

@@ -91,11 +91,11 @@ def export_packed(model: nn.Module, path: str | os.PathLike, fp_dtype: torch.dty
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
-    _default_mode(path)
+    default_mode(path)
     return path.stat().st_size
 
 
-def _default_mode(path: Path) -> None:
+def default_mode(path: Path) -> None:
     """Give the file the permissions a plain ``open(path, "w")`` would (0666 less the umask):
     safetensors creates it owner-only."""
     mask = os.umask(0)
@@ -137,6 +137,8 @@ def load_packed(path: str | os.PathLike) -> nn.Module:
     config = CONFIG_MAPPING[mtype].from_dict(cfg)
     cls = _model_class(meta["architecture"])
     model = cls(config)
+    if "frames" in meta:
+        return _load_frames(model, tensors, json.loads(meta["frames"]))
     scheme = json.loads(meta["scheme"])
     opts = dict(scheme.get("options", {}))
     if "skip" in opts:
@@ -165,4 +167,30 @@ def load_packed(path: str | os.PathLike) -> nn.Module:
         scale = tensors[key + _SCALE].to(torch.float32)
         scale = scale.reshape(()) if not info.get("per_row") else scale
         m.set_quantized_state(QTensor(codes=codes, scale=scale, bits=int(info["bits"]), grid=info["grid"]))
+    return model.eval()
+
+
+def _load_frames(model: nn.Module, tensors: dict[str, torch.Tensor], pieces: list[dict]) -> nn.Module:
+    """A run export (:func:`lowbit.train.export.export_run`): each frame decoded, as the workers
+    decode it, into the parameter rows it covers."""
+    from lowbit.codec.codecs import decode_frame
+    from lowbit.codec.frame import Frame
+
+    params = dict(model.named_parameters())
+    covered: dict[str, int] = {}
+    with torch.no_grad():
+        for piece in pieces:
+            name, rows = piece["param"], piece.get("rows")
+            if name not in params:
+                raise ConfigError(f"packed frame {piece['key']} fills {name!r}, which the model does not have")
+            dst = params[name] if rows is None else params[name][rows[0]:rows[1]]
+            buf = tensors.get(f"frame.{piece['key']}")
+            if buf is None:
+                raise ConfigError(f"packed checkpoint lacks frame {piece['key']} ({name})")
+            f = Frame.from_bytes(buf.numpy().tobytes(), expect_shape=tuple(dst.shape))
+            dst.copy_(decode_frame(f, dst.device).to(dst.dtype).reshape(dst.shape))
+            covered[name] = covered.get(name, 0) + dst.numel()
+    missing = [n for n, p in params.items() if covered.get(n, 0) != p.numel()]
+    if missing:
+        raise ConfigError(f"packed checkpoint does not cover parameters {missing[:5]}")
     return model.eval()

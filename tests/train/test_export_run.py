@@ -1,0 +1,56 @@
+"""lowbit export --from RUN: the packed file holds the weight frames the workers decoded last, so the
+loaded model evaluates bit-identically to the run's own final evaluation."""
+import pytest
+
+from lowbit.cli import main
+from lowbit.errors import ConfigError
+from lowbit.models import load_packed
+from lowbit.testing import tiny_config
+from lowbit.train.export import export_run
+from lowbit.train.launch import launch_local
+from lowbit.train.loop import batches, build_model, load_dev
+from lowbit.train.plan import make_plan
+from lowbit.train.worker import Worker
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "run"
+    cfg = tiny_config(out, {"codec": {"w_bits": 2, "g_bits": 3, "embed_bits": 4, "head_bits": 8},
+                            "run": {"steps": 4}})
+    summary = launch_local(cfg)
+    return cfg, out, summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_loaded_export_evaluates_like_the_last_worker(run, tmp_path):
+    cfg, out, summary = run
+    r = export_run(out, tmp_path / "packed.safetensors")
+    assert r["step"] == 4 and r["bytes"] < r["fp32_bytes"] / 3
+    model = load_packed(r["path"])
+    _, tok = build_model(cfg)
+    ev = Worker(model, make_plan(model, cfg.codec), 0).evaluate(batches(load_dev(cfg, tok), 64))
+    assert ev["accuracy"] == summary["accuracy"] and ev["eval_loss"] == summary["eval_loss"]
+    # the Transformer matrices hold 2-bit LAQ codes: at most 3 distinct values each
+    w = dict(model.named_parameters())["bert.encoder.layer.0.attention.self.query.weight"]
+    assert len(w.unique()) <= 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_cli_export_from_run_and_its_errors(run, tmp_path, capsys):
+    _, out, _ = run
+    dest = tmp_path / "cli.safetensors"
+    assert main(["export", "--from", str(out), "--step", "4", "--out", str(dest)]) == 0
+    assert dest.is_file() and "smaller than fp32" in capsys.readouterr().out
+    assert main(["export", "--from", str(tmp_path), "--out", str(dest)]) == 2
+    assert "not a lowbit run folder" in capsys.readouterr().err
+    assert main(["export", "--from", str(out), "--step", "3", "--out", str(dest)]) == 2
+    assert main(["export", "--from", str(out), "--checkpoint", "x.safetensors", "--out", str(dest)]) == 2
+    assert "takes no --checkpoint" in capsys.readouterr().err
+    empty = tmp_path / "empty"  # a run folder whose checkpoints were never written
+    empty.mkdir()
+    (empty / "config.json").write_text((out / "config.json").read_text())
+    with pytest.raises(ConfigError, match="no checkpoint that verifies"):
+        export_run(empty, tmp_path / "x.safetensors")
