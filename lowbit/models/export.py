@@ -32,7 +32,7 @@ from torch import nn
 from lowbit.codec.pack import pack_bits, unpack_bits
 from lowbit.errors import ConfigError
 from lowbit.models.layers import QuantEmbedding, QuantLinear
-from lowbit.models.registry import SUPPORTED_MODEL_TYPES, wrap
+from lowbit.models.registry import SUPPORTED_MODEL_TYPES, wrap, wrap_low_bit
 from lowbit.quant.qtensor import QTensor
 
 __all__ = ["export_packed", "load_packed", "FORMAT"]
@@ -138,6 +138,9 @@ def load_packed(path: str | os.PathLike) -> nn.Module:
     cls = _model_class(meta["architecture"])
     model = cls(config)
     if "frames" in meta:
+        name = json.loads(meta["scheme"]).get("name", "none")
+        if name != "none":
+            wrap_low_bit(model, name)
         return _load_frames(model, tensors, json.loads(meta["frames"]))
     scheme = json.loads(meta["scheme"])
     opts = dict(scheme.get("options", {}))
@@ -193,4 +196,11 @@ def _load_frames(model: nn.Module, tensors: dict[str, torch.Tensor], pieces: lis
     missing = [n for n, p in params.items() if covered.get(n, 0) != p.numel()]
     if missing:
         raise ConfigError(f"packed checkpoint does not cover parameters {missing[:5]}")
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for k, t in tensors.items():
+            if k.startswith("buffer."):
+                if k[7:] not in buffers:
+                    raise ConfigError(f"packed checkpoint holds state {k[7:]!r} the model does not have")
+                buffers[k[7:]].copy_(t)
     return model.eval()

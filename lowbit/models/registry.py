@@ -22,7 +22,7 @@ from torch import nn
 from lowbit.errors import ConfigError
 from lowbit.models.layers import QuantEmbedding, QuantLinear, attention_modules
 
-__all__ = ["Scheme", "register_scheme", "get_scheme", "list_schemes", "wrap", "set_quant_enabled",
+__all__ = ["Scheme", "register_scheme", "get_scheme", "list_schemes", "wrap", "wrap_low_bit", "set_quant_enabled",
            "SUPPORTED_MODEL_TYPES", "check_supported"]
 
 Pair = Optional[tuple]  # (weight_quant | None, act_quant module | None) or None = leave fp
@@ -153,6 +153,25 @@ def wrap(model: nn.Module, scheme: str | Callable[..., Scheme] | Scheme, **optio
             pass  # e.g. an optimizer handle: runtime only, not part of the saved scheme
     model._lowbit_scheme = {"name": sch.name, "options": json_opts, "n_quantized": replaced}
     return model
+
+
+def wrap_low_bit(model: nn.Module, scheme: str | Callable[..., Scheme] | Scheme, **options) -> dict[str, int]:
+    """:func:`wrap` for a model whose weights arrive already quantized (a distributed worker's, a
+    run export's): the scheme's activation (and attention-matmul) quantizers, but no weight
+    quantizer, so the weights are used exactly as they are, never quantized a second time and with
+    no full-precision copy. Returns the bits of every parameter the scheme quantizes (name -> bits,
+    read off the scheme's weight quantizer); the other parameters stay full precision."""
+    wrap(model, scheme, **options)
+    bits: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_quant is not None:
+            q = m.quantized_state()
+            if q is not None:
+                bits[f"{name}.weight" if name else "weight"] = int(q.bits)
+            m.weight_quant = None
+            m._qcache = None
+    model._lowbit_scheme["weights"] = "low-bit"
+    return bits
 
 
 def set_quant_enabled(model: nn.Module, flag: bool) -> nn.Module:

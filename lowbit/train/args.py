@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lowbit.train.config import GRAD_BITS, TRANSPORTS, W_SCHEMES, WEIGHT_BITS, Config
+from lowbit.train.config import GRAD_BITS, SCHEMES, TRANSPORTS, W_SCHEMES, WEIGHT_BITS, Config
 
 _D = Config()  # the defaults shown in --help
 PRESETS_HELP = ("tiny-bert, roberta-tiny (random init, for smoke runs), minilm (pretrained all-MiniLM-L6-v2), "
@@ -33,6 +33,9 @@ TRAIN_FLAGS: dict[str, tuple[str, str, type, tuple | None, str]] = {
     "g_bits": ("codec", "g_bits", int, GRAD_BITS, "bits of the gradients sent up (clipped stochastic; "
                "32 = fp32, 16 = fp16)"),
     "w_scheme": ("codec", "w_scheme", str, W_SCHEMES, "weight quantizer of the Transformer matrices"),
+    "scheme": ("codec", "scheme", str, SCHEMES, "workers run the model wrapped by this scheme (its activation "
+               "quantizers) and it sets each tensor's width (ternarybert: ternary Transformer matrices and "
+               "word embedding, the rest fp32; q8bert: 8-bit); none: the widths above"),
     "embed_bits": ("codec", "embed_bits", int, WEIGHT_BITS, "bits of the embedding tables"),
     "head_bits": ("codec", "head_bits", int, WEIGHT_BITS, "bits of the classifier and pooler matrices"),
     "small_bits": ("codec", "small_bits", int, WEIGHT_BITS, "bits of 1-D tensors (LayerNorm, biases)"),

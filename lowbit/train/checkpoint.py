@@ -240,7 +240,8 @@ def fingerprint(cfg) -> dict:
     return {
         "model": cfg.run.model,
         "codec": {k: getattr(c, k) for k in ("w_bits", "g_bits", "w_scheme", "per_row", "embed_bits", "head_bits",
-                                             "small_bits", "small_g_bits", "max_piece_numel", "error_feedback")},
+                                             "small_bits", "small_g_bits", "max_piece_numel", "error_feedback",
+                                             "scheme")},
         "optimizer": cfg.optim.name,
         "steps": cfg.run.steps,
         "layout": {"transport": t.kind, "workers": t.workers, "servers": t.n_servers},
@@ -257,9 +258,9 @@ def check_compatible(saved: dict, cfg, where: str) -> None:
         if saved.get(key) != now[key]:
             raise ConfigError(f"{where} was written with {key} {saved.get(key)!r}, this run has {now[key]!r}")
     for k, v in now["codec"].items():
-        if saved.get("codec", {}).get(k) != v:
-            raise ConfigError(f"{where} was written with codec.{k} = {saved.get('codec', {}).get(k)!r}, "
-                              f"this run has {v!r}")
+        was = saved.get("codec", {}).get(k, "none" if k == "scheme" else None)  # written before schemes: none
+        if was != v:
+            raise ConfigError(f"{where} was written with codec.{k} = {was!r}, this run has {v!r}")
     old_w = saved.get("layout", {}).get("workers")
     if now["codec"]["error_feedback"] and old_w != now["layout"]["workers"]:
         raise ConfigError(f"{where} was written by {old_w} workers with error feedback, this run has "

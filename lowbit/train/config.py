@@ -15,6 +15,7 @@ from lowbit.errors import ConfigError
 
 TRANSPORTS = ("ps", "ring", "tree", "ray")
 W_SCHEMES = ("laq-linear", "laq-log", "lat", "lat2", "twn", "binary")
+SCHEMES = ("none", "ternarybert", "q8bert")  # model wrappers a run can train with
 GRAD_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 FAULT_KINDS = ("kill-rank", "kill-worker", "kill-server")
@@ -80,6 +81,7 @@ class CodecConfig:
     delta_weights: bool = True  # weights down as the codes that changed since the last step (exact)
     sparse_embeddings: bool = True  # embedding gradients without their all-zero rows (exact)
     keyframe_every: int = 100   # with delta_weights, whole weight frames every N steps (0 = only when needed)
+    scheme: str = "none"  # ternarybert | q8bert: workers run the wrapped model; the scheme sets the widths
 
     def validate(self) -> None:
         for name in ("w_bits", "embed_bits", "head_bits", "small_bits"):
@@ -99,6 +101,8 @@ class CodecConfig:
             raise ConfigError(f"nonfinite must be error|skip|zero, got {self.nonfinite!r}")
         _at_least("max_piece_numel", self.max_piece_numel, 0)
         _at_least("keyframe_every", self.keyframe_every, 0)
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
 
 
 @dataclass
@@ -309,4 +313,4 @@ class Config:
 
 
 __all__ = ["Config", "CodecConfig", "TransportConfig", "OptimConfig", "RunConfig", "Fault", "parse_fault",
-           "TRANSPORTS", "W_SCHEMES", "GRAD_BITS", "WEIGHT_BITS", "FAULT_KINDS"]
+           "TRANSPORTS", "W_SCHEMES", "SCHEMES", "GRAD_BITS", "WEIGHT_BITS", "FAULT_KINDS"]

@@ -5,6 +5,8 @@
 The owners' checkpoint at step N (default: the latest one that verifies) is loaded into one
 :class:`ShardServer` over every piece, which re-derives the quantized weights sent after that step
 (the same fp32 weights, Adam curvature and LAQ warm starts: what a resumed run sends its workers).
+A run trained with ``--scheme`` records it, with worker 0's activation ranges where the scheme
+keeps any (Q8BERT), so the loaded model is wrapped and runs as the workers ran.
 The file holds those frames as they travel (codes at their bits, scales, CRC) with the model's
 transformers config and the parameter rows each frame fills, in the ``lowbit-packed/1`` format;
 :func:`lowbit.models.load_packed` rebuilds the model, decoding each frame with the function the
@@ -22,7 +24,7 @@ from lowbit.errors import ConfigError
 from lowbit.models.export import FORMAT, default_mode
 from lowbit.train.checkpoint import Checkpointer
 from lowbit.train.config import Config
-from lowbit.train.loop import build_model
+from lowbit.train.loop import build_model, load_scheme_buffers, scheme_buffers
 from lowbit.train.plan import make_plan, piece_tensors
 from lowbit.train.server import ShardServer
 
@@ -53,9 +55,14 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, step: int | None 
     frames = owner.weight_frames(step)
     names = [n for n, _ in model.named_parameters()]
     tensors = {f"frame.{k}": torch.frombuffer(bytearray(b), dtype=torch.uint8) for k, b in frames.items()}
+    if scheme_buffers(model):  # activation ranges (Q8BERT's EMA) live on the workers: worker 0's
+        state = ck.worker_path(step, 0)
+        if not state.is_file():
+            raise ConfigError(f"{state} is missing: the run's activation ranges are kept by its workers")
+        tensors.update({f"buffer.{n}": t for n, t in load_scheme_buffers(state).items()})
     pieces = [{"key": s.key, "param": names[s.param], "rows": list(s.rows) if s.rows else None} for s in plan]
     meta = {"format": FORMAT, "architecture": type(model).__name__,
-            "config": model.config.to_json_string(use_diff=False), "scheme": json.dumps({"name": "none"}),
+            "config": model.config.to_json_string(use_diff=False), "scheme": json.dumps({"name": cfg.codec.scheme}),
             "frames": json.dumps(pieces),
             "run": json.dumps({"step": step, "w_bits": cfg.codec.w_bits, "embed_bits": cfg.codec.embed_bits,
                                "head_bits": cfg.codec.head_bits, "small_bits": cfg.codec.small_bits,

@@ -56,7 +56,9 @@ def build_transport(cfg: Config, shapes: dict[int, tuple[int, ...]], device: tor
 
 
 def build_model(cfg: Config):
-    """The model every rank starts from: the same seed everywhere, the dropout override applied."""
+    """The model every rank starts from: the same seed everywhere, the dropout override applied, and
+    with ``codec.scheme`` wrapped for low-bit weights (the scheme's activation quantizers, no weight
+    quantizer: the owners send the weights already quantized; :func:`lowbit.models.wrap_low_bit`)."""
     from lowbit.models.presets import load_preset
 
     torch.manual_seed(cfg.run.seed)
@@ -65,6 +67,10 @@ def build_model(cfg: Config):
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = cfg.run.dropout
+    if cfg.codec.scheme != "none":
+        from lowbit.models.registry import wrap_low_bit
+
+        model._lowbit_scheme_bits = wrap_low_bit(model, cfg.codec.scheme)
     return model, tokenizer
 
 
@@ -112,13 +118,41 @@ def batches(data: dict[str, torch.Tensor], bs: int):
         yield {k: v[i:i + bs] for k, v in data.items()}
 
 
+_BUFFER = "buffer:"  # worker-state entries that are model buffers (the rest: error-feedback residuals)
+
+
+def scheme_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state a scheme's activation quantizers keep in the worker's model (Q8BERT's EMA ranges)."""
+    return {n: b for n, b in model.named_buffers() if ".act_quant." in n or ".lowbit_matmul_quant." in n}
+
+
+def has_worker_state(worker: Worker) -> bool:
+    return worker.ef is not None or bool(scheme_buffers(worker.model))
+
+
 def save_worker_state(worker: Worker, path: Path) -> dict:
-    return save_tensors(path, worker.ef.residuals if worker.ef else {})
+    """A worker's own state (its error-feedback residuals and its scheme's activation ranges)."""
+    tensors = dict(worker.ef.residuals) if worker.ef else {}
+    tensors.update({_BUFFER + n: b.detach().cpu().contiguous() for n, b in scheme_buffers(worker.model).items()})
+    return save_tensors(path, tensors)
 
 
 def load_worker_state(worker: Worker, path: Path) -> None:
-    if worker.ef is not None and path.exists():
-        worker.ef.residuals = load_tensors(path)
+    if not path.exists():
+        return
+    tensors = load_tensors(path)
+    if worker.ef is not None:
+        worker.ef.residuals = {k: v for k, v in tensors.items() if not k.startswith(_BUFFER)}
+    buffers = scheme_buffers(worker.model)
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if k.startswith(_BUFFER) and k[len(_BUFFER):] in buffers:
+                buffers[k[len(_BUFFER):]].copy_(v)
+
+
+def load_scheme_buffers(path: Path) -> dict[str, torch.Tensor]:
+    """The activation-quantizer state saved in a worker-state file (name -> tensor)."""
+    return {k[len(_BUFFER):]: v for k, v in load_tensors(path).items() if k.startswith(_BUFFER)}
 
 
 def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
@@ -258,7 +292,7 @@ class _Checkpoints:
         try:
             if self.owner is not None:
                 files[f"shard_{self.rank}.safetensors"] = self.owner.save(ck.shard_path(step, self.rank))
-            if self.worker is not None and self.worker.ef is not None:
+            if self.worker is not None and has_worker_state(self.worker):
                 path = ck.worker_path(step, self.worker_index)
                 files[path.name] = save_worker_state(self.worker, path)
         except (OSError, SafetensorError) as e:  # safetensors reports a write error as its own type

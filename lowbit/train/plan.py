@@ -54,12 +54,17 @@ def param_group(name: str, p: torch.Tensor) -> str:
 
 
 def make_plan(model: nn.Module, cfg: CodecConfig) -> list[ParamSpec]:
+    """The pieces of ``model`` and their codecs. Weight widths come from the group (``w_bits``,
+    ``embed_bits``, ``head_bits``, ``small_bits``), or, for a model wrapped with a scheme for training
+    (:func:`lowbit.train.loop.build_model`), from the scheme: the bits its weight quantizer gave each
+    parameter, fp32 for the parameters it keeps full precision."""
     bits_for = {"transformer": cfg.w_bits, "embedding": cfg.embed_bits, "head": cfg.head_bits,
                 "small": cfg.small_bits}
+    scheme_bits = getattr(model, "_lowbit_scheme_bits", None)
     plan: list[ParamSpec] = []
     for index, (name, p) in enumerate(model.named_parameters()):
         group = param_group(name, p)
-        wb = bits_for[group]
+        wb = bits_for[group] if scheme_bits is None else scheme_bits.get(name, 32)
         scheme = cfg.w_scheme if group == "transformer" else "laq-linear"
         if wb == 1:
             scheme = "binary"

@@ -51,6 +51,24 @@ def check_resume(cfg: Config, quiet: bool = False) -> ResumePoint:
     return rp
 
 
+def check_scheme_model(model: str, scheme: str) -> None:
+    """The model's type must be one the scheme wrappers handle (read from its config, no weights)."""
+    import transformers
+
+    from lowbit.models.presets import PRESETS
+    from lowbit.models.registry import SUPPORTED_MODEL_TYPES
+
+    if model in PRESETS:
+        mtype = "roberta" if model == "roberta-tiny" else "bert"
+    elif Path(model).is_dir():
+        mtype = transformers.AutoConfig.from_pretrained(model, local_files_only=True).model_type
+    else:
+        mtype = getattr(getattr(transformers, model), "model_type", None)
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"--scheme {scheme} wraps BERT-family models ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                          f"model {model!r} is of type {mtype!r}")
+
+
 def preflight(cfg: Config, quiet: bool = False) -> tuple[Config, ResumePoint | None]:
     """Validate ``cfg`` and everything it names (see the module docstring). Returns the config with the
     task's canonical name and, on ``--resume``, where to resume from. ``quiet``: no messages (every
@@ -61,6 +79,8 @@ def preflight(cfg: Config, quiet: bool = False) -> tuple[Config, ResumePoint | N
     cfg.validate()
     cfg.run.task = check_task(cfg.run.task, cfg.run.data_dir or None)
     check_model(cfg.run.model)
+    if cfg.codec.scheme != "none":
+        check_scheme_model(cfg.run.model, cfg.codec.scheme)
     t = cfg.transport
     if t.kind == "ray":
         try:

@@ -28,7 +28,8 @@ from lowbit.errors import ConfigError
 from lowbit.train.checkpoint import Checkpointer, ResumePoint, fingerprint
 from lowbit.train.config import Config, parse_fault
 from lowbit.train.control import StopSignals
-from lowbit.train.loop import batch_indices, batches, build_model, load_data, load_worker_state, save_worker_state
+from lowbit.train.loop import (batch_indices, batches, build_model, has_worker_state, load_data, load_worker_state,
+                               save_worker_state)
 from lowbit.train.metrics import RunLog, WholeFrames, step_record
 from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
 
@@ -87,7 +88,7 @@ class TrainWorker:
         return self.worker.evaluate(batches(self.dev, 64))
 
     def save(self, path: str) -> dict | None:
-        return save_worker_state(self.worker, Path(path)) if self.worker.ef is not None else None
+        return save_worker_state(self.worker, Path(path)) if has_worker_state(self.worker) else None
 
 
 def _reconstructed() -> bool:
