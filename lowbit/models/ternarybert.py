@@ -144,7 +144,7 @@ def attach_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
 
 
 def _get(out, key: str):
-    return out[key] if isinstance(out, Mapping) else getattr(out, key, None)
+    return out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:

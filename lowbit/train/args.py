@@ -64,6 +64,13 @@ TRAIN_FLAGS: dict[str, tuple[str, str, type, tuple | None, str]] = {
     "out": ("run", "out", str, None, "run folder: metrics.jsonl, summary.json, ckpt/"),
     "fault": ("run", "fault", str, None, "fault injection for tests, e.g. kill-worker:1@5 (rank 1 dies in step 5)"),
     "dropout": ("run", "dropout", float, None, "override the model's dropout probability"),
+    "teacher": ("run", "teacher", str, None, "distill from this fp32 teacher: a model folder or a lowbit run "
+                "folder (e.g. of a --w-bits 32 --g-bits 32 run)"),
+    "distill": ("run", "distill", str, ("workers", "logits"), "workers: the teacher runs on every worker; "
+                "logits: its logits are computed once and cached, workers hold no fp32 model"),
+    "distill_weights": ("run", "distill_weights", str, None, "the loss terms, TERM=WEIGHT,... over logits, hidden, "
+                        "attention, label"),
+    "distill_temperature": ("run", "distill_temperature", float, None, "softmax temperature of the logit term"),
     "threads_per_rank": ("run", "threads_per_rank", int, None, "torch threads per rank (0 = cores / ranks)"),
 }
 # flag -> (section, field, the value it sets, help)

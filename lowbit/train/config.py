@@ -201,6 +201,10 @@ class RunConfig:
     threads_per_rank: int = 0  # 0 = cores / ranks
     dropout: float | None = None  # override the model's dropout (0 for exact-equivalence tests)
     fault: str = ""  # fault injection, e.g. "kill-worker:1@5"
+    teacher: str = ""  # distill from this model folder or lowbit run folder ("" = train on the labels)
+    distill: str = "workers"  # workers: the teacher runs on every worker | logits: its logits cached once
+    distill_weights: str = "logits=1,hidden=1,attention=1,label=0"  # TernaryBERT's terms
+    distill_temperature: float = 1.0
 
     def validate(self) -> None:
         _at_least("steps", self.steps, 1)
@@ -216,6 +220,13 @@ class RunConfig:
         if not self.out:
             raise ConfigError("out must name a folder")
         parse_fault(self.fault)
+        if self.distill not in ("workers", "logits"):
+            raise ConfigError(f"distill must be workers|logits, got {self.distill!r}")
+        _finite("distill_temperature", self.distill_temperature, 0, lo_open=True)
+        if self.teacher:
+            from lowbit.train.distill import parse_weights
+
+            parse_weights(self.distill_weights, self.distill)
 
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}

@@ -27,6 +27,7 @@ from lowbit.codec.delta import DeltaEncoder
 from lowbit.train.checkpoint import Checkpointer, ResumePoint, fingerprint, load_tensors, save_tensors
 from lowbit.train.config import Config, parse_fault
 from lowbit.train.control import Control
+from lowbit.train.distill import make_distiller
 from lowbit.train.metrics import RunLog, WholeFrames, step_record
 from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
 from lowbit.train.server import ShardServer
@@ -182,7 +183,7 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
     worker = dev = None
     if is_worker:
         worker = Worker(model, plan, rank, seed=r.seed, error_feedback=cfg.codec.error_feedback,
-                        nonfinite=cfg.codec.nonfinite, device=device)
+                        nonfinite=cfg.codec.nonfinite, device=device, distiller=make_distiller(cfg, model))
         if start:
             load_worker_state(worker, ck.worker_path(start, worker_index))
         train_set, dev = load_data(cfg, tokenizer, worker_index, n_workers, leader=rank == n_servers)
@@ -214,7 +215,8 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
         frames = None
         if worker is not None:
             idx = batch_indices(n_train, r.batch_size, step, r.seed + worker_index)
-            loss = worker.forward_backward({k: v[idx] for k, v in train_set.items()}, step)
+            loss = worker.forward_backward({k: v[idx] for k, v in train_set.items()}, step,
+                                           positions=worker_index + n_workers * idx)
             frames = worker.encode_gradients(step, lazy=True)  # encoded as the transport reads them
             ctl.publish("worker_step", step, [loss, float(worker.skipped), worker.up_whole])  # before sending
         if fault is not None and fault.rank == rank and fault.step == step + 1:

@@ -95,5 +95,29 @@ def preflight(cfg: Config, quiet: bool = False) -> tuple[Config, ResumePoint | N
             raise ConfigError(f"backend nccl: {t.world_size} ranks on this machine need as many GPUs, "
                               f"{torch.cuda.device_count()} are visible")
     check_out(cfg.run.out)
+    if cfg.run.teacher:
+        check_distill(cfg, quiet)
     resume = check_resume(cfg, quiet) if cfg.run.resume else None
     return cfg, resume
+
+
+def check_distill(cfg: Config, quiet: bool) -> None:
+    """The teacher loads and matches the student; with ``--distill logits`` its logits are cached
+    now, once (by the launcher, or torchrun's rank 0 while the other ranks wait for the file)."""
+    import time
+
+    from lowbit.train.distill import LOGITS_FILE, cache_logits, check_teacher, load_teacher, parse_weights
+    from lowbit.train.loop import build_model
+
+    weights = parse_weights(cfg.run.distill_weights, cfg.run.distill)
+    if cfg.run.distill == "logits" and quiet and os.environ.get("LOCAL_RANK") not in (None, "0"):
+        path, deadline = Path(cfg.run.out) / LOGITS_FILE, time.monotonic() + cfg.transport.timeout_s
+        while not path.is_file():
+            if time.monotonic() > deadline:
+                raise ConfigError(f"rank 0 did not write {path} within {cfg.transport.timeout_s:.0f} s")
+            time.sleep(0.5)
+        return
+    teacher = load_teacher(cfg.run.teacher)
+    check_teacher(teacher, build_model(cfg)[0], weights)
+    if cfg.run.distill == "logits":
+        cache_logits(cfg)

@@ -28,6 +28,7 @@ from lowbit.errors import ConfigError
 from lowbit.train.checkpoint import Checkpointer, ResumePoint, fingerprint
 from lowbit.train.config import Config, parse_fault
 from lowbit.train.control import StopSignals
+from lowbit.train.distill import make_distiller
 from lowbit.train.loop import (batch_indices, batches, build_model, has_worker_state, load_data, load_worker_state,
                                save_worker_state)
 from lowbit.train.metrics import RunLog, WholeFrames, step_record
@@ -68,7 +69,7 @@ class TrainWorker:
         model, tok = build_model(cfg)
         plan = make_plan(model, cfg.codec)
         self.worker = Worker(model, plan, index, seed=cfg.run.seed, error_feedback=cfg.codec.error_feedback,
-                             nonfinite=cfg.codec.nonfinite)
+                             nonfinite=cfg.codec.nonfinite, distiller=make_distiller(cfg, model))
         self.train, self.dev = load_data(cfg, tok, index, cfg.transport.workers, leader=True)
         self.n_train = self.train["labels"].shape[0]
         if resume_path and not _reconstructed():
@@ -80,7 +81,8 @@ class TrainWorker:
     def compute(self, step: int):
         r = self.cfg.run
         idx = batch_indices(self.n_train, r.batch_size, step, r.seed + self.index)
-        loss = self.worker.forward_backward({k: v[idx] for k, v in self.train.items()}, step)
+        loss = self.worker.forward_backward({k: v[idx] for k, v in self.train.items()}, step,
+                                            positions=self.index + self.cfg.transport.workers * idx)
         frames = self.worker.encode_gradients(step)
         return frames, {"loss": loss, "skipped": self.worker.skipped, "up_whole": self.worker.up_whole}
 

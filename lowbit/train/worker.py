@@ -28,7 +28,8 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device | str =
 
 class Worker:
     def __init__(self, model: nn.Module, plan: list[ParamSpec], rank: int, seed: int = 0,
-                 error_feedback: bool = False, nonfinite: str = "error", device: torch.device | str = "cpu"):
+                 error_feedback: bool = False, nonfinite: str = "error", device: torch.device | str = "cpu",
+                 distiller=None):
         self.model = model.to(device)
         self.plan = plan
         self.rank = rank
@@ -46,6 +47,7 @@ class Worker:
         self.nonfinite = nonfinite
         self.skipped = 0  # gradients dropped by the 'skip' non-finite policy
         self.up_whole = 1.0  # this step's upload as whole frames / as sent (row-sparse frames are smaller)
+        self.distiller = distiller  # (model, batch, positions) -> loss; None: the model's label loss
 
     def weight_buffers(self) -> dict[int, torch.Tensor]:
         """key -> the piece of the model's own parameter storage (detached views): pass as ``out=``
@@ -63,14 +65,17 @@ class Worker:
                     continue
                 dst.copy_(w.reshape(spec.shape))
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], step: int) -> float:
+    def forward_backward(self, batch: dict[str, torch.Tensor], step: int, positions: torch.Tensor | None = None
+                         ) -> float:
+        """Gradients of this step's loss at the low-bit weights: the labels' cross-entropy, or the
+        distiller's loss (``positions``: the examples' places in the training set, for cached logits)."""
         self.model.train()
         torch.manual_seed((self.seed * 31 + self.rank * 1_000_033 + step) % (2**63 - 1))  # dropout
         self.model.zero_grad(set_to_none=True)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        out = self.model(**batch)
-        out.loss.backward()
-        return float(out.loss.detach())
+        loss = self.model(**batch).loss if self.distiller is None else self.distiller(self.model, batch, positions)
+        loss.backward()
+        return float(loss.detach())
 
     def encode_gradients(self, step: int, lazy: bool = False) -> dict[int, bytes] | LazyFrames:
         """Clip, quantize and pack every gradient: key -> frame bytes. A gradient that the
