@@ -26,6 +26,22 @@ from lowbit.train.config import Config  # noqa: E402
 from lowbit.train.launch import launch_local  # noqa: E402
 
 CONFIGS = {"fp32": (32, 32), "w8/g8": (8, 8), "w4/g3": (4, 3), "w2/g3": (2, 3)}
+# the model wrappers inside training: name -> (w_bits, g_bits, scheme, distill mode or None). The
+# distilled rows start from the fp32 row's fine-tuned model and learn from it (TernaryBERT's recipe),
+# so run them after the fp32 row of the same transport.
+SCHEME_CONFIGS = {"tbert-w2/g3": (2, 3, "ternarybert", None), "tbert-w2/g3+kd": (2, 3, "ternarybert", "workers"),
+                  "tbert-w2/g3+kd-logits": (2, 3, "ternarybert", "logits"), "q8bert-w8/g8": (8, 8, "q8bert", None)}
+
+
+def teacher_folder(run: Path) -> Path:
+    """The fp32 row's final model as a model folder (``run/model``): the distilled rows' teacher and
+    starting point."""
+    from lowbit.train.distill import load_teacher
+
+    folder = run / "model"
+    if not (folder / "config.json").is_file():
+        load_teacher(str(run)).save_pretrained(folder)
+    return folder
 
 
 def main(argv=None) -> int:
@@ -40,7 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--transports", default="ring,ps", help="lowbit transports ('' for none)")
     ap.add_argument("--baselines", default="ddp_powersgd4", help="ddp_powersgd4, ddp_fp16 ('' for none)")
     ap.add_argument("--include", default="", help="JSON of an earlier run whose records join the table")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma list of {', '.join(list(CONFIGS) + list(SCHEME_CONFIGS))}")
     ap.add_argument("--backend", default="auto", help="auto | gloo | nccl (gloo keeps the ranks on CPU cores)")
     ap.add_argument("--out", default="runs/bench_sst2")
     ap.add_argument("--json", default=str(RESULTS / "train_sst2.json"))
@@ -52,7 +69,7 @@ def main(argv=None) -> int:
         recs += [dict(r, included_from=args.include) for r in old]
     for transport in filter(None, args.transports.split(",")):
         for name in args.configs.split(","):
-            wb, gb = CONFIGS[name]
+            wb, gb, scheme, distill = CONFIGS[name] + ("none", None) if name in CONFIGS else SCHEME_CONFIGS[name]
             cfg = Config()
             cfg.override("transport", {"kind": transport, "workers": args.workers, "servers": 1, "timeout_s": 900,
                                        "backend": args.backend})
@@ -62,10 +79,19 @@ def main(argv=None) -> int:
             cfg.override("run", {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
                                  "max_len": args.max_len, "train_subset": args.train_subset,
                                  "out": f"{args.out}/{transport}_{name.replace('/', '')}"})
+            if scheme != "none":
+                cfg.override("codec", {"scheme": scheme})
+            if distill:
+                teacher = str(teacher_folder(Path(f"{args.out}/{transport}_fp32")))
+                cfg.override("run", {"model": teacher, "teacher": teacher, "distill": distill,
+                                     "distill_weights": "logits=1" if distill == "logits"
+                                     else "logits=1,hidden=1,attention=1"})
             print(f"== {transport} {name} ==", file=sys.stderr, flush=True)
             s = launch_local(cfg.validate())
             recs = [r for r in recs if not (r["transport"] == transport and r["config"] == name)]  # replaced
-            recs.append({"transport": transport, "config": name, "w_bits": wb, "g_bits": gb,
+            recs.append({"name": f"{transport} {name}", "transport": transport, "config": name, "scheme": scheme,
+                         "distill": distill or "none", "w_bits": wb, "g_bits": gb, "dev_acc": s["accuracy"],
+                         "command": "python benchmarks/train_sst2.py " + " ".join(argv or sys.argv[1:]),
                          "delta_weights": cfg.codec.delta_weights, "sparse_embeddings": cfg.codec.sparse_embeddings,
                          "accuracy": s["accuracy"], "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
                          "bytes_total": s["bytes_up"] + s["bytes_down"],
