@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("train_sst2", "SST-2 end to end: lowbit vs fp32 and PowerSGD data-parallel, accuracy per byte"),
     "glue": ("glue", "single-process TernaryBERT / Q8BERT fine-tuning on a GLUE task"),
     "federated": ("federated", "federated simulation: accuracy per round and bytes, quantized links vs fp32"),
+    "flower": ("flower_sst2", "Flower FedAvg with and without lowbit's links, non-IID SST-2, bytes and accuracy"),
     "soak": ("soak", "a run crashed and resumed several times ends bit-identical to a fault-free one"),
     "faults": ("faults", "the fault table: kills, signals, damaged checkpoints, a full disk, a link down"),
 }

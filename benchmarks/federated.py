@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch  # noqa: E402
 
-from benchmarks._common import RESULTS, print_table, write_json  # noqa: E402
+from lowbit.benchmarks._common import RESULTS, print_table, write_json  # noqa: E402
 from lowbit.sim.federated import (FedConfig, load_task_data, plot_accuracy_vs_bytes,  # noqa: E402
                                   rounds_to_target, simulate)
 
