@@ -11,6 +11,7 @@ import json
 import time
 
 from lowbit.train.config import Config
+from lowbit.train.export import export_run
 from lowbit.train.launch import launch_local
 
 
@@ -50,6 +51,14 @@ def main(args=None) -> int:
     print(f"LAQ moved {fmt_mb(moved_q)} instead of {fmt_mb(moved_f)}: {moved_f / moved_q:.1f}x fewer bytes "
           f"({fmt_mb(moved_f - moved_q)} saved); dev accuracy {q['accuracy']:.4f} vs {f['accuracy']:.4f} "
           f"({(q['accuracy'] - f['accuracy']) * 100:+.2f} points).")
+    packed = export_run(f"{out}/laq", f"{out}/laq/model.safetensors")
+    results["LAQ w2/g3"]["packed_bytes"] = packed["bytes"]
+    print(f"The LAQ run's final low-bit weights, packed as its workers held them: {packed['path']}, "
+          f"{fmt_mb(packed['bytes'])} ({packed['fp32_bytes'] / packed['bytes']:.1f}x smaller than fp32's "
+          f"{fmt_mb(packed['fp32_bytes'])}; lowbit.models.load_packed loads it).")
+    print(f"The 2-bit weights are {(f['accuracy'] - q['accuracy']) * 100:.1f} points behind fp32 after {steps} steps. "
+          "Longer training, --scheme ternarybert and distillation from the fp32 run (--teacher) narrow the gap; "
+          "`lowbit bench train` measures them (docs/benchmarks.md).")
     print(f"metrics: {out}/laq/metrics.jsonl, {out}/fp32/metrics.jsonl; summaries next to them.")
     with open(f"{out}/demo_summary.json", "w") as fh:
         json.dump(results, fh, indent=1)
