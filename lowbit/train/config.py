@@ -224,8 +224,6 @@ class RunConfig:
             raise ConfigError(f"distill must be workers|logits, got {self.distill!r}")
         _finite("distill_temperature", self.distill_temperature, 0, lo_open=True)
         if self.teacher:
-            from lowbit.train.distill import parse_weights
-
             parse_weights(self.distill_weights, self.distill)
 
 
@@ -324,4 +322,26 @@ class Config:
 
 
 __all__ = ["Config", "CodecConfig", "TransportConfig", "OptimConfig", "RunConfig", "Fault", "parse_fault",
-           "TRANSPORTS", "W_SCHEMES", "SCHEMES", "GRAD_BITS", "WEIGHT_BITS", "FAULT_KINDS"]
+           "TRANSPORTS", "W_SCHEMES", "SCHEMES", "parse_weights", "DISTILL_TERMS", "GRAD_BITS", "WEIGHT_BITS", "FAULT_KINDS"]
+
+
+DISTILL_TERMS = ("logits", "hidden", "attention", "label")
+
+
+def parse_weights(spec: str, mode: str) -> dict[str, float]:
+    """``"logits=1,hidden=1,attention=1,label=0"`` -> {term: weight}; unnamed terms are 0. The
+    ``logits`` mode has no teacher on the workers: hidden and attention must be 0."""
+    out = dict.fromkeys(DISTILL_TERMS, 0.0)
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq or name.strip() not in DISTILL_TERMS:
+            raise ConfigError(f"distill_weights: {part!r} is not TERM=WEIGHT with TERM one of {DISTILL_TERMS}")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"distill_weights: {value!r} is not a number") from None
+    if mode == "logits" and (out["hidden"] or out["attention"]):
+        raise ConfigError("--distill logits caches the teacher's logits only: hidden and attention weights must be 0")
+    if not any(out.values()):
+        raise ConfigError("distill_weights: every term is 0")
+    return out

@@ -11,14 +11,17 @@ import gzip
 import io
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from lowbit.errors import ConfigError
 
+if TYPE_CHECKING:
+    from lowbit.train.config import Config
+
 __all__ = ["find_data_dir", "packaged_data_dir", "resolve_task", "task_file", "check_task", "load_glue_tsv",
-           "encode", "subset", "shard", "TASKS", "DATA_ENV"]
+           "encode", "subset", "shard", "TASKS", "DATA_ENV", "batch_indices", "load_data", "load_dev", "batches"]
 
 #: task -> (text column(s), label column); a second text column makes a sentence-pair task
 TASKS = {
@@ -176,3 +179,43 @@ def shard(dataset, rank: int, world: int):
     if isinstance(dataset, dict):
         return {k: v[rank::world] for k, v in dataset.items()}
     return dataset[rank::world]
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Positions step·B .. step·B+B-1 of an endless sequence of seeded epoch permutations of n."""
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = pos // n
+    out = torch.empty_like(pos)
+    for e in epochs.unique().tolist():  # at most two epochs per batch
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 9_973 + e))
+        m = epochs == e
+        out[m] = perm[pos[m] % n]
+    return out
+
+
+def load_data(cfg: Config, tokenizer, worker_index: int, n_workers: int, leader: bool):
+    """Worker ``worker_index``'s shard of the (subset of the) training set, tokenized; the dev set too
+    for the leader."""
+    r = cfg.run
+    sents, labels = load_glue_tsv(r.task, "train", r.data_dir or None)
+    if r.train_subset:
+        g = torch.Generator().manual_seed(r.seed)
+        idx = torch.randperm(len(sents), generator=g)[: r.train_subset].tolist()
+        sents, labels = [sents[i] for i in idx], [labels[i] for i in idx]
+    sents, labels = sents[worker_index::n_workers], labels[worker_index::n_workers]
+    train = encode(tokenizer, sents, labels, max_len=r.max_len)
+    return train, (load_dev(cfg, tokenizer) if leader else None)
+
+
+def load_dev(cfg: Config, tokenizer) -> dict[str, torch.Tensor]:
+    r = cfg.run
+    ds, dl = load_glue_tsv(r.task, "dev", r.data_dir or None)
+    if r.eval_subset:
+        ds, dl = ds[: r.eval_subset], dl[: r.eval_subset]
+    return encode(tokenizer, ds, dl, max_len=r.max_len)
+
+
+def batches(data: dict[str, torch.Tensor], bs: int):
+    n = data["labels"].shape[0]
+    for i in range(0, n, bs):
+        yield {k: v[i:i + bs] for k, v in data.items()}

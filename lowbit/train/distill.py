@@ -24,31 +24,12 @@ from torch import nn
 
 from lowbit.errors import ConfigError
 from lowbit.models.ternarybert import distill_losses, install_lowbit_attention, soft_cross_entropy
+from lowbit.train.config import parse_weights
 
 __all__ = ["parse_weights", "load_teacher", "check_teacher", "TeacherLoss", "CachedLogitLoss", "cache_logits",
            "make_distiller", "LOGITS_FILE"]
 
 LOGITS_FILE = "teacher_logits.safetensors"
-TERMS = ("logits", "hidden", "attention", "label")
-
-
-def parse_weights(spec: str, mode: str) -> dict[str, float]:
-    """``"logits=1,hidden=1,attention=1,label=0"`` -> {term: weight}; unnamed terms are 0. The
-    ``logits`` mode has no teacher on the workers: hidden and attention must be 0."""
-    out = dict.fromkeys(TERMS, 0.0)
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, eq, value = part.partition("=")
-        if not eq or name.strip() not in TERMS:
-            raise ConfigError(f"distill_weights: {part!r} is not TERM=WEIGHT with TERM one of {TERMS}")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise ConfigError(f"distill_weights: {value!r} is not a number") from None
-    if mode == "logits" and (out["hidden"] or out["attention"]):
-        raise ConfigError("--distill logits caches the teacher's logits only: hidden and attention weights must be 0")
-    if not any(out.values()):
-        raise ConfigError("distill_weights: every term is 0")
-    return out
 
 
 def load_teacher(path: str, num_labels: int = 2) -> nn.Module:
@@ -59,7 +40,7 @@ def load_teacher(path: str, num_labels: int = 2) -> nn.Module:
     if (p / "ckpt").is_dir():
         from lowbit.train.checkpoint import Checkpointer
         from lowbit.train.config import Config
-        from lowbit.train.loop import build_model
+        from lowbit.train.model import build_model
         from lowbit.train.plan import assemble, make_plan
 
         tcfg = Config.from_dict(json.loads((p / "config.json").read_text()))
@@ -150,7 +131,8 @@ def cache_logits(cfg, batch: int = 64) -> Path:
     from safetensors.torch import save_file
 
     from lowbit.train.checkpoint import atomic_write
-    from lowbit.train.loop import build_model, load_data
+    from lowbit.train.data import load_data
+    from lowbit.train.model import build_model
 
     path = Path(cfg.run.out) / LOGITS_FILE
     meta = _cache_meta(cfg)

@@ -24,7 +24,8 @@ from lowbit.errors import ConfigError
 from lowbit.models.export import FORMAT, default_mode
 from lowbit.train.checkpoint import Checkpointer
 from lowbit.train.config import Config
-from lowbit.train.loop import build_model, load_scheme_buffers, scheme_buffers
+from lowbit.train.loop import load_scheme_buffers, scheme_buffers
+from lowbit.train.model import build_model
 from lowbit.train.plan import make_plan, piece_tensors
 from lowbit.train.server import ShardServer
 

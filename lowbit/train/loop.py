@@ -27,7 +27,9 @@ from lowbit.codec.delta import DeltaEncoder
 from lowbit.train.checkpoint import Checkpointer, ResumePoint, fingerprint, load_tensors, save_tensors
 from lowbit.train.config import Config, parse_fault
 from lowbit.train.control import Control
+from lowbit.train.data import batch_indices, batches, load_data, load_dev
 from lowbit.train.distill import make_distiller
+from lowbit.train.model import build_model
 from lowbit.train.metrics import RunLog, WholeFrames, step_record
 from lowbit.train.plan import make_plan, piece_tensors, plan_bytes
 from lowbit.train.server import ShardServer
@@ -54,69 +56,6 @@ def build_transport(cfg: Config, shapes: dict[int, tuple[int, ...]], device: tor
         from lowbit.comm.collective import TreeTransport
         return TreeTransport(shapes=shapes, **kw)
     raise ConfigError(f"transport {t.kind!r} is not a torch.distributed transport")
-
-
-def build_model(cfg: Config):
-    """The model every rank starts from: the same seed everywhere, the dropout override applied, and
-    with ``codec.scheme`` wrapped for low-bit weights (the scheme's activation quantizers, no weight
-    quantizer: the owners send the weights already quantized; :func:`lowbit.models.wrap_low_bit`)."""
-    from lowbit.models.presets import load_preset
-
-    torch.manual_seed(cfg.run.seed)
-    model, tokenizer = load_preset(cfg.run.model, num_labels=2)
-    if cfg.run.dropout is not None:
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = cfg.run.dropout
-    if cfg.codec.scheme != "none":
-        from lowbit.models.registry import wrap_low_bit
-
-        model._lowbit_scheme_bits = wrap_low_bit(model, cfg.codec.scheme)
-    return model, tokenizer
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Positions step·B .. step·B+B-1 of an endless sequence of seeded epoch permutations of n."""
-    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
-    epochs = pos // n
-    out = torch.empty_like(pos)
-    for e in epochs.unique().tolist():  # at most two epochs per batch
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 9_973 + e))
-        m = epochs == e
-        out[m] = perm[pos[m] % n]
-    return out
-
-
-def load_data(cfg: Config, tokenizer, worker_index: int, n_workers: int, leader: bool):
-    """Worker ``worker_index``'s shard of the (subset of the) training set, tokenized; the dev set too
-    for the leader."""
-    from lowbit.train.data import encode, load_glue_tsv
-
-    r = cfg.run
-    sents, labels = load_glue_tsv(r.task, "train", r.data_dir or None)
-    if r.train_subset:
-        g = torch.Generator().manual_seed(r.seed)
-        idx = torch.randperm(len(sents), generator=g)[: r.train_subset].tolist()
-        sents, labels = [sents[i] for i in idx], [labels[i] for i in idx]
-    sents, labels = sents[worker_index::n_workers], labels[worker_index::n_workers]
-    train = encode(tokenizer, sents, labels, max_len=r.max_len)
-    return train, (load_dev(cfg, tokenizer) if leader else None)
-
-
-def load_dev(cfg: Config, tokenizer) -> dict[str, torch.Tensor]:
-    from lowbit.train.data import encode, load_glue_tsv
-
-    r = cfg.run
-    ds, dl = load_glue_tsv(r.task, "dev", r.data_dir or None)
-    if r.eval_subset:
-        ds, dl = ds[: r.eval_subset], dl[: r.eval_subset]
-    return encode(tokenizer, ds, dl, max_len=r.max_len)
-
-
-def batches(data: dict[str, torch.Tensor], bs: int):
-    n = data["labels"].shape[0]
-    for i in range(0, n, bs):
-        yield {k: v[i:i + bs] for k, v in data.items()}
 
 
 _BUFFER = "buffer:"  # worker-state entries that are model buffers (the rest: error-feedback residuals)

@@ -107,7 +107,7 @@ def check_distill(cfg: Config, quiet: bool) -> None:
     import time
 
     from lowbit.train.distill import LOGITS_FILE, cache_logits, check_teacher, load_teacher, parse_weights
-    from lowbit.train.loop import build_model
+    from lowbit.train.model import build_model
 
     weights = parse_weights(cfg.run.distill_weights, cfg.run.distill)
     if cfg.run.distill == "logits" and quiet and os.environ.get("LOCAL_RANK") not in (None, "0"):
