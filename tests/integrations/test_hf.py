@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_trainer_under_torchrun_trains_and_counts_the_codec_bytes(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install 'lowbit[hf]')")
     out = tmp_path / "summary.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
