@@ -28,17 +28,17 @@ from lowbit.benchmarks._common import RESULTS, print_table, write_json
 from lowbit.sim.federated import (ClientRunner, FedConfig, build_model, evaluate, load_task_data, make_splits,
                                   simulate, trainable)
 
-_RUNNERS: dict[str, tuple] = {}  # per process (one per Ray actor): the client runner of a config
+_RUNNER: dict[str, ClientRunner] = {}  # per process (one per Ray actor): the runner of the current config
 
 
 def _runner(cfg_json: str) -> ClientRunner:
-    if cfg_json not in _RUNNERS:
-        cfg = FedConfig(**{**json.loads(cfg_json), "freeze": tuple(json.loads(cfg_json)["freeze"]),
-                           "server_betas": tuple(json.loads(cfg_json)["server_betas"])})
+    if cfg_json not in _RUNNER:
+        d = json.loads(cfg_json)
+        cfg = FedConfig(**{**d, "freeze": tuple(d["freeze"]), "server_betas": tuple(d["server_betas"])})
         train, _ = load_task_data(cfg)
-        _RUNNERS.clear()
-        _RUNNERS[cfg_json] = (ClientRunner(cfg, train, make_splits(cfg, train["labels"])),)
-    return _RUNNERS[cfg_json][0]
+        _RUNNER.clear()
+        _RUNNER[cfg_json] = ClientRunner(cfg, train, make_splits(cfg, train["labels"]))
+    return _RUNNER[cfg_json]
 
 
 def client_train(msg, ctxt):

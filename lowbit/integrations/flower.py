@@ -280,7 +280,7 @@ def lowbit_mod(msg: Message, ctxt: Context, call_next) -> Message:
     names = list(rec["names"])
     frames = list(split_frames(_frames_of(rec)))
     plan = _plan(names, [tuple(f.shape) for f in frames], link)
-    start = decode_tensors(plan, _frames_of(rec), "down")
+    start = decode_tensors(plan, frames, "down")
     arrays = {n: t.numpy() for n, t in zip(names, start)}
     arrays.update(msg.content.array_records.get(RAW_KEY, {}))
     msg.content = _with(_without(msg.content, KEY, RAW_KEY), {str(rec["arrays_key"]): _array_record(arrays)})

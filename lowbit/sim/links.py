@@ -71,10 +71,11 @@ def encode_tensors(plan: list[LinkSpec], tensors: Sequence[torch.Tensor], link: 
     return b"".join(frames)
 
 
-def decode_tensors(plan: list[LinkSpec], buf: bytes, link: str) -> list[torch.Tensor]:
-    """A bundle back to float32 tensors, checking keys and shapes against the plan."""
+def decode_tensors(plan: list[LinkSpec], buf, link: str) -> list[torch.Tensor]:
+    """A bundle (bytes, or its frames already parsed) back to float32 tensors, checking keys and
+    shapes against the plan."""
     out = []
-    frames = split_frames(buf)
+    frames = split_frames(buf) if isinstance(buf, (bytes, bytearray, memoryview)) else iter(buf)
     for spec in plan:
         f = next(frames, None)
         if f is None:

@@ -123,16 +123,15 @@ def _cache_meta(cfg) -> dict:
 
 
 @torch.no_grad()
-def cache_logits(cfg, batch: int = 64) -> Path:
-    """Compute the teacher's logits over the run's training examples once (in the order
-    :func:`lowbit.train.loop.load_data` numbers them) into ``OUT/teacher_logits.safetensors``; an
-    existing cache made for the same teacher and data is kept."""
+def cache_logits(cfg, teacher: nn.Module, tokenizer, batch: int = 64) -> Path:
+    """Compute ``teacher``'s logits (checked against the student by the caller) over the run's
+    training examples once, in the order :func:`lowbit.train.data.load_data` numbers them, into
+    ``OUT/teacher_logits.safetensors``; an existing cache made for the same teacher and data is kept."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from lowbit.train.checkpoint import atomic_write
     from lowbit.train.data import load_data
-    from lowbit.train.model import build_model
 
     path = Path(cfg.run.out) / LOGITS_FILE
     meta = _cache_meta(cfg)
@@ -140,9 +139,7 @@ def cache_logits(cfg, batch: int = 64) -> Path:
         with safe_open(str(path), framework="pt") as f:
             if json.loads((f.metadata() or {}).get("lowbit", "{}")) == meta:
                 return path
-    teacher = load_teacher(cfg.run.teacher)
-    student, tok = build_model(cfg)
-    check_teacher(teacher, student, parse_weights(cfg.run.distill_weights, cfg.run.distill))
+    tok = tokenizer
     train, _ = load_data(cfg, tok, 0, 1, leader=False)
     n = train["labels"].shape[0]
     rows = []

@@ -118,6 +118,7 @@ def check_distill(cfg: Config, quiet: bool) -> None:
             time.sleep(0.5)
         return
     teacher = load_teacher(cfg.run.teacher)
-    check_teacher(teacher, build_model(cfg)[0], weights)
+    student, tokenizer = build_model(cfg)
+    check_teacher(teacher, student, weights)
     if cfg.run.distill == "logits":
-        cache_logits(cfg)
+        cache_logits(cfg, teacher, tokenizer)
