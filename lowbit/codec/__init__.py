@@ -2,6 +2,7 @@
 from lowbit.codec.codecs import (QSGDCodec, RawCodec, StochasticGradCodec, TernGradCodec, WeightCodec,
                                  decode_frame, decode_sum, frame_from_qtensor, get_codec_threads, grad_codec,
                                  qtensor_from_frame, set_codec_threads, weight_codec)
+from lowbit.codec.entropy import EntropyCodec
 from lowbit.codec.feedback import FeedbackCodec, with_feedback
 from lowbit.codec.native import native_codec_available, native_codec_enabled, set_native_codec
 from lowbit.codec.frame import Frame, frame_nbytes, join_frames, split_frames
@@ -12,5 +13,5 @@ __all__ = [
     "RawCodec", "StochasticGradCodec", "QSGDCodec", "TernGradCodec", "WeightCodec", "grad_codec",
     "weight_codec", "decode_frame", "decode_sum", "frame_from_qtensor", "qtensor_from_frame", "set_codec_threads",
     "get_codec_threads", "set_native_codec", "native_codec_available",
-    "native_codec_enabled", "FeedbackCodec", "with_feedback",
+    "native_codec_enabled", "FeedbackCodec", "with_feedback", "EntropyCodec",
 ]

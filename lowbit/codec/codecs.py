@@ -19,6 +19,7 @@ import torch
 
 from lowbit.codec import native
 from lowbit.codec.frame import Frame, frame_nbytes
+from lowbit.codec.entropy import expand
 from lowbit.codec.sparse import densify
 from lowbit.codec.pack import pack_bits, pack_into, packed_nbytes, unpack_bits, unpack_small, unpack_words_into
 from lowbit.errors import ConfigError, FrameError, NonFiniteGradientError
@@ -60,6 +61,16 @@ def qtensor_from_frame(f: Frame, device: torch.device | str | None = None) -> QT
     return QTensor(codes=codes, scale=scale, bits=f.bits, grid=f.encoding)
 
 
+def dense_frame(f: Frame) -> Frame:
+    """A row-sparse or entropy-coded gradient frame as the dense frame it was made from (exactly);
+    any other frame as it is."""
+    if f.kind == "gsparse":
+        return densify(f)
+    if f.kind == "gcoded":
+        return expand(f)
+    return f
+
+
 def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: torch.Tensor | None = None,
                  accumulate: bool = False) -> torch.Tensor:
     """Any frame back to a float tensor of its declared dtype.
@@ -83,8 +94,7 @@ def decode_frame(f: Frame, device: torch.device | str | None = None, *, out: tor
     """
     if f.kind == "wdelta":
         raise FrameError(f"a weight delta (key {f.key}) decodes only onto held codes: lowbit.codec.delta.DeltaDecoder")
-    if f.kind == "gsparse":
-        f = densify(f)
+    f = dense_frame(f)
     if out is None:
         if accumulate:
             raise ConfigError("accumulate=True needs an out tensor to add into")
@@ -653,15 +663,20 @@ class TernGradCodec:
 class WeightCodec:
     """Weights down-link: quantize (loss-aware when ``d`` is given) and pack.
 
-    scheme: binary | twn | lat | lat2 | laq-linear | laq-log; per_row gives one α per output row."""
+    scheme: binary | twn | lat | lat2 | laq-linear | laq-log; per_row gives one α per output row;
+    hold (LAQ): keep the warm-start α while the new one is within this relative distance of it
+    (:func:`lowbit.quant.weights.laq_project`)."""
 
     scheme: str = "laq-linear"
     bits: int = 2
     per_row: bool = False
     kind: str = "weight"
+    hold: float = 0.0
 
     def __post_init__(self) -> None:
         quantize_weight(torch.ones(2, 2), self.scheme, self.bits, per_row=self.per_row)  # validates
+        if isinstance(self.hold, bool) or not isinstance(self.hold, (int, float)) or not 0 <= self.hold < 1:
+            raise ConfigError(f"scale hold must be a number in [0, 1), got {self.hold!r}")
 
     @property
     def grid(self) -> str:
@@ -676,7 +691,7 @@ class WeightCodec:
         per_row = self.per_row and w.dim() >= 2
         if alpha is not None and self.scheme in ("laq-linear", "laq-log"):
             return laq_project(w.detach(), d=d, bits=self.bits, scheme=self.scheme[4:], per_row=per_row,
-                               alpha=alpha)
+                               alpha=alpha, hold=self.hold)
         return quantize_weight(w.detach(), self.scheme, self.bits, d=d, per_row=per_row)
 
     def encode(self, x: torch.Tensor, *, key: int = 0, step: int = 0, generator=None,
@@ -701,7 +716,7 @@ def grad_codec(bits: int, clip: float | None = 3.0, nonfinite: str = "error"):
     return StochasticGradCodec(bits, clip, nonfinite)
 
 
-def weight_codec(bits: int, scheme: str = "laq-linear", per_row: bool = False):
+def weight_codec(bits: int, scheme: str = "laq-linear", per_row: bool = False, hold: float = 0.0):
     """The weight codec for ``--w-bits``: 32 -> fp32, 16 -> fp16, otherwise a quantized scheme.
     bits=2 with scheme laq-linear is ternary (LAT-equivalent grid)."""
     if bits == 32:
@@ -710,4 +725,4 @@ def weight_codec(bits: int, scheme: str = "laq-linear", per_row: bool = False):
         return RawCodec(torch.float16, "weight")
     if bits == 1:
         scheme = "binary"
-    return WeightCodec(scheme, bits, per_row)
+    return WeightCodec(scheme, bits, per_row, hold=hold)

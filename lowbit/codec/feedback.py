@@ -10,7 +10,7 @@ caller writes one line whether or not feedback is on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,7 +54,10 @@ class FeedbackCodec:
         return self.codec.frame_nbytes(shape)
 
 
-def with_feedback(codec, memory: ErrorFeedback | None) -> FeedbackCodec:
+def with_feedback(codec, memory: ErrorFeedback | None):
     """``codec`` with error feedback through ``memory`` (none when ``memory`` is None or the codec
-    is a passthrough)."""
+    is a passthrough). A lossless wrapper (row-sparse, entropy-coded: ``codec.lossless``) keeps its
+    place outside: the memory wraps the lossy codec inside it, whose frames decode cheaply."""
+    if getattr(codec, "lossless", False):
+        return replace(codec, inner=with_feedback(codec.inner, memory))
     return FeedbackCodec(codec, memory)

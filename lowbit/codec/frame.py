@@ -6,7 +6,8 @@ Layout, little-endian::
     0      4     magic  b"LBT\\x01"
     4      1     version (=1)
     5      1     kind      (0 grad, 1 weight, 2 raw/other, 3 weight delta: lowbit.codec.delta,
-                             4 row-sparse grad: lowbit.codec.sparse)
+                             4 row-sparse grad: lowbit.codec.sparse, 5 entropy-coded grad:
+                             lowbit.codec.entropy)
     6      1     encoding  (0 raw, 1 sym grid, 2 log grid, 3 bin grid)
     7      1     dtype     of the raw payload / of the decoded tensor (0 fp32, 1 fp16, 2 bf16)
     8      1     bits      (32/16 for raw; 1..8 for grids)
@@ -56,13 +57,13 @@ CRC_SIZE = 4
 MAX_NDIM = 8
 MAX_NUMEL = 1 << 34  # 16 G elements: beyond any tensor we move, well below 2^64
 
-KINDS = {"grad": 0, "weight": 1, "raw": 2, "wdelta": 3, "gsparse": 4}
+KINDS = {"grad": 0, "weight": 1, "raw": 2, "wdelta": 3, "gsparse": 4, "gcoded": 5}
 ENCODINGS = {"raw": 0, "sym": 1, "log": 2, "bin": 3}
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
 # where weights are expected a delta of them may come, where gradients are a row-sparse one
-_ACCEPTS = {"weight": ("weight", "wdelta"), "grad": ("grad", "gsparse")}
-_FREE = {"wdelta": 24, "gsparse": 8}  # kinds whose payload has its own layout: the smallest payload
+_ACCEPTS = {"weight": ("weight", "wdelta"), "grad": ("grad", "gsparse", "gcoded")}
+_FREE = {"wdelta": 24, "gsparse": 8, "gcoded": 16}  # kinds whose payload has its own layout: the smallest payload
 _ENC_NAMES = {v: k for k, v in ENCODINGS.items()}
 _DTYPE_OF = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
@@ -84,7 +85,10 @@ def payload_nbytes(encoding: str, bits: int, shape: tuple[int, ...], dtype: torc
 
 def free_payload_bound(kind: str, shape: tuple[int, ...], bits: int) -> int:
     """The largest payload of a ``wdelta`` frame (every group of 8 codes changed) or a ``gsparse``
-    frame (every row sent) for ``shape``: their ids stored raw, plus deflate's worst-case overhead."""
+    frame (every row sent) for ``shape``: their ids stored raw, plus deflate's worst-case overhead;
+    of a ``gcoded`` frame: its histogram and the dense payload (it is only sent when smaller)."""
+    if kind == "gcoded":
+        return 4 + 4 * ((1 << bits) - 1) + payload_nbytes("sym", bits, shape, torch.float32)
     units = (_numel(shape) + 7) // 8 if kind == "wdelta" else (shape[0] if shape else 1)
     unit_bytes = bits if kind == "wdelta" else (_numel(shape[1:]) * bits + 7) // 8
     return _FREE[kind] + units * (4 + unit_bytes) + units // 250 + 64

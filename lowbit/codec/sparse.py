@@ -92,6 +92,7 @@ class RowSparseCodec:
     dense frame (:func:`densify`)."""
 
     inner: object
+    lossless = True  # error feedback wraps the inner codec (lowbit.codec.feedback.with_feedback)
 
     @property
     def bits(self) -> int:
@@ -101,8 +102,8 @@ class RowSparseCodec:
     def kind(self) -> str:
         return self.inner.kind
 
-    def encode(self, x: torch.Tensor, *, key: int = 0, step: int = 0, generator=None) -> Frame | None:
-        f = self.inner.encode(x, key=key, step=step, generator=generator)
+    def encode(self, x: torch.Tensor, **kw) -> Frame | None:
+        f = self.inner.encode(x, **kw)
         rb = None if f is None or x.dim() != 2 or f.encoding != "sym" else _row_bytes(f.shape, f.bits)
         if rb is None:
             return f

@@ -38,8 +38,8 @@ from typing import Iterable, Mapping
 import torch
 import torch.distributed as dist
 
+from lowbit.codec.codecs import dense_frame
 from lowbit.codec.frame import CRC_SIZE, HEADER_SIZE, Frame
-from lowbit.codec.sparse import densify
 from lowbit.comm.transport import ByteCounter
 from lowbit.errors import FrameError, TransportError
 
@@ -578,8 +578,7 @@ def parse_bundle(buf, *, peer: int, step: int, kind: str, shapes: Mapping[int, t
     while off < len(mv):
         try:
             f = Frame.from_bytes(mv, off, expect_kind=kind)
-            if f.kind == "gsparse":
-                f = densify(f)  # the dense frame it was cut from: summed as any other
+            f = dense_frame(f)  # a row-sparse or coded frame as the dense one it stands for
         except FrameError as e:
             raise FrameError(f"{where}, frame #{len(out)} at byte {off}: {e}") from e
         if f.key not in allowed:

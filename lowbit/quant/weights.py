@@ -360,7 +360,8 @@ def _laq_alternate(w2: torch.Tensor, d2: torch.Tensor | None, alpha: torch.Tenso
 
 
 def laq_project(w: torch.Tensor, d: torch.Tensor | None = None, bits: int = 2, scheme: str = "linear",
-                per_row: bool = False, iters: int = 10, alpha: torch.Tensor | float | None = None) -> QTensor:
+                per_row: bool = False, iters: int = 10, alpha: torch.Tensor | float | None = None,
+                hold: float = 0.0) -> QTensor:
     """LAQ m-bit loss-aware weight quantization (Hou, Zhang & Kwok ICLR 2019, "Analysis of quantized models").
 
     Approximately solves min_{α>0, b∈Q^n} Σ d (w − α b)² by alternating minimisation:
@@ -380,6 +381,12 @@ def laq_project(w: torch.Tensor, d: torch.Tensor | None = None, bits: int = 2, s
     not depend on d), the result's D-objective is never worse than the plain projection's; running
     both phases also when ``d`` is None makes d=None and d=ones give identical results. All-zero
     rows get scale 1.0 and zero codes.
+
+    ``hold`` (with ``alpha``): a row whose new α is within ``hold``·α of the warm start keeps the
+    warm start, with the codes Π_Q(w/α) at it. A step moves the optimum α a little, and on a fine
+    grid every small move of α shifts codes across the whole tensor; held, the codes change only
+    where the weights crossed a grid boundary (far fewer bytes down with delta-coded weights), at a
+    D-objective within O(hold²) of the re-solved one.
     """
     if scheme not in ("linear", "log"):
         raise ConfigError(f"LAQ scheme must be 'linear' or 'log', got {scheme!r}")
@@ -408,6 +415,14 @@ def laq_project(w: torch.Tensor, d: torch.Tensor | None = None, bits: int = 2, s
             raise ConfigError(f"initial alpha must be finite, > 0 and have 1 or {w2.shape[0]} entries, got {alpha!r}")
         a0 = torch.where(nonzero, a0, torch.ones_like(a0))
     a, codes = _laq_alternate(w2, d2, a0, k, grid, iters, tables)
+    if hold and alpha is not None:
+        held = (a - a0).abs() <= hold * a0
+        if bool(held.all()):
+            a, codes = a0, _project(w2, a0, k, grid, tables)[1]
+        elif bool(held.any()):
+            codes = torch.where(held.unsqueeze(1), _project(w2, a0, k, grid, tables)[1].to(codes.dtype),
+                                codes.reshape(w2.shape))
+            a = torch.where(held, a0, a)
     return _finish(codes, a, w, per_row, bits, grid)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lowbit.train.config import GRAD_BITS, SCHEMES, TRANSPORTS, W_SCHEMES, WEIGHT_BITS, Config
+from lowbit.train.config import G_SCHEMES, GRAD_BITS, SCHEMES, TRANSPORTS, W_SCHEMES, WEIGHT_BITS, Config
 
 _D = Config()  # the defaults shown in --help
 PRESETS_HELP = ("tiny-bert, roberta-tiny (random init, for smoke runs), minilm (pretrained all-MiniLM-L6-v2), "
@@ -32,6 +32,14 @@ TRAIN_FLAGS: dict[str, tuple[str, str, type, tuple | None, str]] = {
                "(32 = fp32, 16 = fp16)"),
     "g_bits": ("codec", "g_bits", int, GRAD_BITS, "bits of the gradients sent up (clipped stochastic; "
                "32 = fp32, 16 = fp16)"),
+    "scale_hold": ("codec", "scale_hold", float, None, "LAQ weights keep last step's scale while the new one is "
+                   "within this relative distance of it (e.g. 0.01), so codes change only where weights "
+                   "cross a grid boundary: far fewer bytes down with delta-coded weights (0 = re-solve every step)"),
+    "g_scheme": ("codec", "g_scheme", str, G_SCHEMES, "gradient quantizer: stochastic (clipped, unbiased "
+                 "m-bit) or threshold (ternary: values above g-threshold * rms as +-scale; biased, needs "
+                 "--error-feedback and --g-bits 2)"),
+    "g_threshold": ("codec", "g_threshold", float, None, "threshold gradients: the multiple of the gradient's "
+                    "rms a value must exceed to be sent"),
     "w_scheme": ("codec", "w_scheme", str, W_SCHEMES, "weight quantizer of the Transformer matrices"),
     "scheme": ("codec", "scheme", str, SCHEMES, "workers run the model wrapped by this scheme (its activation "
                "quantizers) and it sets each tensor's width (ternarybert: ternary Transformer matrices and "
@@ -82,6 +90,8 @@ TRAIN_SWITCHES = {
                          "codes that changed (delta coding is exact; this only costs bytes)"),
     "dense_embeddings": ("codec", "sparse_embeddings", False, "send the embeddings' gradients whole instead of "
                          "without their all-zero rows (row-sparse frames are exact; this only costs bytes)"),
+    "entropy_grads": ("codec", "entropy_grads", True, "rANS-code the matrix gradients' codes (exact: 3-bit codes "
+                      "in about 1.9 bits, 2-bit in under 1; worth it on links slower than about 1 Gbit/s)"),
     "resume": ("run", "resume", True, "continue from the newest checkpoint under --out"),
 }
 

@@ -17,6 +17,7 @@ TRANSPORTS = ("ps", "ring", "tree", "ray")
 W_SCHEMES = ("laq-linear", "laq-log", "lat", "lat2", "twn", "binary")
 SCHEMES = ("none", "ternarybert", "q8bert")  # model wrappers a run can train with
 GRAD_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+G_SCHEMES = ("stochastic", "threshold")
 WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 FAULT_KINDS = ("kill-rank", "kill-worker", "kill-server")
 
@@ -80,6 +81,10 @@ class CodecConfig:
     max_piece_numel: int = 2_097_152  # larger matrices travel (and are owned) as blocks of rows; 0 = never
     delta_weights: bool = True  # weights down as the codes that changed since the last step (exact)
     sparse_embeddings: bool = True  # embedding gradients without their all-zero rows (exact)
+    scale_hold: float = 0.0  # LAQ keeps last step's scale while the new one is within this relative distance
+    g_scheme: str = "stochastic"  # stochastic (clipped, unbiased) | threshold (ternary, needs error feedback)
+    g_threshold: float = 1.5  # threshold: gradients above g_threshold * rms(g) are sent
+    entropy_grads: bool = False  # matrix gradients' codes rANS-coded (exact; costs the receiver CPU)
     keyframe_every: int = 100   # with delta_weights, whole weight frames every N steps (0 = only when needed)
     scheme: str = "none"  # ternarybert | q8bert: workers run the wrapped model; the scheme sets the widths
 
@@ -92,6 +97,15 @@ class CodecConfig:
             v = getattr(self, name)
             if v not in GRAD_BITS:
                 raise ConfigError(f"{name} must be one of {GRAD_BITS}, got {v!r}")
+        _finite("scale_hold", self.scale_hold, 0, 1, hi_open=True)
+        if self.g_scheme not in G_SCHEMES:
+            raise ConfigError(f"g_scheme must be one of {G_SCHEMES}, got {self.g_scheme!r}")
+        if self.g_scheme == "threshold":
+            if self.g_bits != 2:
+                raise ConfigError(f"threshold gradients are ternary: g_bits must be 2, got {self.g_bits}")
+            if not self.error_feedback:
+                raise ConfigError("threshold gradients are biased: they need error feedback (--error-feedback)")
+            _finite("g_threshold", self.g_threshold, 0)
         if self.w_scheme not in W_SCHEMES:
             raise ConfigError(f"w_scheme must be one of {W_SCHEMES}, got {self.w_scheme!r}")
         if self.w_scheme in ("lat", "lat2", "twn") and self.w_bits not in (2, 16, 32):

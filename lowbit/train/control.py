@@ -3,7 +3,7 @@ per-step numbers for the leader's log, checkpoint marks, the end handshake, and 
 
 Keys (under ``lowbit/ctl/``)::
 
-    worker_step/<step>/<rank>   a worker's [loss, skipped gradients], set before its gradients go up
+    worker_step/<step>/<rank>   a worker's [loss, skipped gradients, whole/sent upload], set after its step
     owner_bytes/<step>/<rank>   an owner's [up bytes received, down bytes sent] this step and since the start
     checkpoint/<step>/<rank>    a rank wrote its part of a checkpoint: {"files": {name: record}, "error"}
     at/<rank>                   the step a rank is in now (overwritten every step)

@@ -157,12 +157,12 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
             loss = worker.forward_backward({k: v[idx] for k, v in train_set.items()}, step,
                                            positions=worker_index + n_workers * idx)
             frames = worker.encode_gradients(step, lazy=True)  # encoded as the transport reads them
-            ctl.publish("worker_step", step, [loss, float(worker.skipped), worker.up_whole])  # before sending
         if fault is not None and fault.rank == rank and fault.step == step + 1:
             os._exit(17)  # mid-step: gradients computed, nothing sent yet
         weights = transport.step(step, frames, owner, out=dest)
         if worker is not None:
             worker.load_weights(weights)
+            ctl.publish("worker_step", step, [loss, float(worker.skipped), worker.up_whole])  # frames all encoded
         dt = time.perf_counter() - t0
         if owner is not None:
             d, c = transport.counter.delta(before), transport.counter.delta(base)

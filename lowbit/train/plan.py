@@ -13,8 +13,13 @@ import torch
 from torch import nn
 
 from lowbit.codec.codecs import StochasticGradCodec, grad_codec, weight_codec
+from lowbit.codec.entropy import EntropyCodec
 from lowbit.codec.sparse import RowSparseCodec
+from lowbit.codec.ternary import ThresholdGradCodec
 from lowbit.train.config import CodecConfig
+
+
+GRID_CODECS = (StochasticGradCodec, ThresholdGradCodec)  # gradient codecs of symmetric-grid frames
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,15 @@ def make_plan(model: nn.Module, cfg: CodecConfig) -> list[ParamSpec]:
         scheme = cfg.w_scheme if group == "transformer" else "laq-linear"
         if wb == 1:
             scheme = "binary"
-        wc = weight_codec(wb, scheme=scheme, per_row=cfg.per_row)
+        wc = weight_codec(wb, scheme=scheme, per_row=cfg.per_row, hold=cfg.scale_hold)
         gb = cfg.small_g_bits if group == "small" else cfg.g_bits
         gc = grad_codec(gb, clip=cfg.clip, nonfinite=cfg.nonfinite)
-        if group == "embedding" and cfg.sparse_embeddings and isinstance(gc, StochasticGradCodec):
+        if group != "small" and cfg.g_scheme == "threshold":
+            gc = ThresholdGradCodec(cfg.g_threshold, cfg.nonfinite)
+        if group == "embedding" and cfg.sparse_embeddings and isinstance(gc, GRID_CODECS):
             gc = RowSparseCodec(gc)  # a batch touches a few rows: the zero ones are not sent
+        elif cfg.entropy_grads and isinstance(gc, GRID_CODECS):
+            gc = EntropyCodec(gc)  # the codes in about their entropy
         for rows in row_blocks(tuple(p.shape), cfg.max_piece_numel):
             shape = tuple(p.shape) if rows is None else (rows[1] - rows[0],) + tuple(p.shape[1:])
             piece_name = name if rows is None else f"{name}[{rows[0]}:{rows[1]}]"

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from lowbit.codec.feedback import with_feedback
-from lowbit.codec.sparse import RowSparseCodec
 from lowbit.comm.transport import LazyFrames
 from lowbit.quant.grads import ErrorFeedback, check_finite
 from lowbit.train.plan import ParamSpec
@@ -46,7 +45,8 @@ class Worker:
         self.ef = ErrorFeedback() if error_feedback else None
         self.nonfinite = nonfinite
         self.skipped = 0  # gradients dropped by the 'skip' non-finite policy
-        self.up_whole = 1.0  # this step's upload as whole frames / as sent (row-sparse frames are smaller)
+        self.up_whole = 1.0  # this step's upload as whole frames / as sent, once encoded (row-sparse and
+        # entropy-coded frames are smaller)
         self.distiller = distiller  # (model, batch, positions) -> loss; None: the model's label loss
 
     def weight_buffers(self) -> dict[int, torch.Tensor]:
@@ -95,23 +95,21 @@ class Worker:
                 continue
             todo[spec.key] = (spec, g)
 
+        sizes = [0, 0]  # this step's frames: as whole frames, as sent (row-sparse and coded are smaller)
+
         def encode(key: int) -> bytes | None:
-            if key in early:
-                return early.pop(key)
             if key not in todo:
                 return None  # skipped above
             spec, g = todo[key]
             gen = step_generator(self.seed, self.rank, step, self.device, key)
             f = with_feedback(spec.g_codec, self.ef).encode(g, key=spec.key, step=step, generator=gen, name=spec.name)
-            return f.to_bytes()
+            b = f.to_bytes()
+            sizes[0] += spec.g_codec.frame_nbytes(spec.shape)
+            sizes[1] += len(b)
+            self.up_whole = sizes[0] / sizes[1]
+            return b
 
-        # Row-sparse frames are encoded now, so the step's upload size is known before it is sent.
-        early: dict[int, bytes | None] = {}
-        early.update({k: encode(k) for k, (spec, _) in todo.items() if isinstance(spec.g_codec, RowSparseCodec)})
-        whole = sum(todo[k][0].g_codec.frame_nbytes(todo[k][0].shape) for k in todo)
-        sent = whole - sum(todo[k][0].g_codec.frame_nbytes(todo[k][0].shape) - len(b) for k, b in early.items()
-                           if b is not None)
-        self.up_whole = whole / sent if sent else 1.0
+        self.up_whole = 1.0
         if lazy:
             return LazyFrames([spec.key for spec in self.plan], encode)
         return {k: encode(k) for k in todo}

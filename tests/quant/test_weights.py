@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.errors import ConfigError
+from lowbit.quant.qtensor import grid_k
 from lowbit.quant import (QTensor, binarize, laq_project, quantize_weight, ternarize_lat, ternarize_twn,
                           weight_objective)
 
@@ -251,3 +252,24 @@ def test_laq_linear_reaches_the_best_scale_from_a_cold_start(bits, weighted):
         err = (d.double() * w.double() ** 2).sum() - num ** 2 / den
         best = min(best, float(err.min()))
     assert got <= best * (1 + 1e-5), (got, best)  # to the objective's fp32 rounding
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_a_held_scale_moves_codes_only_where_weights_crossed_a_boundary(per_row):
+    """hold: while the re-solved alpha stays within hold*alpha of the warm start, the warm start is
+    kept and the codes are the plain projection at it; a move of alpha beyond hold is adopted."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=gen)
+    d = torch.rand(64, 256, generator=gen) + 0.1
+    q0 = laq_project(w, d, bits=8, per_row=per_row)
+    w1 = w + 1e-4 * torch.randn(64, 256, generator=gen)  # one small optimizer step
+    free = laq_project(w1, d, bits=8, per_row=per_row, alpha=q0.scale)
+    held = laq_project(w1, d, bits=8, per_row=per_row, alpha=q0.scale, hold=0.05)
+    assert torch.equal(held.scale, q0.scale)
+    k = grid_k(8)
+    expect = torch.round(torch.clamp(w1 / q0.scale.reshape(-1, 1) * k, -k, k)) + k
+    assert torch.equal(held.codes.long(), expect.long())
+    assert (held.codes != q0.codes).sum() < (free.codes != q0.codes).sum()
+    assert weight_objective(w1, held, d) <= 1.01 * weight_objective(w1, free, d)
+    moved = laq_project(2 * w, d, bits=8, per_row=per_row, alpha=q0.scale, hold=0.05)
+    assert not torch.allclose(moved.scale, q0.scale)

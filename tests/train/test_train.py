@@ -171,3 +171,27 @@ def test_delta_weights_and_sparse_embeddings_are_exact_and_move_fewer_bytes(tmp_
     for a, b in zip(ra, rb):
         assert b["bytes_up"] < 0.5 * a["bytes_up"]  # tiny-bert's gradients are mostly its word embedding's
         assert b["bytes_up_whole"] == pytest.approx(a["bytes_up"], rel=0.01)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["ps", "ring"])
+def test_entropy_coded_gradients_are_exact_and_move_fewer_bytes(tmp_path, kind):
+    """Threshold-ternary gradients with error feedback, sent packed and rANS-coded: identical losses
+    and final weights, fewer bytes up, and the record counts the whole frames they stand for."""
+    over = dict(codec={"w_bits": 4, "g_bits": 2, "g_scheme": "threshold", "error_feedback": True,
+                       "embed_bits": 8, "head_bits": 8, "max_piece_numel": 100_000},
+                optim={"lr": 1e-4}, run={"steps": 3}, transport={"kind": kind, "servers": 1})
+    packed = tiny_cfg(tmp_path, "packed", **over)
+    coded = tiny_cfg(tmp_path, "coded", **over)
+    coded.codec.entropy_grads = True
+    launch_local(packed)
+    launch_local(coded)
+    wa, wb = final_weights(Path(packed.run.out), 3), final_weights(Path(coded.run.out), 3)
+    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_losses(Path(coded.run.out)) == read_losses(Path(packed.run.out))
+    ra = [json.loads(line) for line in (Path(packed.run.out) / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(line) for line in (Path(coded.run.out) / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(ra, rb):
+        assert b["bytes_up"] < 0.8 * a["bytes_up"]
+        assert b["bytes_up_whole"] == pytest.approx(a["bytes_up_whole"], rel=0.01)
+        assert b["bytes_down"] == a["bytes_down"]
