@@ -289,3 +289,16 @@ def resealed(buf: bytes, edit) -> bytes:
     raw = bytearray(f.to_bytes())
     struct.pack_into("<I", raw, len(raw) - 4, crc32(bytes(raw[:-4])))
     return bytes(raw)
+
+
+def mutated(buf: bytes, edits, reseal: bool) -> bytes:
+    """``buf`` with ``edits`` ((position, byte) pairs, positions taken modulo the length) applied to
+    its payload and the CRC recomputed (``reseal``), or to the whole frame as it is."""
+    def edit(p):
+        for pos, val in edits:
+            p[pos % len(p)] = val
+    if reseal:
+        return resealed(buf, edit)
+    b = bytearray(buf)
+    edit(b)
+    return bytes(b)

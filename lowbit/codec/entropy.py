@@ -27,6 +27,7 @@ import torch
 
 from lowbit.codec.frame import Frame
 from lowbit.codec.pack import pack_bits, unpack_bits
+from lowbit.codec.wrapper import LosslessWrapper
 from lowbit.errors import ConfigError, FrameError
 from lowbit.quant.qtensor import grid_k
 
@@ -96,20 +97,9 @@ def expand(f: Frame) -> Frame:
 
 
 @dataclass(frozen=True)
-class EntropyCodec:
-    """``inner`` (a clipped stochastic gradient codec, with or without error feedback) whose dense
-    frames go entropy-coded whenever that is smaller. Exact: the receiver rebuilds the dense frame."""
-
-    inner: object
-    lossless = True  # error feedback wraps the inner codec (lowbit.codec.feedback.with_feedback)
-
-    @property
-    def bits(self) -> int:
-        return self.inner.bits
-
-    @property
-    def kind(self) -> str:
-        return self.inner.kind
+class EntropyCodec(LosslessWrapper):
+    """``inner`` (a symmetric-grid gradient codec) whose frames go entropy-coded whenever that is
+    smaller. Exact: the receiver rebuilds the dense frame (:func:`expand`)."""
 
     def encode(self, x: torch.Tensor, **kw) -> Frame | None:
         f = self.inner.encode(x, **kw)
@@ -117,6 +107,3 @@ class EntropyCodec:
 
     def decode(self, f: Frame, device=None) -> torch.Tensor:
         return self.inner.decode(expand(f) if f.kind == "gcoded" else f, device)
-
-    def frame_nbytes(self, shape) -> int:
-        return self.inner.frame_nbytes(shape)

@@ -28,6 +28,7 @@ import torch
 from lowbit.codec.frame import Frame
 from lowbit.codec.ids import decode_ids, encode_ids
 from lowbit.codec.pack import pack_bits
+from lowbit.codec.wrapper import LosslessWrapper
 from lowbit.errors import FrameError
 from lowbit.quant.qtensor import grid_k
 
@@ -86,21 +87,10 @@ def densify(f: Frame) -> Frame:
 
 
 @dataclass(frozen=True)
-class RowSparseCodec:
-    """``inner`` (a clipped stochastic gradient codec) whose frames leave out the rows of a 2-D
+class RowSparseCodec(LosslessWrapper):
+    """``inner`` (a symmetric-grid gradient codec) whose frames leave out the rows of a 2-D
     gradient that are exactly zero, whenever that is smaller. Exact: the receiver rebuilds the
     dense frame (:func:`densify`)."""
-
-    inner: object
-    lossless = True  # error feedback wraps the inner codec (lowbit.codec.feedback.with_feedback)
-
-    @property
-    def bits(self) -> int:
-        return self.inner.bits
-
-    @property
-    def kind(self) -> str:
-        return self.inner.kind
 
     def encode(self, x: torch.Tensor, **kw) -> Frame | None:
         f = self.inner.encode(x, **kw)
@@ -116,6 +106,3 @@ class RowSparseCodec:
 
     def decode(self, f: Frame, device=None) -> torch.Tensor:
         return self.inner.decode(densify(f) if f.kind == "gsparse" else f, device)
-
-    def frame_nbytes(self, shape) -> int:
-        return self.inner.frame_nbytes(shape)

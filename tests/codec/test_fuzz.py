@@ -8,8 +8,11 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lowbit.codec import Frame, StochasticGradCodec, WeightCodec, decode_frame, split_frames
+from lowbit.codec.entropy import EntropyCodec
 from lowbit.codec.frame import HEADER_SIZE
+from lowbit.codec.sparse import RowSparseCodec
 from lowbit.errors import FrameError
+from lowbit.testing import mutated
 
 _SEEDS = [StochasticGradCodec(b).encode(torch.randn(3, 5), generator=torch.Generator().manual_seed(b)).to_bytes()
           for b in (2, 3, 4, 8)] + [WeightCodec("laq-log", 3, per_row=True).encode(torch.randn(4, 6)).to_bytes()]
@@ -73,3 +76,25 @@ def test_bundles_with_trailing_junk_are_rejected(junk):
     except FrameError:
         return
     raise AssertionError("a bundle with trailing junk was accepted")
+
+
+def _sparse_grad():
+    g = torch.zeros(200, 16)
+    g[torch.randperm(200, generator=torch.Generator().manual_seed(5))[:12]] = 1.0
+    return g
+
+
+# frame kinds with payloads of their own layout: resealed edits get past the CRC to their own checks
+_LOSSLESS = [RowSparseCodec(StochasticGradCodec(3)).encode(_sparse_grad(), key=2).to_bytes(),
+             EntropyCodec(StochasticGradCodec(3)).encode(torch.randn(200, 16, generator=torch.Generator().manual_seed(5)),
+                                                         key=2).to_bytes()]
+
+
+@settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.sampled_from(_LOSSLESS), edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                                                        min_size=1, max_size=5), reseal=st.booleans())
+def test_mutated_sparse_and_coded_frames_decode_or_raise_frame_error(seed, edits, reseal):
+    try:
+        decode_frame(Frame.from_bytes(mutated(seed, edits, reseal)))
+    except FrameError:
+        pass

@@ -72,23 +72,3 @@ _SEED = RowSparseCodec(StochasticGradCodec(3)).encode(_grad(200, 16, 12, 5), key
 def test_a_malformed_sparse_frame_is_a_frame_error(edit, match):
     with pytest.raises(FrameError, match=match):
         densify(Frame.from_bytes(resealed(_SEED, edit)))
-
-
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=5),
-       reseal=st.booleans())
-def test_mutated_sparse_frames(edits, reseal):
-    def edit(p):
-        for pos, val in edits:
-            p[pos % len(p)] = val
-    if reseal:
-        buf = resealed(_SEED, edit)
-    else:
-        b = bytearray(_SEED)
-        edit(b)
-        buf = bytes(b)
-    try:
-        f = Frame.from_bytes(buf)
-        decode_frame(f)
-    except FrameError:
-        pass

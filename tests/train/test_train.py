@@ -61,6 +61,18 @@ def reference_run(cfg: Config, alive=None):
     return {k: p.detach() for k, p in enumerate(params)}, losses, make_plan(model, cfg.codec)
 
 
+def identical_runs(a: Config, b: Config) -> tuple[list[dict], list[dict]]:
+    """Run ``a`` and ``b`` (the same training sent differently): assert identical final weights and
+    losses; return both runs' metrics records."""
+    launch_local(a)
+    launch_local(b)
+    wa, wb = final_weights(Path(a.run.out), a.run.steps), final_weights(Path(b.run.out), b.run.steps)
+    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_losses(Path(b.run.out)) == read_losses(Path(a.run.out))
+    return tuple([json.loads(line) for line in (Path(c.run.out) / "metrics.jsonl").read_text().splitlines()]
+                 for c in (a, b))
+
+
 def read_losses(out: Path):
     return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -157,13 +169,7 @@ def test_delta_weights_and_sparse_embeddings_are_exact_and_move_fewer_bytes(tmp_
     whole = tiny_cfg(tmp_path, "whole", **over)
     whole.codec.delta_weights = whole.codec.sparse_embeddings = False
     delta = tiny_cfg(tmp_path, "delta", **over)
-    launch_local(whole)
-    launch_local(delta)
-    wa, wb = final_weights(Path(whole.run.out), 4), final_weights(Path(delta.run.out), 4)
-    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert read_losses(Path(delta.run.out)) == read_losses(Path(whole.run.out))
-    ra = [json.loads(line) for line in (Path(whole.run.out) / "metrics.jsonl").read_text().splitlines()]
-    rb = [json.loads(line) for line in (Path(delta.run.out) / "metrics.jsonl").read_text().splitlines()]
+    ra, rb = identical_runs(whole, delta)
     assert rb[0]["bytes_down"] == ra[0]["bytes_down"]  # key frames first
     for a, b in zip(ra[1:], rb[1:]):
         assert b["bytes_down"] < 0.5 * a["bytes_down"]
@@ -184,13 +190,7 @@ def test_entropy_coded_gradients_are_exact_and_move_fewer_bytes(tmp_path, kind):
     packed = tiny_cfg(tmp_path, "packed", **over)
     coded = tiny_cfg(tmp_path, "coded", **over)
     coded.codec.entropy_grads = True
-    launch_local(packed)
-    launch_local(coded)
-    wa, wb = final_weights(Path(packed.run.out), 3), final_weights(Path(coded.run.out), 3)
-    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert read_losses(Path(coded.run.out)) == read_losses(Path(packed.run.out))
-    ra = [json.loads(line) for line in (Path(packed.run.out) / "metrics.jsonl").read_text().splitlines()]
-    rb = [json.loads(line) for line in (Path(coded.run.out) / "metrics.jsonl").read_text().splitlines()]
+    ra, rb = identical_runs(packed, coded)
     for a, b in zip(ra, rb):
         assert b["bytes_up"] < 0.8 * a["bytes_up"]
         assert b["bytes_up_whole"] == pytest.approx(a["bytes_up_whole"], rel=0.01)
