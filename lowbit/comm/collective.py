@@ -38,8 +38,11 @@ from typing import Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from lowbit.comm.p2p import LEN_PREFIX, P2P, ParsedFrame, bundle_bound, join, parse_bundle
+from lowbit.codec.bundle import ParsedFrame, bundle_bound, parse_bundle
 from lowbit.codec.delta import DeltaDecoder
+from lowbit.codec.frame import join_frames
+from lowbit.comm.messages import LEN_PREFIX
+from lowbit.comm.p2p import P2P
 from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, decode_weight, partition
 from lowbit.errors import ConfigError, FrameError
 
@@ -210,7 +213,7 @@ class _ShardedTransport(Transport):
         frames = owner.weight_frames(step)
         if sorted(int(k) for k in frames) != mine:
             raise ConfigError(f"rank {self.rank}: Owner.weight_frames gave keys {sorted(frames)}, expected {mine}")
-        return join(frames[k] for k in mine)
+        return join_frames([frames[k] for k in mine])
 
     def _parse_grads(self, buf, peer: int, step: int, owners, copies: int) -> list[ParsedFrame]:
         return parse_bundle(buf, peer=peer, step=step, kind="grad", shapes=self.shapes,
@@ -251,7 +254,7 @@ class RingTransport(_ShardedTransport):
         mine = self.keys_of[r]
 
         def bundle_for(q: int) -> bytes:
-            return join(grads[k] for k in self.keys_of[q] if grads.get(k))
+            return join_frames([grads[k] for k in self.keys_of[q] if grads.get(k)])
 
         own = bundle_for(r)
         nxt = self._encoder.submit(bundle_for, (r + 1) % p) if p > 1 else None
@@ -305,7 +308,7 @@ class TreeTransport(_ShardedTransport):
 
     def _reduce_scatter(self, step, grads):
         p, r = self.world_size, self.rank
-        own = join(grads[k] for k in sorted(grads) if grads.get(k))
+        own = join_frames([grads[k] for k in sorted(grads) if grads.get(k)])
         held = [(r, pf) for pf in self._parse_grads(own, r, step, range(p), 1)]
         for j in range(self.levels):
             bit = 1 << j
@@ -315,7 +318,7 @@ class TreeTransport(_ShardedTransport):
             m = _low_mask(j) | bit
             mine = [q for q in range(p) if q & m == r & m]
             theirs = [q for q in range(p) if q & m == partner & m]
-            got = self.p2p.exchange(step, {partner: join(pf.raw for _, pf in send)}, [partner], direction="up",
+            got = self.p2p.exchange(step, {partner: join_frames([pf.raw for _, pf in send])}, [partner], direction="up",
                                     max_recv=bundle_bound(self.shapes, self.keys_of_ranks(mine), copies=bit),
                                     send_bound=bundle_bound(self.shapes, self.keys_of_ranks(theirs), copies=bit),
                                     reuse=j)
@@ -332,7 +335,7 @@ class TreeTransport(_ShardedTransport):
                 partner = r ^ (1 << j)
                 theirs = [q for q in range(p) if q >> j == partner >> j]
                 ours = [q for q in range(p) if q >> j == r >> j]
-                got = self.p2p.exchange(step, {partner: join(held)}, [partner], direction="down",
+                got = self.p2p.exchange(step, {partner: join_frames(held)}, [partner], direction="down",
                                         max_recv=bundle_bound(self.shapes, self.keys_of_ranks(theirs)),
                                         send_bound=bundle_bound(self.shapes, self.keys_of_ranks(ours)), reuse=j)
                 overlap.submit(self._decode_weights, got[partner], partner, step, theirs, out, dest)

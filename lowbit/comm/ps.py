@@ -41,10 +41,12 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from lowbit.codec.frame import Frame
-from lowbit.comm.board import Board
-from lowbit.comm.p2p import LEN_PREFIX, P2P, Pending, bundle_bound, join, parse_bundle
+from lowbit.codec.bundle import bundle_bound, parse_bundle
 from lowbit.codec.delta import DeltaDecoder
+from lowbit.codec.frame import Frame, join_frames
+from lowbit.comm.board import Board
+from lowbit.comm.messages import LEN_PREFIX, Pending
+from lowbit.comm.p2p import P2P
 from lowbit.comm.transport import (ByteCounter, GradAccumulator, Owner, StepTimeline, Transport, decode_weight,
                                    partition)
 from lowbit.errors import ConfigError, FrameError, TransportError
@@ -282,7 +284,7 @@ class ParameterServerTransport(Transport):
         called once group 0 is posted to every server. The sends complete in ``finish(pending)``;
         ``"continue"`` mode sends whole bundles and waits for them."""
         if self.tolerant:
-            bundles = {s: join(grads[k] for k in self.keys_of[s] if grads.get(k)) for s in self.servers}
+            bundles = {s: join_frames([grads[k] for k in self.keys_of[s] if grads.get(k)]) for s in self.servers}
             self.p2p.exchange(step, bundles, [], direction="up")
             return
         for i in range(max(len(g) for g in self.groups_of.values())):
@@ -459,7 +461,7 @@ class ParameterServerTransport(Transport):
             raise ConfigError(f"server rank {self.rank}: Owner.weight_frames gave keys {sorted(frames)}, "
                               f"expected {mine}")
         if self.tolerant:
-            bundle = join(frames[k] for k in mine)  # encoded once, sent W times
+            bundle = join_frames([frames[k] for k in mine])  # encoded once, sent W times
             _, failed = self.p2p.exchange_tolerant(step, {w: bundle for w in self._live}, [], direction="down")
             self._drop(step, failed, "weight download")
             if publish:

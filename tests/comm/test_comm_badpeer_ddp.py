@@ -221,7 +221,7 @@ def test_chunk_shares_make_the_last_groups_small():
 
 def _send_chunks(t, step, chunks, peer=0, direction="up"):
     """An upload (or download) with the transport's own protocol (chunk messages), contents crafted."""
-    from lowbit.comm.p2p import Pending
+    from lowbit.comm.messages import Pending
     pending = Pending(direction)
     for i, c in enumerate(chunks):
         t.p2p.send_chunk(peer, i, c, direction, pending)
@@ -255,7 +255,7 @@ def _chunked_badpeer(rank, world, one_message):
         t.step(9, None, owner)
     dist.barrier()
     if rank == 1:
-        from lowbit.comm.p2p import Pending
+        from lowbit.comm.messages import Pending
         long = _good(0, 10) + _good(0, 10)
         try:  # the sender knows the bound too and refuses before sending
             t.p2p.send_chunk(0, 0, long, "up", Pending("up"), bound=t.bounds_of[0][0])

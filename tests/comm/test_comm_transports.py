@@ -420,7 +420,8 @@ def _one_to_many_body(rank, world):
     """P2P.send_chunk with a list of parts (bytes, a memoryview, a uint8 tensor) to a list of peers,
     in both chunk protocols: every peer gets exactly the joined bytes, the sender lays the message
     out once (one pooled buffer for both peers) and counts one message per peer."""
-    from lowbit.comm.p2p import P2P, Pending, message_bytes
+    from lowbit.comm.messages import Pending, message_bytes
+    from lowbit.comm.p2p import P2P
     parts = [b"frame-one|", memoryview(b"frame-two|"), torch.arange(7, dtype=torch.uint8)]
     whole = b"frame-one|frame-two|" + bytes(range(7))
     out = {}
