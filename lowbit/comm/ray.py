@@ -1,34 +1,34 @@
-"""The parameter-server roles as Ray actors: frames as bytes through actor calls.
+"""Ray as a transport: the ranks of a run are Ray actors, and the frames they exchange travel as actor
+calls instead of torch.distributed messages.
 
-Roles, for ``S`` servers and ``W`` workers::
+:class:`RayGroup` (the driver's side) starts one :class:`RankActor` per rank and a :class:`StoreActor`,
+then runs the same function on every rank (for training, :func:`lowbit.train.loop.train`), as a
+torch.distributed launcher runs it in every process. Inside that function :func:`group` is the rank's
+view of the run (its rank, the actors, the store), as the default process group is for
+torch.distributed; :class:`RayTransport` is built on it, and :class:`RayStore` stands in for the c10d
+store the control plane (:class:`lowbit.comm.board.Board`) keeps its keys in.
 
-    WorkerActor w, step s:   [fetch: pull(s) from every server, when it holds no weights for s]
-                             frames = compute(s)                      (key -> grad frame bytes)
-                             push(s, w, bundle of the keys of server j)  -> ServerActor j, for all j
-                             pull(s + 1) from every server -> decode -> load_weights
-    ServerActor j:           push: validate (kind grad, step s, owned key, shape), decode to fp32;
-                             when every expected worker pushed step s: sum in worker order, divide by
-                             the number of contributions, Owner.apply(s, ...), publish the bundle of
-                             Owner.weight_frames(s + 1) as the weights for step s + 1
-                             pull(s): block (threading.Condition, with a timeout) until published
+:class:`RayTransport` is a parameter server: ranks [0, S) own the keys (servers), the rest compute
+(workers, index ``w`` = rank − S)::
 
-``pull(s)`` gives the weights a worker computes step ``s`` at (after ``s`` updates), and the owner
-stamps them with ``s`` (``Owner.weight_frames(s)``); workers check the stamp.
+    worker w, step s:  push(s, w, bundle of server j's keys)       -> server j, for every j
+                       pull(s + 1) from every server -> validate, decode into ``out``
+    server j, step s:  wait for the push of every live worker; decode and sum each key in worker
+                       order in fp32, divide (GradAccumulator); Owner.apply(s, ...); publish
+                       Owner.weight_frames(s + 1); wait until every live worker has pulled it
 
-Bytes: no length prefix travels (Ray frames the call), so a push or pull of a bundle counts exactly
-``len(bundle)`` = the sum of its frame sizes, on both ends (:class:`ByteCounter`).
+A push is validated (kind, step, owned key, shape) when it arrives, and a bad one is a FrameError in
+the pushing call, naming the server. Bytes: no length prefix travels (Ray frames the call), so a push
+or a pull counts exactly its bundle; a server counts a push when its step takes it and a pull when it
+is served, and its step ends once every worker took the weights, so each step's counts are its own.
 
-Faults: worker actors are created with ``max_restarts``/``max_task_retries``. A killed worker is
-restarted by Ray (its factory runs again), its pending ``step`` call is retried, and on finding no
-weights for the step it fetches them from the servers (``pull(s)``) and carries on. A server drops a
-duplicate push for a step it already applied and replaces one for a pending step, so a retried step
-is harmless (the replacement is identical: workers' gradients are pure functions of the step).
-A worker that is gone for good can be retired (:meth:`ServerActor.retire`): servers then stop
-waiting for it. Servers hold the only fp32 state and are not restarted: a dead server is an error.
-Error-feedback residuals of a restarted worker start from zero.
-
-This module knows only the transport contract: owners and workers come from picklable factories
-(zero-argument callables), so nothing here imports :mod:`lowbit.train`.
+Workers are restarted by Ray (``max_restarts``) and their ``run`` is retried on the new actor, which
+finds itself replaced (:attr:`Group.replaced`), joins at the servers' current step
+(:meth:`Group.join_step`) and fetches that step's weights, which servers keep for the last
+:data:`KEEP_STEPS` steps; a push for a step a server already applied is dropped, so a retried step is
+harmless. A worker that cannot come back is retired (:meth:`RayGroup.retire`): servers stop waiting for
+it. Servers hold the only fp32 state and are not restarted: a dead server fails the run. Weights go
+down whole (no delta frames), since a replaced worker holds no codes to apply a delta to.
 """
 from __future__ import annotations
 
@@ -36,17 +36,16 @@ import contextlib
 import logging
 import os
 import threading
-import time
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from lowbit.codec.codecs import decode_frame
 from lowbit.comm.p2p import parse_bundle
-from lowbit.comm.transport import ByteCounter, Owner, partition
+from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, decode_weight, partition
 from lowbit.errors import ConfigError, FrameError, TransportError
 
-KEEP_STEPS = 4  # published weight bundles a server retains (for retried / rejoining workers)
+KEEP_STEPS = 4  # published weight bundles a server keeps (for replaced workers)
 
 
 def _ray():
@@ -63,254 +62,354 @@ def key_partition(shapes: Mapping[int, tuple], n_servers: int) -> dict[int, int]
     return partition(sizes, n_servers)
 
 
-# ----------------------------------------------------------------------------------- server
+def _first_line(e: BaseException) -> str:
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {text[:300]}"
 
 
-class ServerActor:
-    """Holds an :class:`~lowbit.comm.transport.Owner`; collects gradient bundles, applies, publishes.
+class RankFailed(TransportError):
+    """A rank's function raised, or its actor died for good (``rank`` -1: the driver gave up). ``step``:
+    the step the rank was in, when the driver could read it."""
 
-    ``shapes``: key -> shape of (at least) the owned keys. ``workers``: the worker ids to wait for.
-    ``start_step``: the step whose weights are published first (default ``owner.step_done`` or 0).
-    ``timeout_s``: how long ``pull`` waits before a :class:`TransportError` naming the missing workers.
-    """
+    def __init__(self, rank: int, message: str, step: int | None = None):
+        super().__init__(f"rank {rank}: {message}" if rank >= 0 else message)
+        self.rank, self.message, self.step = rank, message, step
 
-    def __init__(self, owner_factory: Callable[[], Owner], shapes: Mapping[int, tuple],
-                 workers: Iterable[int], *, server_id: int = 0, start_step: int | None = None,
-                 timeout_s: float = 300.0, threads: int = 0):
+
+# ----------------------------------------------------------------------------------- the store
+
+
+class StoreActor:
+    """Keys and byte values with blocking waits: what the c10d store offers the control plane."""
+
+    def __init__(self):
+        self.data: dict[str, bytes] = {}
+        self.cond = threading.Condition()
+
+    def set(self, key: str, value: bytes) -> None:
+        with self.cond:
+            self.data[key] = value
+            self.cond.notify_all()
+
+    def wait(self, keys: list[str], timeout_s: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: all(k in self.data for k in keys), timeout_s)
+
+    def get(self, key: str, timeout_s: float) -> bytes | None:
+        return self.data[key] if self.wait([key], timeout_s) else None
+
+    def check(self, keys: list[str]) -> bool:
+        with self.cond:
+            return all(k in self.data for k in keys)
+
+    def add(self, key: str, n: int) -> int:
+        with self.cond:
+            v = int(self.data.get(key, b"0")) + n
+            self.data[key] = str(v).encode()
+            self.cond.notify_all()
+            return v
+
+    def delete_key(self, key: str) -> bool:
+        with self.cond:
+            return self.data.pop(key, None) is not None
+
+
+class RayStore:
+    """The c10d store's methods (set, get, wait, check, add, delete_key) over a :class:`StoreActor`;
+    ``get`` and ``wait`` wait at most ``timeout_s`` (``wait`` takes a timedelta, as c10d's does)."""
+
+    def __init__(self, actor, timeout_s: float):
+        self.actor, self.timeout_s = actor, float(timeout_s)
+
+    def _call(self, method: str, *args, wait_s: float = 0.0):
+        return _ray().get(getattr(self.actor, method).remote(*args), timeout=wait_s + 60)
+
+    def set(self, key: str, value) -> None:
+        self._call("set", key, value.encode() if isinstance(value, str) else bytes(value))
+
+    def get(self, key: str) -> bytes:
+        v = self._call("get", key, self.timeout_s, wait_s=self.timeout_s)
+        if v is None:
+            raise TransportError(f"store: {key!r} was not set within {self.timeout_s:g}s")
+        return v
+
+    def wait(self, keys, timeout=None) -> None:
+        s = self.timeout_s if timeout is None else timeout.total_seconds()
+        if not self._call("wait", list(keys), s, wait_s=s):
+            raise TransportError(f"store: keys not set within {s:g}s")
+
+    def check(self, keys) -> bool:
+        return self._call("check", list(keys))
+
+    def add(self, key: str, n: int) -> int:
+        return self._call("add", key, int(n))
+
+    def delete_key(self, key: str) -> bool:
+        return self._call("delete_key", key)
+
+
+# ----------------------------------------------------------------------------------- the ranks
+
+
+@dataclass
+class Group:
+    """One rank's view of the run, inside its actor (see :func:`group`)."""
+
+    rank: int
+    world_size: int
+    n_servers: int
+    actors: list
+    store: RayStore
+    timeout_s: float
+    replaced: bool  # this actor replaces one that died (Ray restarted it)
+    transport: "RayTransport | None" = field(default=None, repr=False)
+
+    def join_step(self) -> int:
+        """The step a replaced worker joins at: the earliest one a server still waits on."""
+        steps = _ray().get([a.at.remote() for a in self.actors[:self.n_servers]], timeout=self.timeout_s + 60)
+        return min(steps)
+
+
+_GROUP: Group | None = None
+_READY = threading.Condition()  # signalled when a run's group, then its transport, is set
+
+
+def group() -> Group:
+    """This rank's :class:`Group`, inside a function :meth:`RayGroup.run` runs."""
+    if _GROUP is None:
+        raise TransportError("not inside a rank of a RayGroup (RayGroup.run sets up the group)")
+    return _GROUP
+
+
+def _served() -> "RayTransport":
+    """This rank's transport, once the rank's function has built it (a peer may call first)."""
+    with _READY:
+        ok = _READY.wait_for(lambda: _GROUP is not None and _GROUP.transport is not None,
+                             _GROUP.timeout_s if _GROUP is not None else 600.0)
+    if not ok:
+        raise TransportError("this rank built no RayTransport in time")
+    return _GROUP.transport
+
+
+class RankActor:
+    """One rank: runs the rank's function (:meth:`run`) and serves its peers' calls to the
+    transport it builds (pushes and pulls, on a server)."""
+
+    def __init__(self, rank: int, threads: int = 0):
         if threads:
             torch.set_num_threads(threads)
-        self.server_id = server_id
-        self.owner = owner_factory()
-        self.keys = sorted(int(k) for k in self.owner.owned_keys())
+        self.rank = rank
+        self.fresh = False  # a run announced by reset(); a run that comes without one is Ray's retry
+
+    def reset(self) -> None:
+        global _GROUP
+        with _READY:
+            _GROUP, self.fresh = None, True
+
+    def run(self, actors: list, store, n_servers: int, timeout_s: float, fn: Callable, *args):
+        global _GROUP
+        replaced, self.fresh = not self.fresh, False
+        with _READY:
+            _GROUP = Group(self.rank, len(actors), n_servers, list(actors), RayStore(store, timeout_s), timeout_s,
+                           replaced)
+            _READY.notify_all()
+        return fn(*args)
+
+    def push(self, step: int, worker: int, bundle: bytes) -> int:
+        return _served().push(step, worker, bundle)
+
+    def pull(self, step: int, worker: int) -> tuple[bytes, list[int]]:
+        return _served().pull(step, worker)
+
+    def retire(self, worker: int) -> None:
+        _served().retire(worker)
+
+    def at(self) -> int:
+        return _served().current
+
+    def stats(self) -> dict:
+        t = _served()
+        return {**t.counter.snapshot(), "rank": self.rank, "step": t.current, "pid": os.getpid()}
+
+
+class RayTransport(Transport):
+    """The parameter server over the actors of a :class:`RayGroup` (see the module docstring); built
+    inside a rank's function, from :func:`group`."""
+
+    def __init__(self, shapes: Mapping[int, tuple], n_servers: int, *, timeout: float = 300.0,
+                 device: torch.device | str = "cpu"):
+        g = group()
+        if n_servers != g.n_servers:
+            raise ConfigError(f"RayTransport for {n_servers} servers in a group of {g.n_servers}")
+        self.group, self.rank, self.world_size, self.n_servers = g, g.rank, g.world_size, n_servers
         self.shapes = {int(k): tuple(int(d) for d in s) for k, s in shapes.items()}
-        missing = sorted(set(self.keys) - set(self.shapes))
-        if missing:
-            raise ConfigError(f"server {server_id}: no shapes given for owned keys {missing}")
-        self.workers = sorted(int(w) for w in workers)
-        self.expected = set(self.workers)
-        self.timeout_s = float(timeout_s)
+        key_server = key_partition(self.shapes, n_servers)
+        self.keys_of = {j: sorted(k for k, s in key_server.items() if s == j) for j in range(n_servers)}
+        if any(not keys for keys in self.keys_of.values()):
+            raise ConfigError(f"{n_servers} servers for {len(shapes)} parameter tensors leaves a server without keys")
+        self.timeout_s, self.device = float(timeout), torch.device(device)
         self.counter = ByteCounter()
-        self.cond = threading.Condition()
-        self.pending: dict[int, dict[int, dict[int, torch.Tensor]]] = {}
-        self.published: dict[int, bytes] = {}
-        self.error: str | None = None
-        self.current = int(start_step if start_step is not None else getattr(self.owner, "step_done", 0))
-        self._publish(self.current, self.owner.weight_frames(self.current))
+        self.index = self.rank - n_servers  # the worker index (negative on a server)
+        self.live = list(range(n_servers, self.world_size))  # worker ranks still taking part
+        self.current = -1  # a server: the step whose gradients it takes (its weights are published)
+        if self.rank < n_servers:
+            self.keys = self.keys_of[self.rank]
+            self.cond = threading.Condition()
+            self.pushed: dict[int, dict[int, tuple[list, int]]] = {}  # step -> worker -> (frames, bytes)
+            self.published: dict[int, bytes] = {}
+            self.pulled: dict[int, set[int]] = {}
+            self.expected = set(range(self.world_size - n_servers))
+            self.acc = GradAccumulator(self.device)
+        with _READY:
+            g.transport = self
+            _READY.notify_all()
 
-    def _where(self, step: int, worker: int | None = None) -> str:
-        w = f" from worker {worker}" if worker is not None else ""
-        return f"server {self.server_id}: bundle{w} at step {step}"
+    @property
+    def owners(self) -> list[int]:
+        return list(range(self.n_servers))
 
-    def _publish(self, step: int, frames: Mapping[int, bytes]) -> None:
-        if sorted(int(k) for k in frames) != self.keys:
-            raise ConfigError(f"server {self.server_id}: Owner.weight_frames gave keys {sorted(frames)}, "
-                              f"expected {self.keys}")
-        self.published[step] = b"".join(bytes(frames[k]) for k in self.keys)
-        for old in [s for s in self.published if s <= step - KEEP_STEPS]:
-            del self.published[old]
+    @property
+    def live_workers(self) -> list[int]:
+        return self.live
 
-    # -- the up-link -------------------------------------------------------------------------------
-    def push(self, step: int, worker_id: int, bundle: bytes) -> int:
-        """Gradient frames of ``worker_id`` for ``step`` (the keys this server owns). Returns the
-        number of frames taken (0 for a duplicate of an applied step). Raises FrameError on a bad
-        frame, naming this server, the worker and the step."""
-        step, worker_id = int(step), int(worker_id)
-        if worker_id not in self.workers:
-            raise TransportError(f"server {self.server_id}: push from unknown worker {worker_id} "
-                                 f"(workers {self.workers})")
-        with self.cond:
-            self.counter.up_recv += len(bundle)
-            if step < self.current:
-                return 0  # a retried push of a step already applied
-            if step > self.current:
-                raise TransportError(f"{self._where(step, worker_id)}: this server is at step {self.current}; "
-                                     f"synchronous mode takes gradients only for the current step")
-        decoded: dict[int, torch.Tensor] = {}
-        try:
-            parsed = parse_bundle(bundle, peer=worker_id, step=step, kind="grad", shapes=self.shapes,
-                                  allowed_keys=self.keys)
-        except FrameError as e:
-            raise FrameError(f"server {self.server_id}: {e}") from e
-        for pf in parsed:
-            try:
-                decoded[pf.frame.key] = decode_frame(pf.frame).float()
-            except FrameError as e:
-                raise FrameError(f"{self._where(step, worker_id)}: frame for key {pf.frame.key}: {e}") from e
+    def owned_keys(self) -> list[int]:
+        return self.keys_of.get(self.rank, [])
+
+    # -- the transport contract --------------------------------------------------------------------
+    def step(self, step: int, grads: Mapping[int, bytes] | None, owner: Owner | None, *,
+             out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
+        if self.index < 0:
+            self._serve(int(step), owner)
+            return None
+        self._push(int(step), grads)
+        return self._pull(int(step) + 1, out)
+
+    def fetch_weights(self, step: int, owner: Owner | None, *,
+                      out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
+        if self.index < 0:
+            self._publish(int(step), owner.weight_frames(int(step)))
+            self._await_pulls(int(step))
+            return None
+        return self._pull(int(step), out)
+
+    # -- a worker ----------------------------------------------------------------------------------
+    def _push(self, step: int, grads: Mapping[int, bytes]) -> None:
+        unknown = sorted(set(grads) - set(self.shapes))
+        if unknown:
+            raise ConfigError(f"rank {self.rank}: gradient frames for unknown keys {unknown}")
+        refs = []
+        for j in range(self.n_servers):
+            bundle = b"".join(bytes(b) for k in self.keys_of[j] if (b := grads.get(k)) is not None)
+            self.counter.up_sent += len(bundle)
+            self.counter.messages += 1
+            refs.append(self.group.actors[j].push.remote(step, self.index, bundle))
+        _ray().get(refs, timeout=self.timeout_s + 60)
+
+    def _pull(self, step: int, out: Mapping[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+        answers = _ray().get([a.pull.remote(step, self.index) for a in self.group.actors[:self.n_servers]],
+                             timeout=self.timeout_s + 60)
+        weights: dict[int, torch.Tensor] = {}
+        for j, (bundle, _) in enumerate(answers):
+            self.counter.down_recv += len(bundle)
+            for pf in parse_bundle(bundle, peer=j, step=step, kind="weight", shapes=self.shapes,
+                                   allowed_keys=self.keys_of[j], required_keys=self.keys_of[j], rank=self.rank):
+                weights[pf.frame.key] = decode_weight(pf.frame, self.device, out)
+        self.live = [self.n_servers + w for w in answers[0][1]]
+        return weights
+
+    # -- a server ----------------------------------------------------------------------------------
+    def push(self, step: int, worker: int, bundle: bytes) -> int:
+        """Worker ``worker``'s gradient frames for ``step``, validated now and kept for the step.
+        Returns the number of frames kept (0: a push for a step already applied)."""
+        step, worker = int(step), int(worker)
+        if not 0 <= worker < self.world_size - self.n_servers:
+            raise TransportError(f"server {self.rank}: push from unknown worker {worker}")
         with self.cond:
             if step < self.current:
                 return 0
-            self.pending.setdefault(step, {})[worker_id] = decoded
-            self.expected.add(worker_id)
-            self._maybe_apply()
-        return len(decoded)
-
-    def _maybe_apply(self) -> None:
-        """Under the lock: apply the current step once every expected worker pushed it."""
-        step = self.current
-        got = self.pending.get(step, {})
-        if not self.expected or not self.expected <= set(got):
-            return
-        sums: dict[int, torch.Tensor] = {}
-        counts: dict[int, int] = {}
-        for w in sorted(got):  # a fixed order: the fp32 sum does not depend on arrival
-            for k, g in got[w].items():
-                if k in sums:
-                    sums[k].add_(g)
-                    counts[k] += 1
-                else:
-                    sums[k] = g.clone()
-                    counts[k] = 1
+            if step > self.current:
+                raise TransportError(f"server {self.rank}: a push for step {step} from worker {worker}, but the "
+                                     f"server is at step {self.current}")
         try:
-            self.owner.apply(step, {k: s / counts[k] for k, s in sums.items()}, counts)
-            self._publish(step + 1, self.owner.weight_frames(step + 1))
-        except Exception as e:
-            self.error = f"server {self.server_id}: applying step {step} failed: {type(e).__name__}: {e}"
-            self.cond.notify_all()
-            raise
-        del self.pending[step]
-        self.current = step + 1
-        self.cond.notify_all()
-
-    # -- the down-link -----------------------------------------------------------------------------
-    def pull(self, step: int, timeout_s: float | None = None) -> bytes:
-        """The weight bundle for ``step`` (after ``step`` updates), blocking until it is published."""
-        step = int(step)
-        timeout = self.timeout_s if timeout_s is None else float(timeout_s)
+            frames = [pf.frame for pf in parse_bundle(bundle, peer=worker, step=step, kind="grad",
+                                                      shapes=self.shapes, allowed_keys=self.keys)]
+        except FrameError as e:
+            raise FrameError(f"server {self.rank}: {e}") from e
         with self.cond:
-            ok = self.cond.wait_for(lambda: step in self.published or step < self.current - KEEP_STEPS + 1
-                                    or self.error is not None, timeout)
-            if self.error is not None:
-                raise TransportError(self.error)
-            if not ok:
-                missing = sorted(self.expected - set(self.pending.get(self.current, {})))
-                raise TransportError(f"server {self.server_id}: weights for step {step} not ready after "
-                                     f"{timeout:g}s; at step {self.current}, waiting for gradients from "
-                                     f"workers {missing}")
+            if step < self.current:
+                return 0
+            self.pushed.setdefault(step, {})[worker] = (frames, len(bundle))
+            self.cond.notify_all()
+        return len(frames)
+
+    def pull(self, step: int, worker: int) -> tuple[bytes, list[int]]:
+        """The weight bundle for ``step`` (after ``step`` updates), once published; and the live workers."""
+        step = int(step)
+        with self.cond:
+            if not self.cond.wait_for(lambda: step <= self.current, self.timeout_s):
+                raise TransportError(f"server {self.rank}: weights for step {step} not ready after "
+                                     f"{self.timeout_s:g}s (at step {self.current})")
             if step not in self.published:
-                raise TransportError(f"server {self.server_id}: weights for step {step} are no longer kept "
+                raise TransportError(f"server {self.rank}: weights for step {step} are no longer kept "
                                      f"(server at step {self.current}, keeps {sorted(self.published)})")
             b = self.published[step]
             self.counter.down_sent += len(b)
             self.counter.messages += 1
-            return b
+            self.pulled.setdefault(step, set()).add(int(worker))
+            self.cond.notify_all()
+            return b, sorted(self.expected)
 
-    # -- membership and introspection --------------------------------------------------------------
-    def retire(self, worker_id: int) -> int:
-        """Stop waiting for ``worker_id`` (gone for good); applies the current step if now complete.
-        Returns the server's current step."""
+    def retire(self, worker: int) -> None:
+        """Stop waiting for ``worker`` (its actor is gone for good)."""
         with self.cond:
-            self.expected.discard(int(worker_id))
-            self.pending.get(self.current, {}).pop(int(worker_id), None)
-            self._maybe_apply()
-            return self.current
+            self.expected.discard(int(worker))
+            self.live = [self.n_servers + w for w in sorted(self.expected)]
+            self.cond.notify_all()
 
-    def stats(self) -> dict:
+    def _serve(self, step: int, owner: Owner) -> None:
+        if step != self.current:
+            raise TransportError(f"server {self.rank}: asked for step {step}, at step {self.current}")
         with self.cond:
-            out = self.counter.snapshot()
-            out.update(server=self.server_id, step=self.current, keys=len(self.keys),
-                       expected=sorted(self.expected))
-            lr = getattr(self.owner, "lr", None)
-            out["lr"] = lr() if callable(lr) else None
-            return out
+            if not self.cond.wait_for(lambda: self.expected <= set(self.pushed.get(step, {})), self.timeout_s):
+                missing = sorted(self.expected - set(self.pushed.get(step, {})))
+                raise TransportError(f"server {self.rank}: no gradients for step {step} from workers {missing} "
+                                     f"within {self.timeout_s:g}s")
+            got = {w: v for w, v in self.pushed.pop(step, {}).items() if w in self.expected}
+        by_key: dict[int, list] = {}
+        for w in sorted(got):  # worker order: the fp32 sum does not depend on arrival
+            frames, nbytes = got[w]
+            self.counter.up_recv += nbytes
+            for f in frames:
+                by_key.setdefault(f.key, []).append(f)
+        self.acc.reset()
+        for frames in by_key.values():
+            self.acc.add_all(frames, average=True)
+        owner.apply(step, self.acc.averages(), dict(self.acc.counts))
+        self._publish(step + 1, owner.weight_frames(step + 1))
+        self._await_pulls(step + 1)
 
-    def owner_call(self, method: str, *args, **kwargs):
-        """Call a method of the owner (checkpoint save/load, ...) under the server's lock."""
+    def _publish(self, step: int, frames: Mapping[int, bytes]) -> None:
+        if sorted(int(k) for k in frames) != self.keys:
+            raise ConfigError(f"server {self.rank}: Owner.weight_frames gave keys {sorted(frames)}, expected {self.keys}")
+        bundle = b"".join(bytes(frames[k]) for k in self.keys)
         with self.cond:
-            return getattr(self.owner, method)(*args, **kwargs)
+            self.published[step] = bundle
+            for old in [s for s in self.published if s <= step - KEEP_STEPS]:
+                del self.published[old]
+            self.current = step
+            self.cond.notify_all()
 
-    def ready(self) -> int:
-        return self.current
-
-
-# ----------------------------------------------------------------------------------- worker
-
-
-class WorkerActor:
-    """Runs a compute object (``worker_factory()``) with ``load_weights(dict)``, ``compute(step)``
-    (-> key -> grad frame bytes, or ``(frames, info)``) and ``evaluate()``, and talks to the servers.
-
-    ``servers``: the ServerActor handles; ``key_server``: key -> index into ``servers``."""
-
-    def __init__(self, worker_id: int, worker_factory: Callable[[], object], servers: Sequence,
-                 key_server: Mapping[int, int], shapes: Mapping[int, tuple], *, timeout_s: float = 300.0,
-                 threads: int = 0):
-        if threads:
-            torch.set_num_threads(threads)
-        self.worker_id = int(worker_id)
-        self.obj = worker_factory()
-        self.servers = list(servers)
-        self.shapes = {int(k): tuple(int(d) for d in s) for k, s in shapes.items()}
-        self.key_server = {int(k): int(s) for k, s in key_server.items()}
-        self.keys_of = {j: sorted(k for k, s in self.key_server.items() if s == j) for j in range(len(self.servers))}
-        self.timeout_s = float(timeout_s)
-        self.counter = ByteCounter()
-        self.have: int | None = None  # the step whose weights are loaded
-        self.fetches = 0
-        self.pid = os.getpid()
-
-    def _pull(self, step: int) -> None:
-        ray = _ray()
-        refs = [s.pull.remote(step) for s in self.servers]
-        bundles = ray.get(refs, timeout=self.timeout_s + 30)
-        weights: dict[int, torch.Tensor] = {}
-        for j, b in enumerate(bundles):
-            self.counter.down_recv += len(b)
-            for pf in parse_bundle(b, peer=j, step=step, kind="weight", shapes=self.shapes,
-                                   allowed_keys=self.keys_of[j], required_keys=self.keys_of[j],
-                                   rank=self.worker_id):
-                try:
-                    weights[pf.frame.key] = decode_frame(pf.frame)
-                except FrameError as e:
-                    raise FrameError(f"worker {self.worker_id}: weight frame for key {pf.frame.key} from "
-                                     f"server {j} at step {step}: {e}") from e
-        self.obj.load_weights(weights)
-        self.have = step
-
-    def fetch(self, step: int) -> int:
-        """Load the weights for ``step`` from every server (start, resume, a replaced worker)."""
-        self._pull(int(step))
-        self.fetches += 1
-        return self.have
-
-    def step(self, step: int) -> dict:
-        """One synchronous step; returns the step's numbers (loss, bytes, whether it fetched)."""
-        ray = _ray()
-        step = int(step)
-        before = self.counter.snapshot()
-        fetched = False
-        if self.have != step:
-            self.fetch(step)
-            fetched = True
-        out = self.obj.compute(step)
-        frames, info = out if isinstance(out, tuple) else (out, {})
-        unknown = sorted(set(frames) - set(self.key_server))
-        if unknown:
-            raise ConfigError(f"worker {self.worker_id}: gradient frames for unknown keys {unknown}")
-        refs = []
-        for j, srv in enumerate(self.servers):
-            bundle = b"".join(bytes(frames[k]) for k in self.keys_of[j] if frames.get(k))
-            self.counter.up_sent += len(bundle)
-            self.counter.messages += 1
-            refs.append(srv.push.remote(step, self.worker_id, bundle))
-        ray.get(refs, timeout=self.timeout_s + 30)
-        self._pull(step + 1)
-        d = self.counter.delta(before)
-        return {"worker": self.worker_id, "step": step, "fetched": fetched, "pid": self.pid, **info, **d}
-
-    def evaluate(self, *args, **kwargs):
-        return self.obj.evaluate(*args, **kwargs)
-
-    def call(self, method: str, *args, **kwargs):
-        """Call a method of the compute object (checkpointing its state, ...)."""
-        return getattr(self.obj, method)(*args, **kwargs)
-
-    def stats(self) -> dict:
-        out = self.counter.snapshot()
-        out.update(worker=self.worker_id, have=self.have, fetches=self.fetches, pid=self.pid)
-        return out
+    def _await_pulls(self, step: int) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.expected <= self.pulled.get(step, set()), self.timeout_s):
+                missing = sorted(self.expected - self.pulled.get(step, set()))
+                raise TransportError(f"server {self.rank}: workers {missing} did not take the weights of step "
+                                     f"{step} within {self.timeout_s:g}s")
+            for old in [s for s in self.pulled if s < step]:
+                del self.pulled[old]
 
 
-# ----------------------------------------------------------------------------------- driver
+# ----------------------------------------------------------------------------------- the driver
 
 
 def _cpus_per_actor(n_actors: int) -> float:
@@ -321,96 +420,76 @@ def _cpus_per_actor(n_actors: int) -> float:
     return max(0.0, total / max(1, n_actors) * 0.99) if total else 0.0
 
 
-class RayPS:
-    """S server actors and W worker actors wired together, and the synchronous step driver.
+class RayGroup:
+    """The driver's side of a run: a :class:`StoreActor` and one :class:`RankActor` per rank in the
+    running Ray. Ranks [0, n_servers) are servers, never restarted; workers are restarted up to
+    ``max_restarts`` times, their ``run`` retried. Actors that call each other run several calls at
+    once (``max_concurrency``): a server serves every worker's push and pull while its own step runs."""
 
-    ``owner_factories[j]()`` builds server j's Owner (it must own exactly the keys that
-    :func:`key_partition` gives server j); ``worker_factories[w]()`` builds worker w's compute object.
-    """
-
-    def __init__(self, owner_factories: Sequence[Callable[[], Owner]],
-                 worker_factories: Sequence[Callable[[], object]], shapes: Mapping[int, tuple], *,
-                 start_step: int | None = None, timeout_s: float = 300.0, max_restarts: int = 3,
-                 threads: int = 0, key_server: Mapping[int, int] | None = None):
+    def __init__(self, world_size: int, n_servers: int, *, timeout_s: float = 300.0, threads: int = 0,
+                 max_restarts: int = 3):
         ray = _ray()
         if not ray.is_initialized():
-            raise TransportError("Ray is not initialized: call ray.init(...) (or lowbit.comm.ray.init_local) first")
-        S, W = len(owner_factories), len(worker_factories)
-        if S < 1 or W < 1:
-            raise ConfigError(f"need at least one server and one worker, got {S} and {W}")
-        self.shapes = {int(k): tuple(s) for k, s in shapes.items()}
-        self.key_server = dict(key_server) if key_server is not None else key_partition(self.shapes, S)
-        self.timeout_s = timeout_s
-        self.max_restarts = max_restarts
-        cpus = _cpus_per_actor(S + W)
-        server_cls = ray.remote(ServerActor).options(num_cpus=cpus, max_concurrency=2 * W + 8, max_restarts=0)
-        self.servers = [server_cls.remote(f, self.shapes, range(W), server_id=j, start_step=start_step,
-                                          timeout_s=timeout_s, threads=threads)
-                        for j, f in enumerate(owner_factories)]
-        # Workers are built while the servers build (both load models): only fetch waits for servers.
-        worker_cls = ray.remote(WorkerActor).options(num_cpus=cpus, max_concurrency=2,
-                                                     max_restarts=max_restarts, max_task_retries=max_restarts)
-        self.workers = [worker_cls.remote(w, f, self.servers, self.key_server, self.shapes,
-                                          timeout_s=timeout_s, threads=threads)
-                        for w, f in enumerate(worker_factories)]
-        self.alive = list(range(W))
-        starts = ray.get([s.ready.remote() for s in self.servers], timeout=timeout_s + 120)
-        if len(set(starts)) != 1:
-            raise TransportError(f"servers start at different steps {starts}: checkpoints do not match")
-        self.start = starts[0]
-        ray.get([w.fetch.remote(self.start) for w in self.workers], timeout=timeout_s + 120)
+            raise TransportError("Ray is not initialized: call ray.init(...) (or lowbit.comm.ray.ray_session) first")
+        W = world_size - n_servers
+        if n_servers < 1 or W < 1:
+            raise ConfigError(f"need at least one server and one worker, got {n_servers} and {W}")
+        self.world_size, self.n_servers, self.timeout_s = world_size, n_servers, float(timeout_s)
+        self.store_actor = ray.remote(StoreActor).options(num_cpus=0, max_concurrency=4 * world_size + 16).remote()
+        self.store = RayStore(self.store_actor, timeout_s)
+        cpus = _cpus_per_actor(world_size)
+        server = ray.remote(RankActor).options(num_cpus=cpus, max_concurrency=2 * W + 8, max_restarts=0)
+        worker = ray.remote(RankActor).options(num_cpus=cpus, max_concurrency=4, max_restarts=max_restarts,
+                                               max_task_retries=max_restarts)
+        self.actors = [(server if r < n_servers else worker).remote(r, threads) for r in range(world_size)]
+        self.retired: list[int] = []
 
-    def run_steps(self, steps: Iterable[int], on_step: Callable[[int, list[dict]], None] | None = None
-                  ) -> list[list[dict]]:
-        """Run ``steps`` synchronously; ``on_step(step, results)`` after each (results: one dict per
-        live worker). A worker whose actor dies is retried (Ray restarts it; it re-fetches the
-        weights); one that cannot come back is retired and the run goes on with the others."""
+    def start(self, fn: Callable, args: Sequence[tuple]) -> dict:
+        """Run ``fn(*args[rank])`` on every rank; returns {ObjectRef: rank} for :meth:`wait`."""
         ray = _ray()
-        from ray.exceptions import ActorUnavailableError, RayActorError
+        ray.get([a.reset.remote() for a in self.actors], timeout=self.timeout_s + 60)
+        return {a.run.remote(self.actors, self.store_actor, self.n_servers, self.timeout_s, fn, *args[r]): r
+                for r, a in enumerate(self.actors)}
 
-        history = []
-        for s in steps:
-            pending = {w: self.workers[w].step.remote(s) for w in self.alive}
-            results = []
-            tries = {w: 0 for w in pending}
-            while pending:
-                w, ref = next(iter(pending.items()))
+    def wait(self, refs: dict, poll: Callable[[], None] | None = None) -> dict[int, object]:
+        """Every rank's return value (rank -> value). A worker whose actor is gone for good is retired
+        and the others go on; any other failure is a :class:`RankFailed` at once. ``poll()`` is called
+        between waits (the driver's signals)."""
+        ray = _ray()
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending, results = dict(refs), {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+            if poll is not None:
+                poll()
+            for ref in done:
+                r = pending.pop(ref)
                 try:
-                    results.append(ray.get(ref, timeout=self.timeout_s + 60))
-                    del pending[w]
-                except (RayActorError, ActorUnavailableError) as e:
-                    tries[w] += 1  # Ray retries a task on a restarted actor itself; this is the rest
-                    if tries[w] > self.max_restarts:
-                        del pending[w]
-                        self.alive.remove(w)
-                        if not self.alive:
-                            raise TransportError(f"step {s}: every worker actor died; last error: {e}") from e
-                        ray.get([srv.retire.remote(w) for srv in self.servers], timeout=self.timeout_s + 60)
-                    else:
-                        time.sleep(0.5)
-                        pending[w] = self.workers[w].step.remote(s)
-            results.sort(key=lambda r: r["worker"])
-            history.append(results)
-            if on_step is not None:
-                on_step(s, results)
-        return history
+                    results[r] = ray.get(ref)
+                except RayTaskError as e:
+                    raise RankFailed(r, _first_line(e.cause if e.cause is not None else e)) from e
+                except RayActorError as e:
+                    if r < self.n_servers or len(self.retired) + 1 >= self.world_size - self.n_servers:
+                        raise RankFailed(r, f"its actor died: {_first_line(e)}") from e
+                    self.retire(r)
+        return results
 
-    def kill_worker(self, w: int, restart: bool = True) -> None:
-        """Kill worker actor ``w`` (fault injection); with ``restart`` Ray replaces it."""
-        _ray().kill(self.workers[w], no_restart=not restart)
+    def run(self, fn: Callable, args: Sequence[tuple], poll: Callable[[], None] | None = None) -> dict[int, object]:
+        return self.wait(self.start(fn, args), poll)
 
-    def server_stats(self) -> list[dict]:
-        return _ray().get([s.stats.remote() for s in self.servers])
-
-    def worker_stats(self) -> list[dict]:
-        return _ray().get([self.workers[w].stats.remote() for w in self.alive])
+    def retire(self, rank: int) -> None:
+        """Worker ``rank`` is gone for good: every server stops waiting for it."""
+        self.retired.append(rank)
+        _ray().get([a.retire.remote(rank - self.n_servers) for a in self.actors[:self.n_servers]],
+                   timeout=self.timeout_s + 60)
 
     def shutdown(self) -> None:
         ray = _ray()
-        for a in self.workers + self.servers:
+        for a in self.actors + [self.store_actor]:
             try:
                 ray.kill(a, no_restart=True)
-            except Exception:
+            except Exception:  # noqa: BLE001 - already gone
                 pass
 
 

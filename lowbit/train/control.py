@@ -27,7 +27,15 @@ STOP_KEY = "lowbit/ctl/stop"
 _STOP_REQUESTS = "lowbit/ctl/stop_requests"
 _AT = "lowbit/ctl/at/"
 
+STOP_GRACE_S = 30.0  # after a stop request, how long the ranks get to reach the boundary and checkpoint
+
 _signalled = threading.Event()  # set by the SIGTERM handler of a rank
+
+
+def rank_step(store, rank: int) -> int | None:
+    """The step ``rank`` last began (None when it never reported one)."""
+    key = _AT + str(rank)
+    return int(store.get(key)) if store.check([key]) else None
 
 
 def request_stop(store, ranks: list[int]) -> int:

@@ -7,13 +7,14 @@ progress bar and its own messages. When a rank fails it stops the others and rai
 :class:`RunFailed` with one summary: which rank, its exit code or signal, the step, the last complete
 checkpoint and the command that resumes. SIGTERM or Ctrl-C on the launcher asks every rank to stop at
 the same step boundary and checkpoint it (:mod:`lowbit.train.control`), then raises :class:`Interrupted`.
+With ``--transport ray`` the ranks are Ray actors running the same loop (:mod:`lowbit.train.ray_launch`)
+and the run ends the same way.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from multiprocessing.connection import wait
@@ -26,11 +27,10 @@ import torch.distributed as dist
 from lowbit.errors import ConfigError, LowbitError
 from lowbit.train.checkpoint import Checkpointer, ResumePoint
 from lowbit.train.config import Config
-from lowbit.train.control import StopSignals, install_stop_handler, request_stop
+from lowbit.train.control import STOP_GRACE_S, StopSignals, install_stop_handler, rank_step, request_stop
 
 #: exit statuses of ``lowbit train`` (and ``python -m lowbit.train``)
 EXIT_OK, EXIT_USAGE, EXIT_RANK_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
-STOP_GRACE_S = 30.0  # after a stop request, how long the ranks get to reach the boundary and checkpoint
 
 
 class RunFailed(LowbitError, RuntimeError):
@@ -206,13 +206,11 @@ def launch_local(cfg: Config, *, resume_command: str | None = None) -> dict:
         reader.close()
     ck = Checkpointer(out)
     if errors or dead or (stop.count and len(results) + len(lost) < world):
-        raise _failure(cfg, ck, store, errors, dead, lost, logs, resume_command, interrupted=bool(stop.count))
+        raise _failure(cfg, ck, lambda r: rank_step(store, r), errors, dead, lost, logs, resume_command,
+                       interrupted=bool(stop.count))
     summaries = [res for res in results.values() if res is not None]
     if stop.count:
-        last = ck.latest_step()
-        raise Interrupted(f"stopped after step {summaries[0]['steps_done'] if summaries else '?'}; checkpoint "
-                          f"{ck.step_dir(last) if last else 'none'}; resume with: "
-                          + (resume_command or "the same run with --resume"))
+        raise _stopped(ck, summaries[0] if summaries else None, resume_command)
     if not summaries:
         raise RunFailed("training finished but no rank wrote a summary")
     if lost:
@@ -222,46 +220,44 @@ def launch_local(cfg: Config, *, resume_command: str | None = None) -> dict:
 
 
 def _launch_ray(cfg: Config, resume: ResumePoint | None, resume_command: str | None) -> dict:
-    """The Ray transport's driver (this process): an actor's or the driver's failure becomes the same
-    one-line summary as a rank's, with the last checkpoint and the resume command."""
+    """The ranks as Ray actors (:func:`lowbit.train.ray_launch.run_ray`), ending as :func:`launch_local`
+    does: a failed rank or a stop becomes the same one-line summary."""
+    from lowbit.comm.ray import RankFailed
     from lowbit.train.ray_launch import run_ray
 
-    stop = threading.Event()
-
-    def on_signal() -> None:  # the first signal stops at the step's end, a second one at once
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    try:
-        with StopSignals(on_signal):  # until Ray starts; run_ray takes the signals back from it
-            summary = run_ray(cfg, resume=resume, stop=stop, on_signal=on_signal)
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - Ray wraps an actor's error in its own types
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-        raise RunFailed(f"training failed: {type(e).__name__}: {first[:300]}. "
-                        f"{_where(Checkpointer(cfg.run.out), resume_command)}") from e
+    ck, logs = Checkpointer(cfg.run.out), Path(cfg.run.out) / "logs"
+    with StopSignals() as stop:
+        try:
+            summary = run_ray(cfg, resume=resume, signals=stop)
+        except RankFailed as e:
+            raise _failure(cfg, ck, {e.rank: e.step}.get, {e.rank: e.message}, {}, {}, logs, resume_command,
+                           interrupted=bool(stop.count)) from e
+        except (ConfigError, LowbitError):
+            raise
+        except Exception as e:  # noqa: BLE001 - Ray's own errors (a cluster that went away, ...)
+            raise _failure(cfg, ck, {}.get, {-1: f"{type(e).__name__}: {str(e).strip()[:300]}"}, {}, {}, logs,
+                           resume_command, interrupted=bool(stop.count)) from e
     if summary.get("stopped"):
-        raise Interrupted(f"stopped after step {summary['steps_done']}. "
-                          f"{_where(Checkpointer(cfg.run.out), resume_command)}")
+        raise _stopped(ck, summary, resume_command)
     return summary
 
 
-def _where(ck: Checkpointer, resume_command: str | None) -> str:
+def _stopped(ck: Checkpointer, summary: dict | None, resume_command: str | None) -> Interrupted:
     last = ck.latest_step()
-    where = f"The last complete checkpoint is {ck.step_dir(last)}" if last else "No checkpoint was completed"
-    return f"{where}; resume with: {resume_command or 'rerun with --resume'}"
+    return Interrupted(f"stopped after step {summary['steps_done'] if summary else '?'}; checkpoint "
+                       f"{ck.step_dir(last) if last else 'none'}; resume with: "
+                       + (resume_command or "the same run with --resume"))
 
 
-def _failure(cfg: Config, ck: Checkpointer, store, errors, dead, lost, logs: Path, resume_command,
+def _failure(cfg: Config, ck: Checkpointer, at, errors, dead, lost, logs: Path, resume_command,
              interrupted: bool) -> LowbitError:
-    """The one message a failed launch ends with."""
+    """The one message a failed launch ends with. ``at(rank)``: the step the rank last began, or None."""
     def step_of(rank: int) -> str:
         try:
-            return f" in step {int(store.get('lowbit/ctl/at/' + str(rank))) + 1}" if rank >= 0 else ""
-        except Exception:  # noqa: BLE001 - the store may not know the rank (it died at start-up)
-            return ""
+            step = at(rank) if rank >= 0 else None
+        except Exception:  # noqa: BLE001 - the store may be gone with the ranks
+            step = None
+        return f" in step {step + 1}" if step is not None else ""
 
     def role(r: int) -> str:
         if not cfg.transport.n_servers:

@@ -8,9 +8,10 @@
                                             weight frames down, decoded into the model's parameters
     log (leader), checkpoint
 
-Ranks are told apart by the transport: in ``ps`` mode ranks [0, S) are servers and the rest workers;
-in ``ring``/``tree`` mode every rank is both. The first live worker rank (the *leader*) logs metrics,
-shows the progress bar, evaluates and writes the summary. :mod:`lowbit.train.launch` starts the ranks.
+Ranks are told apart by the transport: in ``ps`` and ``ray`` mode ranks [0, S) are servers and the
+rest workers; in ``ring``/``tree`` mode every rank is both. The first live worker rank (the *leader*)
+logs metrics, shows the progress bar, evaluates and writes the summary. :mod:`lowbit.train.launch`
+starts the ranks as processes, :mod:`lowbit.train.ray_launch` as Ray actors.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class CheckpointError(LowbitError, RuntimeError):
 
 
 def build_transport(cfg: Config, shapes: dict[int, tuple[int, ...]], device: torch.device):
-    """The one place a torch.distributed transport is built from config."""
+    """The one place a transport is built from config (``ray``: inside a rank of a RayGroup)."""
     t = cfg.transport
     kw = {"timeout": t.timeout_s, "device": device}
     if t.kind == "ps":
@@ -55,7 +56,10 @@ def build_transport(cfg: Config, shapes: dict[int, tuple[int, ...]], device: tor
     if t.kind == "tree":
         from lowbit.comm.collective import TreeTransport
         return TreeTransport(shapes=shapes, **kw)
-    raise ConfigError(f"transport {t.kind!r} is not a torch.distributed transport")
+    if t.kind == "ray":
+        from lowbit.comm.ray import RayTransport
+        return RayTransport(shapes=shapes, n_servers=t.servers, **kw)
+    raise ConfigError(f"unknown transport {t.kind!r}")
 
 
 _BUFFER = "buffer:"  # worker-state entries that are model buffers (the rest: error-feedback residuals)
@@ -96,10 +100,12 @@ def load_scheme_buffers(path: Path) -> dict[str, torch.Tensor]:
 
 
 def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
-          resume: ResumePoint | None = None, console=None) -> dict | None:
+          resume: ResumePoint | None = None, console=None, join: int | None = None) -> dict | None:
     """Everything one rank does once its process group is up: returns the summary on the rank that
     wrote it, None elsewhere. ``resume``: the checkpoint to continue from (verified by the caller;
-    None starts at step 0). ``console``: where the leader draws the progress bar."""
+    None starts at step 0). ``console``: where the leader draws the progress bar. ``join``: this
+    worker replaces one that died (Ray restarted it) and joins at that step, with the owners'
+    current weights and fresh state of its own."""
     r, t = cfg.run, cfg.transport
     out = Path(r.out)
     model, tokenizer = build_model(cfg)
@@ -111,26 +117,28 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
     owned = transport.owned_keys() if (not is_worker or t.kind != "ps") else []
     params = piece_tensors(model, plan)
     owner = None
-    if owned:
-        delta = DeltaEncoder(cfg.codec.keyframe_every) if cfg.codec.delta_weights else None
+    if owned:  # Ray sends whole weight frames: a replaced worker holds no codes to apply a delta to
+        delta = DeltaEncoder(cfg.codec.keyframe_every) if cfg.codec.delta_weights and t.kind != "ray" else None
         owner = ShardServer([plan[k] for k in owned], {k: params[k] for k in owned}, cfg.optim,
                             total_steps=r.steps, device=device, delta=delta)
     ck = Checkpointer(out)
     start = ResumePoint.start_of(resume)
+    first = start if join is None else join  # the first step this rank trains
     if start and owner is not None:
         owner.load(ck.shard_files(start))
     worker = dev = None
     if is_worker:
-        worker = Worker(model, plan, rank, seed=r.seed, error_feedback=cfg.codec.error_feedback,
+        # Ray's worker w draws its rounding and dropout as ring rank w does: the Ray run reproduces the ring run
+        worker = Worker(model, plan, worker_index if t.kind == "ray" else rank, seed=r.seed, error_feedback=cfg.codec.error_feedback,
                         nonfinite=cfg.codec.nonfinite, device=device, distiller=make_distiller(cfg, model))
-        if start:
+        if start and join is None:
             load_worker_state(worker, ck.worker_path(start, worker_index))
         train_set, dev = load_data(cfg, tokenizer, worker_index, n_workers, leader=rank == n_servers)
         n_train = train_set["labels"].shape[0]
     else:
         del model
     dest = worker.weight_buffers() if worker is not None else None  # weights are decoded in place
-    weights = transport.fetch_weights(start, owner, out=dest)
+    weights = transport.fetch_weights(first, owner, out=dest)
     if worker is not None:
         worker.load_weights(weights)
 
@@ -140,11 +148,12 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
     log: RunLog | None = None
     base = transport.counter.snapshot()
     cum = [0.0, 0.0]  # bytes up / down since this launch's first step (as the leader last saw them)
+    joins = 0  # the leader's count of workers that joined as replacements
     whole = WholeFrames()  # the leader's: what those bytes stand for as whole frames
     encoded = owner.down_nbytes() if owner is not None else (0, 0)  # this owner's weight frames: whole, sent
-    steps_done, stopped = start, False
+    steps_done, stopped = first, False
     ckpt = _Checkpoints(ck, ctl, cfg, rank, worker_index, owner, worker, protect={start} if start else set())
-    for step in range(start, r.steps):
+    for step in range(first, r.steps):
         stop_at = ctl.begin_step(step)
         if stop_at is not None and step >= stop_at:
             stopped = True
@@ -157,18 +166,19 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
             loss = worker.forward_backward({k: v[idx] for k, v in train_set.items()}, step,
                                            positions=worker_index + n_workers * idx)
             frames = worker.encode_gradients(step, lazy=True)  # encoded as the transport reads them
-        if fault is not None and fault.rank == rank and fault.step == step + 1:
+        if fault is not None and fault.rank == rank and fault.step == step + 1 and join is None:
             os._exit(17)  # mid-step: gradients computed, nothing sent yet
         weights = transport.step(step, frames, owner, out=dest)
         if worker is not None:
             worker.load_weights(weights)
-            ctl.publish("worker_step", step, [loss, float(worker.skipped), worker.up_whole])  # frames all encoded
+            ctl.publish("worker_step", step, [loss, float(worker.skipped), worker.up_whole,  # frames all encoded
+                                              int(step == join)])
         dt = time.perf_counter() - t0
         if owner is not None:
             d, c = transport.counter.delta(before), transport.counter.delta(base)
             now = owner.down_nbytes()
             ctl.publish("owner_bytes", step, [d["up_recv"], d["down_sent"], c["up_recv"], c["down_sent"],
-                                              now[0] - encoded[0], now[1] - encoded[1]])
+                                              now[0] - encoded[0], now[1] - encoded[1], owner.lr()])
             encoded = now
         live = transport.live_workers
         leading = worker is not None and rank == min(live)
@@ -180,10 +190,11 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
             os_ = ctl.gather("owner_bytes", step, transport.owners)
             up, down, enc_whole, enc_sent = (sum(v[i] for v in os_.values()) for i in (0, 1, 4, 5))
             cum = [sum(v[i] for v in os_.values()) for i in (2, 3)]
+            joins += sum(v[3] for v in ws.values())
             up_whole, down_whole = whole.step(up, down, sum(v[2] for v in ws.values()) / max(1, len(ws)),
                                               enc_whole / enc_sent if enc_sent else 1.0)
             rec = step_record(step + 1, [v[0] for v in ws.values()], int(sum(v[1] for v in ws.values())), up, down,
-                              pb, dt, owner.lr() if owner is not None else None, len(live), down_full=down_whole,
+                              pb, dt, os_[min(os_)][6], len(live), down_full=down_whole,
                               up_full=up_whole)
             log.step(rec, last=step + 1 == r.steps)
         steps_done = step + 1
@@ -198,7 +209,8 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
         lost = sorted(set(range(n_servers, world_size)) - set(transport.live_workers))
         up_whole, down_whole = whole.scaled(cum[0], cum[1])
         summary = log.summary(ev, start=start, steps_done=steps_done, up=cum[0], down=cum[1], plan_bytes=pb,
-                              up_full=up_whole, down_full=down_whole, workers_lost=lost, stopped=stopped)
+                              up_full=up_whole, down_full=down_whole, workers_lost=lost,
+                              workers_alive=len(transport.live_workers), weight_refetches=joins, stopped=stopped)
     # Under torchrun the store may live in rank 0's process: it leaves only after everyone is done with it.
     ctl.publish("end", None)
     if rank == 0:

@@ -1,5 +1,7 @@
-"""The Ray actor transport on a local Ray cluster: a toy Owner (SGD on small tensors) against the
-direct fp32 computation, m-bit error bounds, byte counts, a bad frame, a killed worker actor."""
+"""The Ray transport on a local Ray cluster, its ranks as actors (RayGroup): a toy Owner (SGD on small
+tensors) against the direct fp32 computation, m-bit error bounds, byte counts, a bad frame, a killed
+worker actor."""
+import json
 import os
 import sys
 
@@ -11,14 +13,14 @@ import torch  # noqa: E402
 ray = pytest.importorskip("ray")
 
 from lowbit.codec.codecs import RawCodec, StochasticGradCodec  # noqa: E402
-from lowbit.comm.ray import RayPS, key_partition, ray_session  # noqa: E402
+from lowbit.comm.ray import RayGroup, RayTransport, group, key_partition, ray_session  # noqa: E402
 from lowbit.testing import SGDOwner  # noqa: E402
 from lowbit.errors import FrameError  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # toy classes travel by value
 
 SHAPES = {0: (6, 5), 1: (7,), 2: (3, 4), 3: (10,)}
-W = 2
+W, S = 2, 2
 LR = 0.1
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,28 +63,8 @@ class ToyWorker:
             frames[k] = self.codec.encode(g, key=k, step=step, generator=gen).to_bytes()
         return frames, {"gmax": gmax}
 
-    def set_bits(self, g_bits):
-        self.codec = RawCodec(torch.float32, "grad") if g_bits == 32 else StochasticGradCodec(g_bits, clip=None)
-
     def evaluate(self):
         return self.w
-
-
-class OwnerFactory:
-    def __init__(self, keys):
-        self.keys = keys
-
-    def __call__(self):
-        init = init_weights()
-        return SGDOwner({k: init[k] for k in self.keys}, LR, strict_steps=True)
-
-
-class WorkerFactory:
-    def __init__(self, wid, g_bits):
-        self.wid, self.g_bits = wid, g_bits
-
-    def __call__(self):
-        return ToyWorker(self.wid, self.g_bits)
 
 
 def reference(w, start, steps):
@@ -94,66 +76,86 @@ def reference(w, start, steps):
     return w
 
 
+def toy_rank(rank, tag, g_bits, steps, die_at=None, hold=False):
+    """One rank of a toy run. Servers own an SGDOwner of their keys and return their byte counts after
+    the first fetch; workers compute toy gradients, put each step's numbers in the store under
+    ``tag/res/<step>/<worker>`` and return their final weights. ``die_at``: worker 1 dies as that step
+    begins (Ray restarts it, the replacement joins); ``hold``: workers wait for ``tag/go`` after the
+    first fetch (having set ``tag/ready/<worker>``)."""
+    g = group()
+    t = RayTransport(SHAPES, n_servers=S, timeout=60)
+    if rank < S:
+        init = init_weights()
+        owner = SGDOwner({k: init[k] for k in t.owned_keys()}, LR, strict_steps=True)
+        t.fetch_weights(0, owner)
+        base = t.counter.snapshot()
+        for s in range(steps):
+            t.step(s, None, owner)
+        return t.counter.delta(base)
+    wid = rank - S
+    first = g.join_step() if g.replaced else 0
+    worker = ToyWorker(wid, g_bits)
+    worker.load_weights(t.fetch_weights(first, None))
+    if hold:
+        g.store.set(f"{tag}/ready/{wid}", "1")
+        g.store.wait([f"{tag}/go"])
+    for s in range(first, steps):
+        if s == die_at and wid == 1 and not g.replaced:
+            os._exit(17)
+        before = t.counter.snapshot()
+        frames, info = worker.compute(s)
+        worker.load_weights(t.step(s, frames, None))
+        res = {"worker": wid, "step": s, "fetched": g.replaced and s == first, "pid": os.getpid(), **info,
+               **t.counter.delta(before)}
+        g.store.set(f"{tag}/res/{s}/{wid}", json.dumps(res))
+    return worker.w
+
+
 @pytest.fixture(scope="module")
-def ps():
-    """One local cluster and one set of actors (2 servers, 2 workers) for the module: actor
-    processes are the slow part. Each test starts from wherever the servers are."""
+def ranks():
+    """One local cluster and one set of rank actors (2 servers, 2 workers) for the module: actor
+    processes are the slow part. Each test is a run of its own from step 0."""
     with ray_session(num_cpus=2, temp_dir=os.path.join(REPO, ".ray_tmp")):
-        own = key_partition(SHAPES, 2)
-        owners = [OwnerFactory(sorted(k for k, s in own.items() if s == j)) for j in range(2)]
-        ps = RayPS(owners, [WorkerFactory(w, 32) for w in range(W)], SHAPES, timeout_s=60, max_restarts=2)
-        yield ps
-        ps.shutdown()
+        g = RayGroup(S + W, S, timeout_s=60, max_restarts=2)
+        yield g
+        g.shutdown()
 
 
-def where(ps):
-    """(current weights as workers hold them, current step) and the per-server byte counters."""
-    stats = ps.server_stats()
-    assert len({s["step"] for s in stats}) == 1
-    return ray.get(ps.workers[0].evaluate.remote()), stats[0]["step"], stats
-
-
-def set_bits(ps, bits):
-    ray.get([w.call.remote("set_bits", bits) for w in ps.workers])
+def run(ranks, tag, g_bits, steps, **kw):
+    """(worker 0's final weights, each step's worker results in worker order, the servers' byte counts)."""
+    out = ranks.run(toy_rank, [(r, tag, g_bits, steps) + tuple(kw.values()) for r in range(S + W)])
+    hist = [[json.loads(ranks.store.get(f"{tag}/res/{s}/{w}")) for w in range(W)] for s in range(steps)]
+    return out[S], hist, [out[j] for j in range(S)]
 
 
 @pytest.mark.timeout(240)
-def test_fp32_equals_direct_and_bytes(ps):
-    set_bits(ps, 32)
-    w0, s0, before = where(ps)
+def test_fp32_equals_direct_and_bytes(ranks):
     steps = 4
-    hist = ps.run_steps(range(s0, s0 + steps))
-    got, s1, after = where(ps)
-    assert s1 == s0 + steps
-    ref = reference(w0, s0, steps)
+    got, hist, servers = run(ranks, "fp32", 32, steps)
+    ref = reference(init_weights(), 0, steps)
     for k in SHAPES:
         assert torch.allclose(got[k], ref[k], atol=1e-6, rtol=0), k
     # bytes: every push / pull is exactly its frames (no prefix: Ray frames the call)
     raw = RawCodec()
     frame_bytes = sum(raw.frame_nbytes(s) for s in SHAPES.values())
-    shard_bytes = {j: sum(raw.frame_nbytes(SHAPES[k]) for k, o in ps.key_server.items() if o == j)
-                   for j in range(2)}
+    own = key_partition(SHAPES, S)
+    shard_bytes = {j: sum(raw.frame_nbytes(SHAPES[k]) for k, o in own.items() if o == j) for j in range(S)}
     for results in hist:
         assert [r["worker"] for r in results] == [0, 1]
         for r in results:
             assert r["up_sent"] == frame_bytes and r["down_recv"] == frame_bytes
-    for b, a in zip(before, after):
-        assert a["up_recv"] - b["up_recv"] == W * steps * shard_bytes[a["server"]]
-        assert a["down_sent"] - b["down_sent"] == W * steps * shard_bytes[a["server"]]
+    for j, c in enumerate(servers):
+        assert c["up_recv"] == W * steps * shard_bytes[j]
+        assert c["down_sent"] == W * steps * shard_bytes[j]
     assert sum(shard_bytes.values()) == frame_bytes
+    assert [ray.get(a.stats.remote())["step"] for a in ranks.actors[:S]] == [steps] * S
 
 
 @pytest.mark.timeout(240)
-def test_3bit_within_codec_error(ps):
-    set_bits(ps, 3)
-    try:
-        w0, s0, _ = where(ps)
-        steps = 3
-        hist = ps.run_steps(range(s0, s0 + steps))
-        got, _, _ = where(ps)
-    finally:
-        set_bits(ps, 32)
-    ref = reference(w0, s0, steps)
+def test_3bit_within_codec_error(ranks):
+    steps = 3
+    got, hist, _ = run(ranks, "3bit", 3, steps)
+    ref = reference(init_weights(), 0, steps)
     # e_{s+1} = (1 − lr)·e_s − lr·q_s with |q_s| ≤ max_w scale/k, k = 3 for 3 bits (no clipping)
     bound = sum(LR * max(r["gmax"] for r in res) / 3 for res in hist)
     worst = max(float((got[k] - ref[k]).abs().max()) for k in SHAPES)
@@ -163,10 +165,13 @@ def test_3bit_within_codec_error(ps):
 
 
 @pytest.mark.timeout(240)
-def test_bad_frame_is_a_frame_error_in_the_caller(ps):
-    _, s0, _ = where(ps)
-    srv = ps.servers[0]
-    keys = sorted(k for k, o in ps.key_server.items() if o == 0)
+def test_bad_frame_is_a_frame_error_in_the_caller(ranks):
+    s0 = 0
+    refs = ranks.start(toy_rank, [(r, "bad", 32, 1, None, True) for r in range(S + W)])
+    ranks.store.wait([f"bad/ready/{w}" for w in range(W)])  # the servers are at step 0
+    srv = ranks.actors[0]
+    own = key_partition(SHAPES, S)
+    keys = sorted(k for k, o in own.items() if o == 0)
     k = keys[0]
     with pytest.raises(FrameError, match=r"server 0: .*bad magic"):
         ray.get(srv.push.remote(s0, 1, b"\x00" * 64))
@@ -177,30 +182,23 @@ def test_bad_frame_is_a_frame_error_in_the_caller(ps):
     with pytest.raises(FrameError, match=rf"carries step {s0 + 7}, expected {s0}"):
         ray.get(srv.push.remote(s0, 0, stale))
     assert ray.get(srv.stats.remote())["step"] == s0  # nothing was applied
-    other = sorted(k for k, o in ps.key_server.items() if o == 1)[0]
+    other = sorted(k for k, o in own.items() if o == 1)[0]
     foreign = RawCodec().encode(torch.zeros(SHAPES[other]), key=other, step=s0).to_bytes()
     with pytest.raises(FrameError, match=rf"frame for key {other}, which this peer may not send here"):
         ray.get(srv.push.remote(s0, 0, foreign))
-    ps.run_steps(range(s0, s0 + 1))  # and the servers still work
+    ranks.store.set("bad/go", "1")
+    ranks.wait(refs)  # and the servers still work
+    assert ray.get(srv.stats.remote())["step"] == s0 + 1
 
 
 @pytest.mark.timeout(240)
-def test_killed_worker_actor_is_replaced_and_run_finishes(ps):
-    set_bits(ps, 32)
-    w0, s0, _ = where(ps)
+def test_killed_worker_actor_is_replaced_and_run_finishes(ranks):
     steps = 4
-    pid_before = ray.get(ps.workers[1].stats.remote())["pid"]
-
-    def on_step(s, results):
-        if s == s0 + 1:
-            ray.kill(ps.workers[1], no_restart=False)
-
-    hist = ps.run_steps(range(s0, s0 + steps), on_step=on_step)
-    got, s1, _ = where(ps)
-    st = ray.get(ps.workers[1].stats.remote())
-    assert s1 == s0 + steps and [len(r) for r in hist] == [W] * steps
-    assert st["pid"] != pid_before  # a new actor process
+    got, hist, _ = run(ranks, "kill", 32, steps, die_at=2)
+    assert [len(r) for r in hist] == [W] * steps
+    assert [ray.get(a.stats.remote())["step"] for a in ranks.actors[:S]] == [steps] * S
+    assert hist[3][1]["pid"] != hist[0][1]["pid"]  # a new actor process
     assert hist[2][1]["fetched"] and not hist[2][0]["fetched"]  # it re-pulled the weights
-    ref = reference(w0, s0, steps)
+    ref = reference(init_weights(), 0, steps)
     for k in SHAPES:
         assert torch.allclose(got[k], ref[k], atol=1e-6, rtol=0), k
