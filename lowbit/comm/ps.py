@@ -1,41 +1,23 @@
 """Sharded parameter server over torch.distributed point-to-point (gloo on CPU, NCCL on GPU).
 
-Ranks ``[0, S)`` of the group are servers, ``[S, S+W)`` workers; keys go to servers by
-:func:`~lowbit.comm.transport.partition` over their element counts, so every rank computes the
-same assignment from ``shapes`` alone. In one synchronous step each worker sends every server the
-gradient frames of its keys (bundle G_{w,s}); each server decodes and sums them in fp32
-(:class:`GradAccumulator`), lets its owner update and re-quantize, and sends the weight bundle V_s,
-encoded once, to every worker.
+Ranks ``[0, S)`` of the group are servers, ``[S, S+W)`` workers; keys go to servers by element
+count (:mod:`lowbit.comm.chunk_plan`), so every rank computes the same assignment from ``shapes``
+alone. In one synchronous step each worker sends every server the gradient frames of its keys
+(bundle G_{w,s}); each server decodes and sums them in fp32 (:class:`GradAccumulator`), lets its
+owner update and re-quantize, and sends the weight bundle V_s, encoded once, to every worker. A
+bundle travels as one chunk message per key group, received on helper threads
+(:class:`~lowbit.comm.pumps.Pumps`), so a group is summed, updated and sent down while later
+groups are still on the wire.
 
-The step is pipelined by key group (:func:`chunk_keys`): a bundle travels as one chunk message
-per group, a lazy ``grads`` encodes group i + 1 while group i is on the wire, and a server sums
-group i as it arrives and sends its weights while later groups still come in. Receives are kept
-posted ahead on helper threads (:class:`_Pumps`) because gloo moves a message only once its
-receive is posted. With a receive window (``recv_window``) a server posts every worker's chunk
-i + window only once chunk i has come from all of them, so each worker's upload is shared evenly
-between the servers instead of one flow running ahead.
-
-A key a worker leaves out of ``grads`` (its nonfinite policy skipped it) is averaged over the
-contributions that came (``counts[key]`` < W). ``on_worker_failure="stop"`` turns a failed peer
-into a :class:`TransportError` on every rank that talks to it; ``"continue"`` lets the servers
-drop dead workers (whole bundles, :meth:`P2P.exchange_tolerant`; server 0 publishes the live
-workers in the c10d store). A server failure always stops the run.
-
-Bytes per step (one message = 8-byte length prefix + chunk; C_s = the number of chunks of server
-s, 1 in ``"continue"`` mode)::
-
-    worker w:  up_sent   = Σ_s (8·C_s + |G_{w,s}|)      down_recv = Σ_s (8·C_s + |V_s|)
-    server s:  up_recv   = Σ_w (8·C_s + |G_{w,s}|)      down_sent = W · (8·C_s + |V_s|)
-
-:func:`expected_bytes` evaluates these from per-key frame sizes. See docs/transports.md for the
-full design.
+``on_worker_failure="stop"`` turns a failed peer into a :class:`TransportError` on every rank that
+talks to it; ``"continue"`` lets the servers drop dead workers (whole bundles,
+:meth:`P2P.exchange_tolerant`; server 0 publishes the live workers in the c10d store). A server
+failure always stops the run. docs/transports.md describes the pipeline, the receive window, the
+weights channel, ``continue`` mode and the bytes per step (:func:`expected_bytes`).
 """
 from __future__ import annotations
 
 import contextlib
-import math
-import queue
-import threading
 from typing import Mapping
 
 import torch
@@ -45,55 +27,15 @@ from lowbit.codec.bundle import bundle_bound, parse_bundle
 from lowbit.codec.delta import DeltaDecoder
 from lowbit.codec.frame import Frame, join_frames
 from lowbit.comm.board import Board
+from lowbit.comm.chunk_plan import DEFAULT_CHUNKS, chunk_keys, element_counts, ps_partition
 from lowbit.comm.messages import LEN_PREFIX, Pending
 from lowbit.comm.p2p import P2P
-from lowbit.comm.transport import (ByteCounter, GradAccumulator, Owner, StepTimeline, Transport, decode_weight,
-                                   partition)
+from lowbit.comm.pumps import Pumps
+from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, StepTimeline, Transport, decode_weight
 from lowbit.errors import ConfigError, FrameError, TransportError
 
 FAILURE_MODES = ("stop", "continue")
-DEFAULT_CHUNKS = 10  # pieces per bundle: the receiver decodes one while the next is on the wire
-DEFAULT_RECV_WINDOW = 2  # gradient chunks per worker a server has posted ahead (see the module docstring)
-
-
-def _sizes(shapes: Mapping[int, tuple]) -> dict[int, int]:
-    return {int(k): math.prod(tuple(s)) for k, s in shapes.items()}
-
-
-def ps_partition(shapes: Mapping[int, tuple], n_servers: int) -> dict[int, int]:
-    """key -> server rank, balanced by element count."""
-    return partition(_sizes(shapes), n_servers)
-
-
-def chunk_shares(n: int) -> list[float]:
-    """Relative sizes of ``n`` key groups: equal, except that with 4 or more the last
-    ``min(4, n - 2)`` halve, one after the other (10 groups: six of 1, then 1/2, 1/4, 1/8, 1/16).
-    Whatever is still to do once the last gradients are in (average and re-quantize the groups
-    completed last, send them to every worker, which decode them) grows with the last groups; the
-    earlier groups' weights leave while later gradients still arrive."""
-    if n < 4:
-        return [1.0] * n
-    t = min(4, n - 2)
-    return [1.0] * (n - t) + [0.5 ** j for j in range(1, t + 1)]
-
-
-def chunk_keys(keys: list[int], sizes: Mapping[int, int], chunks: int) -> list[list[int]]:
-    """``keys`` (in order) cut into at most ``chunks`` contiguous groups whose element counts follow
-    :func:`chunk_shares` (a key is never split), none empty (fewer groups when there are fewer keys)."""
-    keys = list(keys)
-    n = max(1, min(int(chunks), len(keys)))
-    shares = chunk_shares(n)
-    ends = [sum(shares[:j + 1]) / sum(shares) for j in range(n)]  # cumulative fraction after group j
-    total = sum(sizes[k] for k in keys)
-    groups: list[list[int]] = [[]]
-    done = 0
-    for i, k in enumerate(keys):
-        left_keys, left_groups = len(keys) - i, n - len(groups) + 1
-        if groups[-1] and len(groups) < n and (done >= total * ends[len(groups) - 1] or left_keys < left_groups):
-            groups.append([])
-        groups[-1].append(k)
-        done += sizes[k]
-    return groups
+DEFAULT_RECV_WINDOW = 2  # gradient chunks per worker a server has posted ahead (docs/transports.md)
 
 
 def expected_bytes(rank: int, world_size: int, n_servers: int, shapes: Mapping[int, tuple],
@@ -101,10 +43,14 @@ def expected_bytes(rank: int, world_size: int, n_servers: int, shapes: Mapping[i
                    chunks: int = DEFAULT_CHUNKS) -> dict[str, int]:
     """The byte counts one synchronous :meth:`ParameterServerTransport.step` adds on ``rank`` when
     every worker sends a frame of ``grad_nbytes[k]`` bytes for every key and servers send weight
-    frames of ``weight_nbytes[k]`` bytes, each bundle cut into ``chunks`` (formulas in the module
-    docstring)."""
+    frames of ``weight_nbytes[k]`` bytes, each bundle cut into ``chunks``. One message is the 8-byte
+    length prefix and a chunk; C_s = the number of chunks of server s, 1 in ``"continue"`` mode::
+
+        worker w:  up_sent   = Σ_s (8·C_s + |G_{w,s}|)      down_recv = Σ_s (8·C_s + |V_s|)
+        server s:  up_recv   = Σ_w (8·C_s + |G_{w,s}|)      down_sent = W · (8·C_s + |V_s|)
+    """
     own = ps_partition(shapes, n_servers)
-    sizes = _sizes(shapes)
+    sizes = element_counts(shapes)
     W = world_size - n_servers
     c = {s: len(chunk_keys(sorted(k for k in own if own[k] == s), sizes, chunks)) for s in range(n_servers)}
     g = {s: sum(grad_nbytes[k] for k in own if own[k] == s) for s in range(n_servers)}
@@ -116,9 +62,12 @@ def expected_bytes(rank: int, world_size: int, n_servers: int, shapes: Mapping[i
             "down_recv": sum(c[s] * LEN_PREFIX + v[s] for s in v), "messages": sum(c.values())}
 
 
+
+
 class ParameterServerTransport(Transport):
     """S server ranks own shards of the fp32 weights; W worker ranks push gradient frames and pull
-    weight frames with non-blocking point-to-point ops (see the module docstring).
+    weight frames with non-blocking point-to-point ops (see the module docstring and
+    docs/transports.md).
 
     Args:
         shapes: key -> shape of every parameter (the same map on every rank).
@@ -140,7 +89,7 @@ class ParameterServerTransport(Transport):
         timeline: a :class:`~lowbit.comm.transport.StepTimeline` that records when each chunk of a
             step left and arrived (``self.timeline``; default off). Not in ``"continue"`` mode.
         recv_window: a server posts each worker's gradient chunk i + ``recv_window`` only once
-            chunk i has come from every worker (module docstring); 0 posts them all at once. Only
+            chunk i has come from every worker (docs/transports.md); 0 posts them all at once. Only
             where chunks travel as one message each (gloo, ``"stop"`` mode).
     """
 
@@ -180,7 +129,7 @@ class ParameterServerTransport(Transport):
         if not isinstance(recv_window, int) or isinstance(recv_window, bool) or not 0 <= recv_window <= 64:
             raise ConfigError(f"recv_window must be an int in 0..64 (0 = every receive posted at once), got {recv_window!r}")
         self.recv_window = recv_window  # used where chunks are one message each (see _serve_step)
-        sizes = _sizes(self.shapes)
+        sizes = element_counts(self.shapes)
         self.groups_of = {s: chunk_keys(self.keys_of[s], sizes, self.chunks) for s in self.servers}
         self.bounds_of = {s: [bundle_bound(self.shapes, g) for g in self.groups_of[s]] for s in self.servers}
         if self.tolerant and not self.is_server:
@@ -242,7 +191,7 @@ class ParameterServerTransport(Transport):
             weights = self._pull_weights(step, out)
             self._read_live(step)
             return weights
-        pumps: list[_Pumps] = []  # posted once group 0 is on its way: no weight can come before it
+        pumps: list[Pumps] = []  # posted once group 0 is on its way: no weight can come before it
         pending = Pending("up")
         try:
             self._push_grads(step, grads, pending, after_first=lambda: pumps.append(self._weight_pumps(step)))
@@ -352,7 +301,7 @@ class ParameterServerTransport(Transport):
                 w = sent[getattr(e, "index", 0)][0]
                 raise FrameError(f"rank {self.rank}: bundle from peer {w} at step {step}: {e}") from e
 
-    def _sum_arriving(self, step: int, i: int, pumps: "_Pumps") -> FrameError | None:
+    def _sum_arriving(self, step: int, i: int, pumps: "Pumps") -> FrameError | None:
         """Key group i from every worker, summed as the chunks come instead of once all are in: the
         chunk that arrives first is decoded while the others are still on the wire, and chunks that
         are already in when the server gets to them are decoded together in one pass
@@ -389,7 +338,7 @@ class ParameterServerTransport(Transport):
         parts = hasattr(owner, "apply_keys")
 
         with self._finishing(pending, step):
-            pumps = _Pumps(self.p2p, step, "up", {w: self.bounds_of[self.rank] for w in self.workers}, f"rank {self.rank}: gradients",
+            pumps = Pumps(self.p2p, step, "up", {w: self.bounds_of[self.rank] for w in self.workers}, f"rank {self.rank}: gradients",
                            in_order=True, timeline=self.timeline,
                            window=self.recv_window if self.p2p.one_message else 0)
             error: FrameError | None = None  # a bad chunk: the rest of the step is still drained
@@ -446,7 +395,7 @@ class ParameterServerTransport(Transport):
                             bound=self.bounds_of[self.rank][i], reuse=i)
 
     def _serve_grads(self, step: int, owner: Owner) -> None:
-        """``"continue"`` mode: whole bundles, each worker on its own thread (see the module docstring)."""
+        """``"continue"`` mode: whole bundles, each worker on its own thread (:meth:`P2P.exchange_tolerant`)."""
         self._acc.reset()
         got, failed = self.p2p.exchange_tolerant(step, {}, self._live, direction="up",
                                                  max_recv=bundle_bound(self.shapes, self.keys_of[self.rank]))
@@ -472,12 +421,12 @@ class ParameterServerTransport(Transport):
             for i in range(len(self.groups_of[self.rank])):
                 self._send_group(step, owner, i, pending, frames)
 
-    def _weight_pumps(self, step: int) -> "_Pumps":
-        return _Pumps(self.p2p, step, "down", dict(self.bounds_of), f"rank {self.rank}: weights", in_order=False,
+    def _weight_pumps(self, step: int) -> "Pumps":
+        return Pumps(self.p2p, step, "down", dict(self.bounds_of), f"rank {self.rank}: weights", in_order=False,
                       timeline=self.timeline)
 
     def _pull_weights(self, step: int, dest: Mapping[int, torch.Tensor] | None,
-                      pumps: "_Pumps | None" = None) -> dict[int, torch.Tensor]:
+                      pumps: "Pumps | None" = None) -> dict[int, torch.Tensor]:
         """Every server's weights, group by group as the servers send them (chunk messages), each
         decoded (into ``dest`` when given) while the next is on the way, in the order they arrive."""
         out: dict[int, torch.Tensor] = {}
@@ -495,149 +444,3 @@ class ParameterServerTransport(Transport):
         finally:
             pumps.close()
         return out
-
-
-class _Pumps:
-    """Receives every peer's chunks 0..C−1 of a step into a queue, so the caller decodes while the
-    rest arrive. gloo moves a message only after its receive is posted (the receiver announces it
-    to the sender), so a receive posted late idles the connection. One-message chunks
-    (``p2p.one_message``): every chunk's receive is posted here, at once, and per peer one daemon
-    thread waits for them in order. Length, then bytes: per peer, one daemon thread posts the
-    receives of all C lengths at once, then each chunk's bytes the moment its length is in
-    (checked against its bound before anything is allocated); a second thread waits for the
-    bytes in order. Either way the sender's chunk i + 1 never waits for the receiver to have taken
-    chunk i. ``in_order``: one queue per peer, taken chunk by chunk with :meth:`get`; otherwise one
-    queue for all, taken in arrival order with :meth:`as_they_come`. A receive error is raised on
-    the caller's thread. :meth:`close` waits for every thread (each ends with its last chunk, an
-    error, or the transport's timeout), so none is left to take a later step's messages.
-
-    ``window`` > 0 (one-message chunks, every peer sending the same number): only chunks
-    0..window−1 of every peer are posted at once; the pump thread that takes the last peer's chunk
-    i posts every peer's chunk i + window (the module docstring says why). A failed receive ends
-    the other peers' pumps too (their later chunks would never be posted)."""
-
-    def __init__(self, p2p: P2P, step: int, direction: str, bounds: Mapping[int, list[int]], what: str,
-                 in_order: bool, timeline: StepTimeline, window: int = 0) -> None:
-        self.p2p, self.step, self.direction, self.what = p2p, step, direction, what
-        self.mark, self.arrived = timeline.marker(), "grads_in" if direction == "up" else "weights_in"
-        self.bounds = {int(p): list(b) for p, b in bounds.items()}
-        shared: queue.Queue = queue.Queue()
-        self.queues = {p: queue.Queue() if in_order else shared for p in self.bounds}
-        self.arrival = threading.Condition()  # notified whenever a chunk (or an error) is queued
-        self.threads = []
-        self.failed = False  # a receive failed: the later chunks' receives may still be posted
-        n_chunks = {len(b) for b in self.bounds.values()}
-        if window and not (p2p.one_message and len(n_chunks) == 1):
-            raise ConfigError("a receive window needs one-message chunks and the same number of chunks from every peer")
-        self.window = int(window)
-        self._chunks = max(n_chunks, default=0)  # per peer (all the same where a window is used)
-        self.posted: dict[int, queue.Queue] = {}  # peer -> (chunk, posted receive), in chunk order
-        self._came: dict[int, int] = {}  # chunk -> how many peers' chunk has arrived (window)
-        self._window_lock = threading.Lock()
-        for p in self.bounds:
-            posted = self.posted[p] = queue.Queue()
-            if p2p.one_message:  # the chunks' receives posted now (the first `window` of them); one
-                try:             # thread waits for them in order
-                    first = range(min(self.window or len(self.bounds[p]), len(self.bounds[p])))
-                    for i, item in zip(first, p2p.post_chunks(p, self.bounds[p], direction, first)):
-                        posted.put((i, item))
-                except BaseException as e:  # noqa: BLE001 - raised on the caller's thread by _take
-                    posted.put((None, e))
-                targets = ((self._pump, "recv"),)
-            else:
-                targets = ((self._post, "post"), (self._pump, "recv"))
-            self.threads += [threading.Thread(target=target, args=(p, posted), daemon=True,
-                                              name=f"lowbit-{name}-{direction}-{p}") for target, name in targets]
-        for th in self.threads:
-            th.start()
-
-    def _post(self, peer: int, posted: queue.Queue) -> None:
-        bounds = self.bounds[peer]
-        try:
-            lengths = self.p2p.post_chunk_lengths(peer, range(len(bounds)), self.direction)
-            for i, (bound, length) in enumerate(zip(bounds, lengths)):
-                posted.put((i, self.p2p.post_chunk_body(peer, i, self.step, self.direction, length, bound,
-                                                        of=len(bounds))))
-        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
-            posted.put((None, e))
-
-    def _pump(self, peer: int, posted: queue.Queue) -> None:
-        try:
-            for _ in self.bounds[peer]:
-                i, body = posted.get()  # the poster always answers: a chunk or its error
-                if i is None:
-                    raise body
-                buf = (self.p2p.wait_chunk(peer, i, self.step, body, of=len(self.bounds[peer])) if self.p2p.one_message
-                       else self.p2p.wait_chunk_body(peer, i, self.step, body))
-                self.mark(self.arrived, peer, i)
-                if self.window:
-                    self._slide(i)
-                self._put(peer, (peer, i, buf))
-        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
-            self.failed = True
-            if self.window:  # the other peers' later chunks may now never be posted: end their pumps
-                for q, posted_q in self.posted.items():
-                    if q != peer:
-                        posted_q.put((None, TransportError(f"{self.what}: peer {q}'s later chunks of step {self.step} "
-                                                           f"not received: peer {peer} failed first")))
-            self._put(peer, (peer, None, e))
-
-    def _slide(self, i: int) -> None:
-        """Chunk i has come from one more peer; once it has from all, every peer's chunk i + window is
-        posted (on this, the last such peer's, thread)."""
-        with self._window_lock:
-            self._came[i] = self._came.get(i, 0) + 1
-            nxt = i + self.window
-            if self._came[i] < len(self.bounds) or nxt >= self._chunks:
-                return
-            for q, posted in self.posted.items():
-                posted.put((nxt, self.p2p.post_chunks(q, self.bounds[q], self.direction, [nxt])[0]))
-
-    def _put(self, peer: int, item) -> None:
-        with self.arrival:
-            self.queues[peer].put(item)
-            self.arrival.notify_all()
-
-    def first_of(self, peers: list[int]) -> int:
-        """The first of ``peers`` (in_order pumps) whose next chunk is in, or arrives first."""
-        wait = self.p2p.timeout + 30
-        with self.arrival:
-            if not self.arrival.wait_for(lambda: any(not self.queues[p].empty() for p in peers), timeout=wait):
-                raise TransportError(f"{self.what}: nothing from peers {peers} at step {self.step} within {wait:g}s")
-        return next(p for p in peers if not self.queues[p].empty())
-
-    def ready(self, peer: int) -> bool:
-        """Whether ``peer``'s next chunk is in (in_order pumps)."""
-        return not self.queues[peer].empty()
-
-    def _take(self, peer: int | None) -> tuple[int, int, memoryview]:
-        """The next item of ``peer``'s queue (any peer's: None); counted."""
-        wait = self.p2p.timeout + 30  # each receive has the transport's timeout; this is a backstop
-        q = self.queues[peer if peer is not None else next(iter(self.queues))]
-        try:
-            p, i, buf = q.get(timeout=wait)
-        except queue.Empty:
-            who = "the peers" if peer is None else f"peer {peer}"
-            raise TransportError(f"{self.what}: nothing from {who} at step {self.step} within {wait:g}s") from None
-        if i is None:
-            raise buf
-        self.p2p.count_recv(self.direction, len(buf))
-        return p, i, buf
-
-    def get(self, peer: int) -> memoryview:
-        """``peer``'s next chunk (``in_order`` pumps: chunks 0, 1, ... in turn)."""
-        return self._take(peer)[2]
-
-    def as_they_come(self):
-        """Every chunk of every peer as ``(peer, chunk, bytes)``, in arrival order."""
-        for _ in range(sum(len(b) for b in self.bounds.values())):
-            yield self._take(None)
-
-    def close(self, wait: bool = True) -> None:
-        """Wait for every thread; ``wait=False`` leaves them (the step failed on this side before its
-        peers sent everything: waiting would only delay the error by the timeout)."""
-        if wait:
-            for th in self.threads:
-                th.join()
-        if self.failed or not wait:  # receives may still be posted into the pooled buffers: the next
-            self.p2p.drop_recv_pool()  # step gets new ones

@@ -32,7 +32,7 @@ def test_sums_reuse_their_buffers_across_steps_and_average_by_group():
 
 
 class _ScriptedPumps:
-    """Stands in for the server's _Pumps: chunks 'arrive' in ``arrival`` order, one more each time
+    """Stands in for the server's Pumps: chunks 'arrive' in ``arrival`` order, one more each time
     the server blocks (get of a chunk not yet in, or first_of)."""
 
     def __init__(self, arrival, chunks):

@@ -200,7 +200,7 @@ def test_partition_balances_by_size(sizes, n):
 @settings(max_examples=200, deadline=None)
 @given(sizes=st.lists(st.integers(0, 1000), min_size=1, max_size=40), chunks=st.integers(1, 9))
 def test_chunk_keys_cover_the_keys_in_order_in_at_most_chunks_groups(sizes, chunks):
-    from lowbit.comm.ps import chunk_keys, chunk_shares
+    from lowbit.comm.chunk_plan import chunk_keys, chunk_shares
     keys = list(range(len(sizes)))
     groups = chunk_keys(keys, dict(enumerate(sizes)), chunks)
     assert [k for g in groups for k in g] == keys
@@ -211,7 +211,7 @@ def test_chunk_keys_cover_the_keys_in_order_in_at_most_chunks_groups(sizes, chun
 
 
 def test_chunk_shares_make_the_last_groups_small():
-    from lowbit.comm.ps import chunk_keys, chunk_shares
+    from lowbit.comm.chunk_plan import chunk_keys, chunk_shares
     assert chunk_shares(3) == [1.0, 1.0, 1.0]
     assert chunk_shares(4) == [1.0, 1.0, 0.5, 0.25]
     assert chunk_shares(10) == [1.0] * 6 + [0.5, 0.25, 0.125, 0.0625]
