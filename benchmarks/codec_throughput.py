@@ -264,7 +264,9 @@ def wire_rows(reps: int, clock) -> list[dict]:
     """Delta-coded weights and row-sparse gradients: bits per value on the wire, encode and decode
     GB/s of fp32 values, against a copy of the same tensor."""
     from lowbit.codec.delta import DeltaDecoder, DeltaEncoder
+    from lowbit.codec.entropy import EntropyCodec
     from lowbit.codec.sparse import RowSparseCodec
+    from lowbit.codec.ternary import ThresholdGradCodec
 
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -329,6 +331,24 @@ def wire_rows(reps: int, clock) -> list[dict]:
     t_dec = best_time(lambda: decode_frame(Frame.from_bytes(box["b"]), out=dst), reps, clock)
     row("grad-3bit-rowsparse", emb, len(box["b"]), t_enc, t_dec, t_copy,
         {"bits": 3, "whole_frame_bytes": codec.frame_nbytes(tuple(emb.shape)), "rows_sent": 384})
+
+    # entropy-coded gradient frames (rANS) of a heavy-tailed MiniLM-sized gradient block
+    g = torch.distributions.StudentT(3.0).sample((1536, 1536))
+    dst = torch.empty_like(g).view(-1)
+    t_copy = best_time(lambda: dst.copy_(g.view(-1)), reps, clock)
+    for name, inner in [("grad-3bit-rans", StochasticGradCodec(3)), ("grad-2bit-rans", StochasticGradCodec(2)),
+                        ("grad-2bit-threshold1.0-rans", ThresholdGradCodec(1.0)),
+                        ("grad-2bit-threshold1.5-rans", ThresholdGradCodec(1.5))]:
+        codec = EntropyCodec(inner)
+        box = {}
+
+        def enc_coded():
+            box["b"] = codec.encode(g, generator=torch.Generator().manual_seed(1)).to_bytes()
+
+        t_enc = best_time(enc_coded, reps, clock)
+        t_dec = best_time(lambda: decode_frame(Frame.from_bytes(box["b"]), out=dst), reps, clock)
+        row(name, g, len(box["b"]), t_enc, t_dec, t_copy,
+            {"bits": inner.bits, "whole_frame_bytes": codec.frame_nbytes(tuple(g.shape))})
     return out
 
 

@@ -1,4 +1,5 @@
-"""MiniLM on SST-2: fp32 vs LAQ w2/g3, w4/g3, w8/g8 over the PS and ring transports.
+"""MiniLM on SST-2: fp32 vs LAQ w2/g3, w4/g3, w8/g8 and the thin-link w4/g2-ef over the PS and ring
+transports.
 
     python benchmarks/train_sst2.py                       # CPU-sized defaults (see --help)
     python benchmarks/train_sst2.py --steps 2000 --train-subset 0 --batch-size 32   # full set, GPU
@@ -25,12 +26,17 @@ from lowbit.benchmarks._common import RESULTS, print_table, write_json  # noqa: 
 from lowbit.train.config import Config  # noqa: E402
 from lowbit.train.launch import launch_local  # noqa: E402
 
-CONFIGS = {"fp32": (32, 32), "w8/g8": (8, 8), "w4/g3": (4, 3), "w2/g3": (2, 3)}
+CONFIGS = {"fp32": (32, 32), "w8/g8": (8, 8), "w4/g3": (4, 3), "w2/g3": (2, 3), "w4/g2-ef": (4, 2)}
+# codec options beyond the widths: the thin-link configuration sends threshold-ternary gradients with
+# error feedback, rANS-coded, and holds LAQ's scale so the weight deltas stay small
+CODEC_EXTRAS = {"w4/g2-ef": {"g_scheme": "threshold", "g_threshold": 1.0, "error_feedback": True,
+                             "entropy_grads": True, "scale_hold": 0.01}}
 # the model wrappers inside training: name -> (w_bits, g_bits, scheme, distill mode or None). The
 # distilled rows start from the fp32 row's fine-tuned model and learn from it (TernaryBERT's recipe),
 # so run them after the fp32 row of the same transport.
 SCHEME_CONFIGS = {"tbert-w2/g3": (2, 3, "ternarybert", None), "tbert-w2/g3+kd": (2, 3, "ternarybert", "workers"),
-                  "tbert-w2/g3+kd-logits": (2, 3, "ternarybert", "logits"), "q8bert-w8/g8": (8, 8, "q8bert", None)}
+                  "tbert-w2/g3+kd-logits": (2, 3, "ternarybert", "logits"), "q8bert-w8/g8": (8, 8, "q8bert", None),
+                  "q8bert-w8/g8+kd-logits": (8, 8, "q8bert", "logits")}
 
 
 def teacher_folder(run: Path) -> Path:
@@ -65,8 +71,9 @@ def main(argv=None) -> int:
     recs = []
     if args.include:
         import json
-        old = json.loads(Path(args.include).read_text())["records"]
-        recs += [dict(r, included_from=args.include) for r in old]
+        doc = json.loads(Path(args.include).read_text())
+        recs += [dict({"name": f"{r['transport']} {r['config']}", "dev_acc": r["accuracy"],
+                       "command": doc.get("command", "")}, **r, included_from=args.include) for r in doc["records"]]
     for transport in filter(None, args.transports.split(",")):
         for name in args.configs.split(","):
             wb, gb, scheme, distill = CONFIGS[name] + ("none", None) if name in CONFIGS else SCHEME_CONFIGS[name]
@@ -74,7 +81,7 @@ def main(argv=None) -> int:
             cfg.override("transport", {"kind": transport, "workers": args.workers, "servers": 1, "timeout_s": 900,
                                        "backend": args.backend})
             cfg.override("codec", {"w_bits": wb, "g_bits": gb, "embed_bits": max(wb, 8) if wb < 32 else 32,
-                                   "head_bits": max(wb, 8) if wb < 32 else 32})
+                                   "head_bits": max(wb, 8) if wb < 32 else 32, **CODEC_EXTRAS.get(name, {})})
             cfg.override("optim", {"name": "adam", "lr": args.lr, "warmup_steps": args.steps // 10})
             cfg.override("run", {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
                                  "max_len": args.max_len, "train_subset": args.train_subset,
@@ -93,6 +100,8 @@ def main(argv=None) -> int:
                          "distill": distill or "none", "w_bits": wb, "g_bits": gb, "dev_acc": s["accuracy"],
                          "command": "python benchmarks/train_sst2.py " + " ".join(argv or sys.argv[1:]),
                          "delta_weights": cfg.codec.delta_weights, "sparse_embeddings": cfg.codec.sparse_embeddings,
+                         "g_scheme": cfg.codec.g_scheme, "error_feedback": cfg.codec.error_feedback,
+                         "entropy_grads": cfg.codec.entropy_grads, "scale_hold": cfg.codec.scale_hold,
                          "accuracy": s["accuracy"], "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
                          "bytes_total": s["bytes_up"] + s["bytes_down"],
                          "fp32_bytes_total": s["fp32_bytes_up"] + s["fp32_bytes_down"],
@@ -105,8 +114,10 @@ def main(argv=None) -> int:
         from lowbit.benchmarks._ddp_train import run_ddp
         print(f"== ddp {name} ==", file=sys.stderr, flush=True)
         recs = [r for r in recs if not (r["transport"] == "ddp" and r["config"] == name[4:])]
-        recs.append(run_ddp(name[4:], model=args.model, steps=args.steps, batch_size=args.batch_size,
-                            max_len=args.max_len, train_subset=args.train_subset, lr=args.lr, workers=args.workers))
+        rec = run_ddp(name[4:], model=args.model, steps=args.steps, batch_size=args.batch_size,
+                      max_len=args.max_len, train_subset=args.train_subset, lr=args.lr, workers=args.workers)
+        recs.append(dict(rec, name=f"ddp {name[4:]}", dev_acc=rec["accuracy"],
+                         command="python benchmarks/train_sst2.py " + " ".join(argv or sys.argv[1:])))
         write_json(args.json, recs, {"command": "python benchmarks/train_sst2.py " + " ".join(argv or sys.argv[1:]),
                                      "partial": True})
     base = {r["transport"]: r["accuracy"] for r in recs if r["config"] == "fp32"}

@@ -51,3 +51,16 @@ def test_error_feedback_delays_what_it_does_not_send():
 def test_bad_gradient_schemes_name_the_problem(kw, needle):
     with pytest.raises(ConfigError, match=needle):
         CodecConfig(**kw).validate()
+
+
+def test_threshold_zero_is_the_scaled_sign_in_about_one_bit():
+    """tau = 0 sends every nonzero value as sign(g) * mean|g| (EF-signSGD's compressor), and the
+    entropy coder takes its 2-bit codes to about one bit per value."""
+    from lowbit.codec.entropy import EntropyCodec
+
+    g = torch.randn(256, 384)
+    g[0, :5] = 0.0
+    f = EntropyCodec(ThresholdGradCodec(0.0)).encode(g)
+    out = decode_frame(f)
+    assert torch.allclose(out, torch.sign(g) * g.abs()[g != 0].mean())
+    assert f.kind == "gcoded" and 8 * f.payload.numel() / g.numel() < 1.01
