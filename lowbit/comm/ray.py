@@ -80,7 +80,8 @@ class RankFailed(TransportError):
 
 
 class StoreActor:
-    """Keys and byte values with blocking waits: what the c10d store offers the control plane."""
+    """Keys and byte values with blocking waits: what the c10d store offers the control plane (and
+    ``append``/``take``, for text a rank passes to the driver)."""
 
     def __init__(self):
         self.data: dict[str, bytes] = {}
@@ -113,10 +114,19 @@ class StoreActor:
         with self.cond:
             return self.data.pop(key, None) is not None
 
+    def append(self, key: str, value: bytes) -> None:
+        with self.cond:
+            self.data[key] = self.data.get(key, b"") + value
+
+    def take(self, key: str) -> bytes:
+        with self.cond:
+            return self.data.pop(key, b"")
+
 
 class RayStore:
     """The c10d store's methods (set, get, wait, check, add, delete_key) over a :class:`StoreActor`;
-    ``get`` and ``wait`` wait at most ``timeout_s`` (``wait`` takes a timedelta, as c10d's does)."""
+    ``get`` and ``wait`` wait at most ``timeout_s`` (``wait`` takes a timedelta, as c10d's does).
+    Also ``append``/``take``: text a rank passes to the driver."""
 
     def __init__(self, actor, timeout_s: float):
         self.actor, self.timeout_s = actor, float(timeout_s)
@@ -146,6 +156,13 @@ class RayStore:
 
     def delete_key(self, key: str) -> bool:
         return self._call("delete_key", key)
+
+    def append(self, key: str, value: bytes) -> None:
+        self._call("append", key, bytes(value))
+
+    def take(self, key: str) -> bytes:
+        """What was appended under ``key`` since the last take."""
+        return self._call("take", key)
 
 
 # ----------------------------------------------------------------------------------- the ranks

@@ -94,6 +94,10 @@ class StopSignals:
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
+    def again(self) -> "StopSignals":
+        """A block that puts this counter's handlers back in (a library replaced them meanwhile)."""
+        return StopSignals(lambda: self._handle(None, None))
+
     def _handle(self, signum, frame) -> None:
         self.count += 1
         self.when = self.when or time.time()

@@ -28,7 +28,27 @@ from lowbit.train.config import Config
 from lowbit.train.control import STOP_GRACE_S, StopSignals, rank_step, request_stop
 
 
-def _rank(rank: int, cfg: Config, resume: ResumePoint | None, log_path: str) -> dict | None:
+_CONSOLE = "lowbit/console"  # the store key the leader's progress bar goes through to the driver
+
+
+class _Console:
+    """The leader's progress bar, passed through the store to the driver's terminal."""
+
+    def __init__(self, store, tty: bool):
+        self.store, self.tty = store, tty
+
+    def write(self, text: str) -> int:
+        self.store.append(_CONSOLE, text.encode())  # waited for: the bar's pieces stay in order
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def _rank(rank: int, cfg: Config, resume: ResumePoint | None, log_path: str, tty: bool) -> dict | None:
     """One rank, inside its actor: output to its log file, then the training loop (a replaced worker
     joins at the servers' step)."""
     from lowbit.comm.ray import group
@@ -39,7 +59,8 @@ def _rank(rank: int, cfg: Config, resume: ResumePoint | None, log_path: str) -> 
     os.dup2(log.fileno(), 2)
     g = group()
     join = g.join_step() if g.replaced else None
-    return train(rank, g.world_size, cfg, g.store, torch.device("cpu"), resume=resume, join=join)
+    return train(rank, g.world_size, cfg, g.store, torch.device("cpu"), resume=resume,
+                 console=_Console(g.store, tty), join=join)
 
 
 def run_ray(cfg: Config, resume: ResumePoint | None = None, signals: StopSignals | None = None) -> dict:
@@ -60,11 +81,15 @@ def run_ray(cfg: Config, resume: ResumePoint | None = None, signals: StopSignals
     address = t.ray_address or os.environ.get("LOWBIT_RAY_ADDRESS", "")
     with ray_session(num_cpus=max(2, world), temp_dir=t.ray_temp_dir or None, address=address):
         # ray.init put in handlers of its own that abort the driver: the launcher's go back in for the run
-        with StopSignals(signals._handle) if signals is not None else contextlib.nullcontext():
+        with signals.again() if signals is not None else contextlib.nullcontext():
             group = RayGroup(world, t.servers, timeout_s=t.timeout_s, threads=threads)
             stop_at = []
 
             def poll() -> None:
+                text = group.store.take(_CONSOLE)
+                if text:
+                    sys.stderr.write(text.decode(errors="replace"))
+                    sys.stderr.flush()
                 if signals is None or not signals.count:
                     return
                 if not stop_at:
@@ -75,8 +100,10 @@ def run_ray(cfg: Config, resume: ResumePoint | None = None, signals: StopSignals
                     raise RankFailed(-1, "the ranks did not stop in time")
 
             try:
-                results = group.run(_rank, [(q, cfg, resume, str(logs / f"rank_{q}.log")) for q in range(world)],
+                tty = sys.stderr.isatty()
+                results = group.run(_rank, [(q, cfg, resume, str(logs / f"rank_{q}.log"), tty) for q in range(world)],
                                     poll=poll)
+                poll()  # the bar's last piece
             except RankFailed as e:
                 with contextlib.suppress(Exception):
                     e.step = rank_step(group.store, e.rank) if e.rank >= 0 else None
