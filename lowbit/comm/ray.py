@@ -407,7 +407,8 @@ class RayTransport(Transport):
 
     def _publish(self, step: int, frames: Mapping[int, bytes]) -> None:
         if sorted(int(k) for k in frames) != self.keys:
-            raise ConfigError(f"server {self.rank}: Owner.weight_frames gave keys {sorted(frames)}, expected {self.keys}")
+            raise ConfigError(f"server {self.rank}: Owner.weight_frames gave keys {sorted(frames)}, "
+                              f"expected {self.keys}")
         bundle = b"".join(bytes(frames[k]) for k in self.keys)
         with self.cond:
             self.published[step] = bundle

@@ -1,4 +1,5 @@
-"""The run's control plane, over the c10d store every rank already shares (:class:`lowbit.comm.board.Board`):
+"""The run's control plane, over the c10d store every rank already shares (with Ray, the store actor
+of :mod:`lowbit.comm.ray`; :class:`lowbit.comm.board.Board`):
 per-step numbers for the leader's log, checkpoint marks, the end handshake, and a coordinated stop.
 
 Keys (under ``lowbit/ctl/``)::

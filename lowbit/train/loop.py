@@ -129,7 +129,8 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
     worker = dev = None
     if is_worker:
         # Ray's worker w draws its rounding and dropout as ring rank w does: the Ray run reproduces the ring run
-        worker = Worker(model, plan, worker_index if t.kind == "ray" else rank, seed=r.seed, error_feedback=cfg.codec.error_feedback,
+        draws = worker_index if t.kind == "ray" else rank
+        worker = Worker(model, plan, draws, seed=r.seed, error_feedback=cfg.codec.error_feedback,
                         nonfinite=cfg.codec.nonfinite, device=device, distiller=make_distiller(cfg, model))
         if start and join is None:
             load_worker_state(worker, ck.worker_path(start, worker_index))
