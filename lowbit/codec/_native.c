@@ -31,6 +31,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_simd.h"
+
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE uint8_t bytes_loop(const uint8_t *p, int64_t nb, const float *tab, const uint8_t *bad, float *out,
@@ -207,9 +209,8 @@ static uint8_t stream_range(const stream_t *st, int64_t j0, int64_t m, int bits,
  * held in a register (vpermps; for b = 4 two halves and a blend on bit 3). The values are the table's
  * floats and the adds and the division are single fp32 operations in the same order as the scalar
  * path, so the bits are the same. Chosen at run time where the CPU has AVX2. */
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef HAVE_AVX2_PATH
 #include <immintrin.h>
-#define HAVE_AVX2_PATH 1
 
 #define AVX2 __attribute__((target("avx2")))
 
@@ -314,18 +315,6 @@ AVX2 static void sum_groups_avx2(const stream_t *st, Py_ssize_t S, int64_t ga, i
 }
 #endif
 
-/* Whether decode_sum takes the AVX2 path: where the CPU has it, unless simd(0) turned it off (tests run
- * the scalar loops on such a CPU too). */
-static int simd_wanted = 1;
-
-static int simd_on(void) {
-#ifdef HAVE_AVX2_PATH
-    return simd_wanted && __builtin_cpu_supports("avx2");
-#else
-    return 0;
-#endif
-}
-
 /* decode_sum writes out with streaming stores when it only writes it (no accumulate) and out holds at least
  * this many bytes. A plain store reads every line before writing it (write-allocate), which doubles the
  * memory traffic of a decode. In a step the outputs are not read again while they could still be in
@@ -340,14 +329,6 @@ static PyObject *native_nt_stores(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "L", &n)) return NULL;
     if (n >= 0) nt_min_bytes = n;
     return PyLong_FromLongLong(nt_min_bytes);
-}
-
-/* simd(on) -> whether the AVX2 path is used now: on = 1 / 0 asks for it or not, -1 only reads. */
-static PyObject *native_simd(PyObject *self, PyObject *args) {
-    int on;
-    if (!PyArg_ParseTuple(args, "i", &on)) return NULL;
-    if (on >= 0) simd_wanted = on != 0;
-    return PyBool_FromLong(simd_on());
 }
 
 /* decode_sum(out, a, e, n, bits, utable, uone, bad, streams, divisor, accumulate) -> 0, or 1 + the index
@@ -542,7 +523,7 @@ static PyMethodDef methods[] = {
     {"nt_stores", native_nt_stores, METH_VARARGS,
      "nt_stores(n) -> the output size in bytes from which decode_sum writes with streaming stores (when it does "
      "not accumulate and out is 32-byte aligned); n >= 0 sets it, -1 only reads"},
-    {"simd", native_simd, METH_VARARGS,
+    {"simd", simd_switch, METH_VARARGS,
      "simd(on) -> whether decode_sum uses its AVX2 loop (where the CPU has AVX2): on 1 / 0 asks for it or "
      "not, -1 only reads."},
     {"pack", native_pack, METH_VARARGS,

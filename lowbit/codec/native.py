@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from lowbit.errors import ConfigError
+from lowbit.quant.weights import switch_extension
 
 try:
     from lowbit.codec import _native as lib
@@ -32,9 +32,4 @@ def native_codec_enabled() -> bool:
 
 def set_native_codec(on: bool) -> bool:
     """Use the compiled loops (``True``) or the torch ops (``False``); returns the previous setting."""
-    global _on
-    if on and lib is None:
-        raise ConfigError("the compiled codec lowbit.codec._native was not built (no C compiler when lowbit "
-                          "was installed?): reinstall with one, or keep the torch ops")
-    was, _on = _on, bool(on)
-    return was
+    return switch_extension(globals(), "_on", "lib", on, "the compiled codec lowbit.codec._native")

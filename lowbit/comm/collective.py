@@ -43,7 +43,7 @@ from lowbit.codec.delta import DeltaDecoder
 from lowbit.codec.frame import join_frames
 from lowbit.comm.messages import LEN_PREFIX
 from lowbit.comm.p2p import P2P
-from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, decode_weight, partition
+from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, check_owner, decode_weight, partition
 from lowbit.errors import ConfigError, FrameError
 
 
@@ -201,12 +201,7 @@ class _ShardedTransport(Transport):
     # ------------------------------------------------------------------ pieces
 
     def _check_owner(self, owner: Owner | None) -> None:
-        if owner is None:
-            raise ConfigError(f"rank {self.rank} owns a shard: pass its Owner to step()")
-        have = sorted(int(k) for k in owner.owned_keys())
-        if have != self.keys_of[self.rank]:
-            raise ConfigError(f"rank {self.rank} must own keys {self.keys_of[self.rank]} (partition by size), "
-                              f"its Owner holds {have}")
+        check_owner(owner, self.keys_of[self.rank], f"rank {self.rank}")
 
     def _own_weight_bundle(self, step: int, owner: Owner) -> bytes:
         mine = self.keys_of[self.rank]

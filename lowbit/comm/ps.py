@@ -31,7 +31,8 @@ from lowbit.comm.chunk_plan import DEFAULT_CHUNKS, chunk_keys, element_counts, p
 from lowbit.comm.messages import LEN_PREFIX, Pending
 from lowbit.comm.p2p import P2P
 from lowbit.comm.pumps import Pumps
-from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, StepTimeline, Transport, decode_weight
+from lowbit.comm.transport import (ByteCounter, GradAccumulator, Owner, StepTimeline, Transport, check_owner,
+                                   decode_weight)
 from lowbit.errors import ConfigError, FrameError, TransportError
 
 FAILURE_MODES = ("stop", "continue")
@@ -219,12 +220,7 @@ class ParameterServerTransport(Transport):
     # ------------------------------------------------------------------ halves
 
     def _check_owner(self, owner: Owner | None) -> None:
-        if owner is None:
-            raise ConfigError(f"server rank {self.rank} must pass its Owner to step()")
-        have = sorted(int(k) for k in owner.owned_keys())
-        if have != self.keys_of[self.rank]:
-            raise ConfigError(f"server rank {self.rank} must own keys {self.keys_of[self.rank]} "
-                              f"(partition by size), its Owner holds {have}")
+        check_owner(owner, self.keys_of[self.rank], f"server rank {self.rank}")
 
     def _push_grads(self, step: int, grads: Mapping[int, bytes | None], pending: Pending | None = None,
                     after_first=None) -> None:

@@ -221,6 +221,16 @@ def decode_weight(frame: Frame, device: torch.device | str, out: Mapping[int, to
     return dst
 
 
+def check_owner(owner: Owner | None, keys: list[int], who: str) -> None:
+    """The Owner that the rank ``who``, owner of ``keys``, passed to ``step()``: there, and holding
+    exactly those keys (else a :class:`ConfigError`)."""
+    if owner is None:
+        raise ConfigError(f"{who} owns a shard: pass its Owner to step()")
+    have = sorted(int(k) for k in owner.owned_keys())
+    if have != keys:
+        raise ConfigError(f"{who} must own keys {keys} (partition by size), its Owner holds {have}")
+
+
 def partition(sizes: dict[int, int], n_owners: int) -> dict[int, int]:
     """Assign keys to owners so shards balance by size: largest first onto the least loaded owner
     (LPT). Deterministic: ties broken by key, then owner index."""

@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <math.h>
 
+#include "_simd.h"
+
 #define ROUND_BODY(w, d, n, s, k, num, den)                                      \
     do {                                                                         \
         const float lo_ = -(float)(k), hi_ = (float)(k);                         \
@@ -125,8 +127,7 @@ static void round_plain(const float *w, const float *d, int64_t n, float s, int 
 
 static void codes_plain(const float *w, int64_t n, float s, int k, uint8_t *out) { CODES_BODY(w, n, s, k, out); }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define HAVE_AVX2_PATH 1
+#ifdef HAVE_AVX2_PATH
 __attribute__((target("avx2")))
 static void round_avx2(const float *w, const float *d, int64_t n, float s, int k, double *pn, double *pd) {
     double num = 0.0, den = 0.0;
@@ -145,18 +146,6 @@ static void stochastic_avx2(const float *g, int64_t n, uint64_t i0, uint32_t s0,
 }
 #endif
 
-/* The same switch as lowbit/codec/_native.c's, kept per extension: the two extensions share no
- * code, and each is built, and tested on both paths, on its own. */
-static int simd_wanted = 1;
-
-static int simd_on(void) {
-#ifdef HAVE_AVX2_PATH
-    return simd_wanted && __builtin_cpu_supports("avx2");
-#else
-    return 0;
-#endif
-}
-
 static int check_args(long long n, int k, const char *fn) {
     if (n < 0) {
         PyErr_Format(PyExc_ValueError, "_laq.%s: n must be >= 0, got %lld", fn, n);
@@ -171,54 +160,40 @@ static int check_args(long long n, int k, const char *fn) {
 
 typedef void round_fn(const float *, const float *, int64_t, float, int, double *, double *);
 typedef void codes_fn(const float *, int64_t, float, int, uint8_t *);
-
-/* The loops to run now: the AVX2 builds where simd_on(), else the plain ones. */
-static round_fn *round_impl(void) {
-#ifdef HAVE_AVX2_PATH
-    if (simd_on()) return round_avx2;
-#endif
-    return round_plain;
-}
-
-static codes_fn *codes_impl(void) {
-#ifdef HAVE_AVX2_PATH
-    if (simd_on()) return codes_avx2;
-#endif
-    return codes_plain;
-}
-
 typedef void stochastic_fn(const float *, int64_t, uint64_t, uint32_t, uint32_t, float, int, uint8_t *);
 
-static stochastic_fn *stochastic_impl(void) {
-#ifdef HAVE_AVX2_PATH
-    if (simd_on()) return stochastic_avx2;
-#endif
-    return stochastic_plain;
-}
-
-static PyObject *laq_round(PyObject *self, PyObject *args) {
-    unsigned long long wp, dp;
+/* The arguments of a linear-grid loop: w, n, s, k and one more address (round: d, after w; codes: out,
+ * last), parsed and checked. */
+typedef struct {
+    unsigned long long w, other;
     long long n;
     float s;
     int k;
-    if (!PyArg_ParseTuple(args, "KKLfi", &wp, &dp, &n, &s, &k) || !check_args(n, k, "round")) return NULL;
+} grid_args;
+
+static int parse_grid(PyObject *args, const char *fn, int other_second, grid_args *a) {
+    int ok = other_second ? PyArg_ParseTuple(args, "KKLfi", &a->w, &a->other, &a->n, &a->s, &a->k)
+                          : PyArg_ParseTuple(args, "KLfiK", &a->w, &a->n, &a->s, &a->k, &a->other);
+    return ok && check_args(a->n, a->k, fn);
+}
+
+static PyObject *laq_round(PyObject *self, PyObject *args) {
+    grid_args a;
+    if (!parse_grid(args, "round", 1, &a)) return NULL;
     double num = 0.0, den = 0.0;
-    round_fn *fn = round_impl();
+    round_fn *fn = SIMD_PICK(round);
     Py_BEGIN_ALLOW_THREADS
-    fn((const float *)(uintptr_t)wp, (const float *)(uintptr_t)dp, n, s, k, &num, &den);
+    fn((const float *)(uintptr_t)a.w, (const float *)(uintptr_t)a.other, a.n, a.s, a.k, &num, &den);
     Py_END_ALLOW_THREADS
     return Py_BuildValue("dd", num, den);
 }
 
 static PyObject *laq_codes(PyObject *self, PyObject *args) {
-    unsigned long long wp, op;
-    long long n;
-    float s;
-    int k;
-    if (!PyArg_ParseTuple(args, "KLfiK", &wp, &n, &s, &k, &op) || !check_args(n, k, "codes")) return NULL;
-    codes_fn *fn = codes_impl();
+    grid_args a;
+    if (!parse_grid(args, "codes", 0, &a)) return NULL;
+    codes_fn *fn = SIMD_PICK(codes);
     Py_BEGIN_ALLOW_THREADS
-    fn((const float *)(uintptr_t)wp, n, s, k, (uint8_t *)(uintptr_t)op);
+    fn((const float *)(uintptr_t)a.w, a.n, a.s, a.k, (uint8_t *)(uintptr_t)a.other);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -239,19 +214,11 @@ static PyObject *laq_stochastic(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "_laq.stochastic: the scale factor c must be finite and >= 0, got %g", (double)c);
         return NULL;
     }
-    stochastic_fn *fn = stochastic_impl();
+    stochastic_fn *fn = SIMD_PICK(stochastic);
     Py_BEGIN_ALLOW_THREADS
     fn((const float *)(uintptr_t)gp, n, (uint64_t)i0, (uint32_t)s0, (uint32_t)s1, c, k, (uint8_t *)(uintptr_t)op);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
-}
-
-/* simd(on) -> whether the AVX2 loops are used now: on = 1 / 0 asks for them or not, -1 only reads. */
-static PyObject *laq_simd(PyObject *self, PyObject *args) {
-    int on;
-    if (!PyArg_ParseTuple(args, "i", &on)) return NULL;
-    if (on >= 0) simd_wanted = on != 0;
-    return PyBool_FromLong(simd_on());
 }
 
 static PyMethodDef methods[] = {
@@ -262,7 +229,7 @@ static PyMethodDef methods[] = {
     {"stochastic", laq_stochastic, METH_VARARGS,
      "stochastic(g, n, i0, s0, s1, c, k, out): out = LAQ's stochastic gradient codes of n fp32 values "
      "(elements i0.. of the tensor, seed s0, s1, c = k / s * 2^24); see lowbit/quant/_laq.c."},
-    {"simd", laq_simd, METH_VARARGS, "simd(on) -> whether the AVX2 loops are used (on 1 / 0 / -1 = read)."},
+    {"simd", simd_switch, METH_VARARGS, "simd(on) -> whether the AVX2 loops are used (on 1 / 0 / -1 = read)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -231,16 +231,22 @@ def native_laq_available() -> bool:
     return _laq is not None
 
 
+def switch_extension(space: dict, flag: str, lib: str, on: bool, what: str) -> bool:
+    """Set a module's switch ``space[flag]`` (``space``: its globals) to run the compiled extension
+    ``space[lib]`` (``True``) or the torch ops (``False``); returns the previous setting. ``True``
+    where the extension (``what``) was not built is a :class:`ConfigError`."""
+    if on and space[lib] is None:
+        raise ConfigError(f"{what} was not built (no C compiler when lowbit was installed?): "
+                          "reinstall with one, or keep the torch ops")
+    was, space[flag] = space[flag], bool(on)
+    return was
+
+
 def set_native_laq(on: bool) -> bool:
     """Run the quant extension's loops (LAQ's linear-grid round here, the stochastic gradient codes of
     :func:`lowbit.quant.grads.stochastic_code_chunks`) compiled (``True``) or as torch ops
     (``False``); returns the previous setting. ``LOWBIT_NATIVE_LAQ=0`` turns it off for a process."""
-    global _native_on
-    if on and _laq is None:
-        raise ConfigError("lowbit.quant._laq was not built (no C compiler when lowbit was installed?): "
-                          "reinstall with one, or keep the torch ops")
-    was, _native_on = _native_on, bool(on)
-    return was
+    return switch_extension(globals(), "_native_on", "_laq", on, "lowbit.quant._laq")
 
 
 def _native_ok(*ts: torch.Tensor | None) -> bool:
