@@ -506,7 +506,8 @@ class RankBench:
         gc.collect()
 
     def run_lowbit(self, model, flat, methods):
-        from lowbit.codec.codecs import StochasticGradCodec, WeightCodec, decode_frame
+        from lowbit.codec.codecs import StochasticGradCodec, WeightCodec
+        from lowbit.codec.decode import decode_frame
         from lowbit.codec.frame import Frame
         from lowbit.comm.collective import RingTransport, TreeTransport
         from lowbit.comm.ps import DEFAULT_CHUNKS, ParameterServerTransport

@@ -77,7 +77,8 @@ def gamma_1proc(n: int = 1 << 20, reps: int = 3) -> dict:
     time, best of ``reps``, so that other load on the machine inflates it little)."""
     import torch
 
-    from lowbit.codec.codecs import StochasticGradCodec, WeightCodec, decode_frame
+    from lowbit.codec.codecs import StochasticGradCodec, WeightCodec
+    from lowbit.codec.decode import decode_frame
     from lowbit.codec.frame import Frame
 
     torch.set_num_threads(1)

@@ -23,7 +23,7 @@ __all__ = ["process_settings", "restore_settings", "kept_settings", "settings_di
 
 def process_settings() -> dict[str, Any]:
     """A snapshot of the process-wide settings (plain values, comparable with ``==``)."""
-    from lowbit.codec import codecs, native
+    from lowbit.codec import native, threads
     from lowbit.quant import weights
 
     s: dict[str, Any] = {
@@ -35,7 +35,7 @@ def process_settings() -> dict[str, Any]:
         "cwd": os.getcwd(),
         "sys.path": list(sys.path),
         "codec.native": native.native_codec_enabled(),
-        "codec.threads": codecs.get_codec_threads(),
+        "codec.threads": threads.get_codec_threads(),
         "laq.native": weights._native_on,
     }
     if native.lib is not None:
@@ -68,7 +68,7 @@ def settings_diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 
 def restore_settings(s: dict[str, Any]) -> None:
     """Put back the settings of a :func:`process_settings` snapshot."""
-    from lowbit.codec import codecs, native
+    from lowbit.codec import native, threads
     from lowbit.quant import weights
 
     if torch.get_num_threads() != s["torch.num_threads"]:
@@ -83,7 +83,7 @@ def restore_settings(s: dict[str, Any]) -> None:
         os.chdir(s["cwd"])
     sys.path[:] = s["sys.path"]
     native._on = s["codec.native"]
-    codecs.set_codec_threads(s["codec.threads"])
+    threads.set_codec_threads(s["codec.threads"])
     weights._native_on = s["laq.native"]
     if "codec.simd" in s:
         native.lib.simd(1 if s["codec.simd"] else 0)

@@ -1,7 +1,7 @@
 """Tensors <-> bytes: bit packing, the versioned frame, and codecs built on lowbit.quant."""
-from lowbit.codec.codecs import (QSGDCodec, RawCodec, StochasticGradCodec, TernGradCodec, WeightCodec,
-                                 decode_frame, decode_sum, frame_from_qtensor, get_codec_threads, grad_codec,
-                                 qtensor_from_frame, set_codec_threads, weight_codec)
+from lowbit.codec.codecs import QSGDCodec, RawCodec, StochasticGradCodec, TernGradCodec, WeightCodec, frame_from_qtensor, grad_codec, weight_codec
+from lowbit.codec.decode import decode_frame, decode_sum, qtensor_from_frame
+from lowbit.codec.threads import get_codec_threads, set_codec_threads
 from lowbit.codec.entropy import EntropyCodec
 from lowbit.codec.feedback import FeedbackCodec, with_feedback
 from lowbit.codec.native import native_codec_available, native_codec_enabled, set_native_codec

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from lowbit.codec.codecs import dense_frame
+from lowbit.codec.decode import dense_frame
 from lowbit.codec.frame import CRC_SIZE, HEADER_SIZE, Frame
 from lowbit.errors import FrameError
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.codec.codecs import decode_frame
+from lowbit.codec.decode import decode_frame
 from lowbit.codec.frame import Frame, frame_nbytes
 from lowbit.codec.pack import pack_bits
 from lowbit.errors import ConfigError

@@ -31,7 +31,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook as fp16_hook
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
-from lowbit.codec.codecs import StochasticGradCodec, decode_frame
+from lowbit.codec.codecs import StochasticGradCodec
+from lowbit.codec.decode import decode_frame
 from lowbit.codec.feedback import ErrorFeedback, with_feedback
 from lowbit.codec.frame import Frame
 from lowbit.comm.p2p import group_device

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 
-from lowbit.codec.codecs import decode_frame, decode_sum
+from lowbit.codec.decode import decode_frame, decode_sum
 from lowbit.codec.delta import DeltaDecoder
 from lowbit.codec.frame import Frame
 from lowbit.errors import ConfigError, FrameError
@@ -144,9 +144,9 @@ class GradAccumulator:
     """fp32 sums of decoded gradient frames per key, and how many contributions each got.
 
     The first frame of a key is decoded into a buffer, later ones are added to it chunk by chunk
-    (:func:`~lowbit.codec.codecs.decode_frame` with ``accumulate=True``: no full-size temporary).
+    (:func:`~lowbit.codec.decode.decode_frame` with ``accumulate=True``: no full-size temporary).
     :meth:`add_all` takes every sender's frame of a key at once and decodes, sums and averages them
-    in one pass over the buffer (:func:`~lowbit.codec.codecs.decode_sum`), the same bits.
+    in one pass over the buffer (:func:`~lowbit.codec.decode.decode_sum`), the same bits.
     :meth:`reset` starts the next step and keeps the buffers: a transport holds one accumulator
     for the whole run, so the shard's gradient memory is allocated (and page-faulted) once, not
     every step. The tensors :meth:`averages` returns are those buffers: valid until the next

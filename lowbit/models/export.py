@@ -176,7 +176,7 @@ def load_packed(path: str | os.PathLike) -> nn.Module:
 def _load_frames(model: nn.Module, tensors: dict[str, torch.Tensor], pieces: list[dict]) -> nn.Module:
     """A run export (:func:`lowbit.train.export.export_run`): each frame decoded, as the workers
     decode it, into the parameter rows it covers."""
-    from lowbit.codec.codecs import decode_frame
+    from lowbit.codec.decode import decode_frame
     from lowbit.codec.frame import Frame
 
     params = dict(model.named_parameters())

@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import lowbit.codec.codecs as cc
+import lowbit.codec.decode as cc
+from lowbit.codec.threads import get_codec_threads, set_codec_threads
 from lowbit.codec import Frame, StochasticGradCodec, WeightCodec, decode_frame, decode_sum, native
 from lowbit.errors import ConfigError, FrameError
 
@@ -64,13 +65,13 @@ def test_threads_split_the_tensor_the_same(monkeypatch):
     n = 3 * 4096 + 5
     frames = _frames(n, 3, 3, 0)
     ref = _sequential(frames, torch.zeros(n), 3, False)
-    threads = cc.get_codec_threads()
+    threads = get_codec_threads()
     monkeypatch.setattr(cc, "_NATIVE_PART", 1024)
     try:
-        cc.set_codec_threads(3)
+        set_codec_threads(3)
         assert torch.equal(decode_sum(frames, torch.empty(n), divisor=3), ref)
     finally:
-        cc.set_codec_threads(threads)
+        set_codec_threads(threads)
 
 
 @pytest.mark.parametrize("n", [5, 4096 + 3, 20000])

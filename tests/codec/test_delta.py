@@ -7,7 +7,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from lowbit.codec.codecs import decode_frame, weight_codec
+from lowbit.codec.codecs import weight_codec
+from lowbit.codec.decode import decode_frame
 from lowbit.codec.delta import DeltaDecoder, DeltaEncoder, StateMismatch
 from lowbit.codec.frame import Frame
 from lowbit.errors import FrameError

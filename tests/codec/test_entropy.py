@@ -7,7 +7,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from lowbit.codec.codecs import StochasticGradCodec, decode_frame, dense_frame
+from lowbit.codec.codecs import StochasticGradCodec
+from lowbit.codec.decode import decode_frame, dense_frame
 from lowbit.codec.entropy import EntropyCodec, entropy_code, expand
 from lowbit.codec.feedback import FeedbackCodec, with_feedback
 from lowbit.codec.frame import Frame

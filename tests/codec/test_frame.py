@@ -174,7 +174,7 @@ def test_decode_into_and_accumulate_equal_the_reference(n, bits, per_row, chunk,
     """decode_frame(out=) writes exactly what the QTensor path dequantizes, and accumulate=True adds
     it to what ``out`` held, for every width, tails of any length and chunk boundaries anywhere,
     through the chunked table paths (SMALL_FRAME 0) and the whole-frame path for small frames."""
-    import lowbit.codec.codecs as cc
+    import lowbit.codec.decode as cc
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cc, "CHUNK", chunk)
         mp.setattr(cc, "SMALL_FRAME", small)
@@ -232,7 +232,7 @@ def test_decode_into_raw_frames_and_bad_destinations():
 def test_decode_into_other_float_dtypes(bits, dtype, small, monkeypatch):
     """The table paths write 2..8 values per lookup as one wide element whose width depends on the
     destination dtype (3-bit: 4 values, 8 bytes in fp16, two 16-byte rows in fp64)."""
-    import lowbit.codec.codecs as cc
+    import lowbit.codec.decode as cc
     from lowbit.codec import decode_frame, qtensor_from_frame
     monkeypatch.setattr(cc, "SMALL_FRAME", small)
     gen = torch.Generator().manual_seed(bits)
@@ -252,7 +252,7 @@ def test_three_bit_code_seven_is_rejected_in_every_field_position(encoding):
     """Code 7 lies outside the 3-bit symmetric and log grids. The 3-bit decoder reads each group of
     8 codes as one 24-bit word: a 7 in any of its 8 fields, straddling bytes or not, in the first
     or a later chunk, or in the tail, must raise."""
-    import lowbit.codec.codecs as cc
+    import lowbit.codec.decode as cc
     from lowbit.codec import decode_frame
     from lowbit.codec.pack import pack_bits
     n = 8 * 40 + 5

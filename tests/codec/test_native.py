@@ -4,7 +4,8 @@ both paths: tests/codec/conftest.py.)"""
 import pytest
 import torch
 
-import lowbit.codec.codecs as cc
+import lowbit.codec.decode as cc
+from lowbit.codec.threads import get_codec_threads, set_codec_threads
 from lowbit.codec import StochasticGradCodec, decode_frame, native
 from lowbit.errors import ConfigError
 
@@ -54,14 +55,14 @@ def test_large_frame_on_threads_equals_the_torch_path(bits, monkeypatch):
     def encode():
         return StochasticGradCodec(bits).encode(x, generator=torch.Generator().manual_seed(1))
 
-    was, threads = native.set_native_codec(False), cc.get_codec_threads()
+    was, threads = native.set_native_codec(False), get_codec_threads()
     try:
         f = encode()
         ref = decode_frame(f).clone()
         ref_acc = base.clone()
         decode_frame(f, out=ref_acc, accumulate=True)
         native.set_native_codec(True)
-        cc.set_codec_threads(3)
+        set_codec_threads(3)
         assert torch.equal(encode().payload, f.payload)
         assert torch.equal(decode_frame(f), ref)
         acc = base.clone()
@@ -69,7 +70,7 @@ def test_large_frame_on_threads_equals_the_torch_path(bits, monkeypatch):
         assert torch.equal(acc, ref_acc)
     finally:
         native.set_native_codec(was)
-        cc.set_codec_threads(threads)
+        set_codec_threads(threads)
 
 
 @pytest.fixture
@@ -97,9 +98,9 @@ def test_streaming_stores_give_the_plain_stores_bits(bits, offset, nt_threshold,
         torch.randn(n, generator=torch.Generator().manual_seed(s)), generator=torch.Generator().manual_seed(9 + s)
     ).to_bytes()) for s in range(2)]
     base = torch.randn(n, generator=torch.Generator().manual_seed(5))
-    threads = cc.get_codec_threads()
+    threads = get_codec_threads()
     try:
-        cc.set_codec_threads(3)
+        set_codec_threads(3)
         results = {}
         for mode, threshold in (("plain", 1 << 62), ("nt", 0)):
             assert nt_threshold(threshold) == threshold
@@ -116,7 +117,7 @@ def test_streaming_stores_give_the_plain_stores_bits(bits, offset, nt_threshold,
         ref = (decode_frame(frames[0]) + decode_frame(frames[1])) / 2
         assert torch.equal(results["nt", 2, 2, False], ref)
     finally:
-        cc.set_codec_threads(threads)
+        set_codec_threads(threads)
 
 
 @needs_native

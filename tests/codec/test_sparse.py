@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from lowbit.codec.codecs import StochasticGradCodec, decode_frame
+from lowbit.codec.codecs import StochasticGradCodec
+from lowbit.codec.decode import decode_frame
 from lowbit.codec.frame import Frame
 from lowbit.codec.sparse import RowSparseCodec, densify, sparsify
 from lowbit.errors import FrameError

@@ -3,7 +3,7 @@ as zero; with error feedback nothing is lost, only delayed."""
 import pytest
 import torch
 
-from lowbit.codec.codecs import decode_frame
+from lowbit.codec.decode import decode_frame
 from lowbit.codec.feedback import with_feedback
 from lowbit.codec.frame import Frame
 from lowbit.codec.ternary import ThresholdGradCodec

@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import lowbit.codec.codecs as cc
+import lowbit.codec.decode as cc
 from lowbit.codec import StochasticGradCodec, decode_frame
-from lowbit.codec.codecs import get_codec_threads, set_codec_threads
+from lowbit.codec.threads import get_codec_threads, set_codec_threads
 from lowbit.errors import ConfigError, FrameError
 
 from test_frame import _check_decode_into
@@ -89,7 +89,7 @@ def test_bad_thread_counts(bad):
 
 @pytest.mark.timeout(60)
 def test_env_var_sets_and_rejects(python_with_env):
-    code = "import lowbit.codec.codecs as c; print(c.get_codec_threads())"
+    code = "import lowbit.codec.threads as c; print(c.get_codec_threads())"
     out = python_with_env(code, LOWBIT_CODEC_THREADS="3")
     assert out.returncode == 0 and out.stdout.strip() == "3", out.stderr
     out = python_with_env(code, LOWBIT_CODEC_THREADS="many")

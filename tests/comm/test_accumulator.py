@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from lowbit.codec.codecs import RawCodec, StochasticGradCodec, decode_frame
+from lowbit.codec.codecs import RawCodec, StochasticGradCodec
+from lowbit.codec.decode import decode_frame
 from lowbit.comm.transport import GradAccumulator
 from lowbit.errors import FrameError
 

@@ -80,7 +80,7 @@ def test_shard_server_in_parts_equals_one_whole_step():
 def test_worker_takes_aligned_weights_and_decodes_into_them():
     """all-MiniLM-L6-v2 loads from safetensors with weights at 8-byte aligned offsets of the mapped
     file; the worker takes aligned copies, and received 2-bit weights decode into them in place."""
-    from lowbit.codec.codecs import decode_frame
+    from lowbit.codec.decode import decode_frame
     from lowbit.comm.transport import decode_weight
     from lowbit.models.presets import load_preset
     from lowbit.train.worker import Worker
