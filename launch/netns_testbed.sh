@@ -10,7 +10,7 @@
 #   sudo launch/netns_testbed.sh measure [RATE_MBIT] [MBYTES]  # 2 hosts, prints measured Mbit/s
 #
 # Inside host i:  ip netns exec lb<PID>-h<i> <cmd>   (address 10.77.X.<i+1>, interface eth0:
-# GLOO_SOCKET_IFNAME=eth0, MASTER_ADDR=<address of host 0>). All logic lives in lowbit/net/netns.py.
+# GLOO_SOCKET_IFNAME=eth0, MASTER_ADDR=<address of host 0>). All logic lives in lowbit/net/ (netns.py, iproute.py, testbed.py).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-}"

@@ -1,13 +1,11 @@
 """Where a parameter server's keys go: each key to one server, balanced by element count
-(:func:`ps_partition`), and each server's keys cut into the key groups that travel as one chunk
-message each (:func:`chunk_keys`). Every rank computes the same plan from the shapes alone.
+(:func:`lowbit.comm.transport.partition`), and each server's keys cut into the key groups that
+travel as one chunk message each (:func:`chunk_keys`). Every rank computes the same plan from the shapes alone.
 """
 from __future__ import annotations
 
 import math
 from typing import Mapping
-
-from lowbit.comm.transport import partition
 
 DEFAULT_CHUNKS = 10  # pieces per bundle: the receiver decodes one while the next is on the wire
 
@@ -15,11 +13,6 @@ DEFAULT_CHUNKS = 10  # pieces per bundle: the receiver decodes one while the nex
 def element_counts(shapes: Mapping[int, tuple]) -> dict[int, int]:
     """key -> number of elements."""
     return {int(k): math.prod(tuple(s)) for k, s in shapes.items()}
-
-
-def ps_partition(shapes: Mapping[int, tuple], n_servers: int) -> dict[int, int]:
-    """key -> server rank, balanced by element count."""
-    return partition(element_counts(shapes), n_servers)
 
 
 def chunk_shares(n: int) -> list[float]:

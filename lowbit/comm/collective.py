@@ -31,7 +31,6 @@ docs/transports.md for the full design.
 from __future__ import annotations
 
 import contextlib
-import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
@@ -47,11 +46,6 @@ from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport
 from lowbit.errors import ConfigError, FrameError
 
 
-def shard_partition(shapes: Mapping[int, tuple], world_size: int) -> dict[int, int]:
-    """key -> owning rank, balanced by element count (the same on every rank)."""
-    return partition({int(k): math.prod(tuple(s)) for k, s in shapes.items()}, world_size)
-
-
 def _per_owner(own: Mapping[int, int], nbytes: Mapping[int, int], p: int) -> list[int]:
     out = [0] * p
     for k, q in own.items():
@@ -63,7 +57,7 @@ def ring_expected_bytes(rank: int, world_size: int, shapes: Mapping[int, tuple],
                         grad_nbytes: Mapping[int, int], weight_nbytes: Mapping[int, int]) -> dict[str, int]:
     """Bytes one :meth:`RingTransport.step` adds on ``rank`` (formulas in the module docstring)."""
     p, r = world_size, rank
-    own = shard_partition(shapes, p)
+    own = partition(shapes, p)
     G, V = _per_owner(own, grad_nbytes, p), _per_owner(own, weight_nbytes, p)
     pre = LEN_PREFIX * (p - 1)
     return {"up_sent": pre + sum(G[q] for q in range(p) if q != r),
@@ -82,7 +76,7 @@ def tree_expected_bytes(rank: int, world_size: int, shapes: Mapping[int, tuple],
     """Bytes one :meth:`TreeTransport.step` adds on ``rank`` (formulas in the module docstring)."""
     p, r = world_size, rank
     L = _log2_exact(p)
-    own = shard_partition(shapes, p)
+    own = partition(shapes, p)
     G, V = _per_owner(own, grad_nbytes, p), _per_owner(own, weight_nbytes, p)
     out = {"up_sent": 0, "up_recv": 0, "down_sent": 0, "down_recv": 0, "messages": 2 * L}
     for j in range(L):
@@ -140,7 +134,7 @@ class _ShardedTransport(Transport):
         if not shapes:
             raise ConfigError("shapes is empty: nothing to exchange")
         self.shapes = {int(k): tuple(int(d) for d in s) for k, s in shapes.items()}
-        self.owner_of = shard_partition(self.shapes, self.world_size)
+        self.owner_of = partition(self.shapes, self.world_size)
         self.keys_of = {q: sorted(k for k, o in self.owner_of.items() if o == q) for q in range(self.world_size)}
         self.device = torch.device(device)
         self.counter = ByteCounter()

@@ -35,7 +35,7 @@ from lowbit.codec.codecs import StochasticGradCodec
 from lowbit.codec.decode import decode_frame
 from lowbit.codec.feedback import ErrorFeedback, with_feedback
 from lowbit.codec.frame import Frame
-from lowbit.comm.p2p import group_device
+from lowbit.comm.messages import group_device
 from lowbit.comm.transport import ByteCounter
 from lowbit.errors import FrameError
 

@@ -27,12 +27,12 @@ from lowbit.codec.bundle import bundle_bound, parse_bundle
 from lowbit.codec.delta import DeltaDecoder
 from lowbit.codec.frame import Frame, join_frames
 from lowbit.comm.board import Board
-from lowbit.comm.chunk_plan import DEFAULT_CHUNKS, chunk_keys, element_counts, ps_partition
+from lowbit.comm.chunk_plan import DEFAULT_CHUNKS, chunk_keys, element_counts
 from lowbit.comm.messages import LEN_PREFIX, Pending
 from lowbit.comm.p2p import P2P
 from lowbit.comm.pumps import Pumps
 from lowbit.comm.transport import (ByteCounter, GradAccumulator, Owner, StepTimeline, Transport, check_owner,
-                                   decode_weight)
+                                   decode_weight, partition)
 from lowbit.errors import ConfigError, FrameError, TransportError
 
 FAILURE_MODES = ("stop", "continue")
@@ -50,7 +50,7 @@ def expected_bytes(rank: int, world_size: int, n_servers: int, shapes: Mapping[i
         worker w:  up_sent   = Σ_s (8·C_s + |G_{w,s}|)      down_recv = Σ_s (8·C_s + |V_s|)
         server s:  up_recv   = Σ_w (8·C_s + |G_{w,s}|)      down_sent = W · (8·C_s + |V_s|)
     """
-    own = ps_partition(shapes, n_servers)
+    own = partition(shapes, n_servers)
     sizes = element_counts(shapes)
     W = world_size - n_servers
     c = {s: len(chunk_keys(sorted(k for k in own if own[k] == s), sizes, chunks)) for s in range(n_servers)}
@@ -111,7 +111,7 @@ class ParameterServerTransport(Transport):
         self.n_servers = n_servers
         self.servers = list(range(n_servers))
         self.workers = list(range(n_servers, self.world_size))
-        self.owner_of = ps_partition(self.shapes, n_servers)
+        self.owner_of = partition(self.shapes, n_servers)
         self.keys_of = {s: sorted(k for k, o in self.owner_of.items() if o == s) for s in self.servers}
         self.device = torch.device(device)
         self.counter = ByteCounter()

@@ -231,11 +231,13 @@ def check_owner(owner: Owner | None, keys: list[int], who: str) -> None:
         raise ConfigError(f"{who} must own keys {keys} (partition by size), its Owner holds {have}")
 
 
-def partition(sizes: dict[int, int], n_owners: int) -> dict[int, int]:
-    """Assign keys to owners so shards balance by size: largest first onto the least loaded owner
-    (LPT). Deterministic: ties broken by key, then owner index."""
+def partition(sizes: Mapping[int, int | tuple], n_owners: int) -> dict[int, int]:
+    """key -> owner index in 0..n_owners-1, so shards balance by size: largest first onto the least
+    loaded owner (LPT). ``sizes``: key -> element count, or key -> shape. Deterministic (ties broken
+    by key, then owner index) and computed from the shapes alone, so every rank agrees."""
     if n_owners < 1:
         raise ConfigError(f"need at least one owner, got {n_owners}")
+    sizes = {int(k): v if isinstance(v, int) else math.prod(tuple(v)) for k, v in sizes.items()}
     heap = [(0, o) for o in range(n_owners)]
     out: dict[int, int] = {}
     for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
