@@ -12,7 +12,7 @@ workers' frames of a tensor, their mean into a warm buffer: ``decode_sum`` in on
 (``mean2_gbps``) and the same as decode into, decode add, ``div_`` (``mean2_sequential_gbps``); GB/s
 there count the fp32 output once. ``--codec-threads N`` decodes on
 N threads (lowbit.codec.set_codec_threads); ``--decode-chunk BYTES`` overrides the decode chunk
-(A/B of lowbit.codec.decode.CHUNK in one run); ``--nt-stores BYTES`` sets the output size from
+(A/B of lowbit.codec.decode.CHUNK_BYTES in one run); ``--nt-stores BYTES`` sets the output size from
 which the compiled decode writes with streaming stores (``off``: never; A/B of the default). The
 bounds next to them: ``copy_into_gbps`` (read and write, a warm buffer) and ``fill_gbps`` (write
 only: what a decode, which reads 1/16-1/4 of what it writes, is bound by).
@@ -72,12 +72,12 @@ def codecs():
 def main(argv=None) -> int:
     """The benchmark; every process-wide setting it changes (threads, the codec switch, the decode
     chunk, the streaming-store threshold) is put back when it returns."""
-    chunk = decode_module.CHUNK
+    chunk = decode_module.CHUNK_BYTES
     with kept_settings():
         try:
             return _main(argv)
         finally:
-            decode_module.CHUNK = chunk
+            decode_module.CHUNK_BYTES = chunk
 
 
 def _main(argv=None) -> int:
@@ -94,7 +94,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--torch-ops", action="store_true",
                     help="the torch-op codec only (lowbit.codec.set_native_codec(False)): the compiled loops' baseline")
     ap.add_argument("--decode-chunk", type=int, default=None,
-                    help=f"CPU decode chunk in payload bytes (default {decode_module.CHUNK})")
+                    help=f"CPU decode chunk in payload bytes (default {decode_module.CHUNK_BYTES})")
     ap.add_argument("--no-wire", action="store_true", help="skip the delta-coded and row-sparse rows")
     ap.add_argument("--entropy", action="store_true", help="also evaluate entropy coders on gradient codes")
     ap.add_argument("--nt-stores", default=None,
@@ -108,7 +108,7 @@ def _main(argv=None) -> int:
     if args.decode_chunk is not None:
         if args.decode_chunk < 8:
             raise SystemExit("--decode-chunk must be >= 8 bytes")
-        decode_module.CHUNK = args.decode_chunk
+        decode_module.CHUNK_BYTES = args.decode_chunk
     if args.nt_stores is not None:
         if not native.native_codec_available():
             raise SystemExit("--nt-stores needs the compiled codec (lowbit.codec._native)")
@@ -191,7 +191,7 @@ def _main(argv=None) -> int:
                          "encode_vs_memcpy": t_mem / t_enc, "decode_vs_memcpy": t_mem / t_dec,
                          "payload_bytes": payload, "raw_bytes": raw, "ratio": raw / payload,
                          "device": str(dev), "threads": args.threads, "codec_threads": args.codec_threads,
-                         "decode_chunk": decode_module.CHUNK, "nt_min_bytes": nt_min, "timer": timer,
+                         "decode_chunk": decode_module.CHUNK_BYTES, "nt_min_bytes": nt_min, "timer": timer,
                          "native": native.native_codec_enabled()})
             print(f"  {name:20s} n={n:>9d} enc {raw / t_enc / 1e9:6.2f} GB/s  dec {raw / t_dec / 1e9:6.2f} GB/s"
                   f"  into {raw / t_into / 1e9:6.2f}  add {raw / t_add / 1e9:6.2f}"

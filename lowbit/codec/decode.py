@@ -19,10 +19,10 @@ from lowbit.codec.threads import get_codec_threads, pool, run_spans
 from lowbit.errors import ConfigError, FrameError
 from lowbit.quant.qtensor import QTensor, grid_k, levels
 
-# CPU decode chunk: CHUNK payload bytes for b in {1, 2, 4, 8} (2-bit: 512K values), 4·CHUNK values
-# for the other widths: large enough to amortise the ~15 Python-level torch calls a chunk costs;
-# larger chunks gain little more (measurements: docs/benchmarks.md).
-CHUNK = 1 << 17
+# CPU decode chunk: CHUNK_BYTES payload bytes for b in {1, 2, 4, 8} (2-bit: 512K values), 4·CHUNK_BYTES
+# values for the other widths: large enough to amortise the ~15 Python-level torch calls a chunk
+# costs; larger chunks gain little more (measurements: docs/benchmarks.md).
+CHUNK_BYTES = 1 << 17
 
 def qtensor_from_frame(f: Frame, device: torch.device | str | None = None) -> QTensor:
     if f.encoding == "raw":
@@ -340,7 +340,7 @@ def _dequantize_payload(f: Frame, device, dest: torch.Tensor | None = None, accu
         out = dest.view(-1)
         out.add_(vals) if accumulate else out.copy_(vals)
         return out.view(f.shape)
-    step = CHUNK if dev.type == "cpu" else 1 << 62
+    step = CHUNK_BYTES if dev.type == "cpu" else 1 << 62
     out = torch.empty(numel, dtype=out_dtype, device=dev) if dest is None else dest.view(-1)
     # Every chunk is decoded into ``target(a, e)``: out[a:e] itself, or a cache-sized scratch that
     # ``land(a, e, t)`` then adds (accumulate) or copies to out[a:e]. The byte-table path writes

@@ -10,7 +10,7 @@ def test_codec_throughput_smoke(tmp_path, bench):
     import lowbit.codec.decode as cc
     from lowbit.codec import native
     from lowbit.codec.threads import get_codec_threads, set_codec_threads
-    chunk, threads = cc.CHUNK, get_codec_threads()
+    chunk, threads = cc.CHUNK_BYTES, get_codec_threads()
     has_native = native.native_codec_available()
     nt = native.lib.nt_stores(-1) if has_native else None
     out = tmp_path / "codec.json"
@@ -19,7 +19,7 @@ def test_codec_throughput_smoke(tmp_path, bench):
                                       "--decode-chunk", "256", "--codec-threads", "2"]
                                      + (["--nt-stores", "4096"] if has_native else [])) == 0
     finally:
-        cc.CHUNK = chunk
+        cc.CHUNK_BYTES = chunk
         set_codec_threads(threads)
         if has_native:
             native.lib.nt_stores(nt)

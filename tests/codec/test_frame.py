@@ -176,7 +176,7 @@ def test_decode_into_and_accumulate_equal_the_reference(n, bits, per_row, chunk,
     through the chunked table paths (SMALL_FRAME 0) and the whole-frame path for small frames."""
     import lowbit.codec.decode as cc
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cc, "CHUNK", chunk)
+        mp.setattr(cc, "CHUNK_BYTES", chunk)
         mp.setattr(cc, "SMALL_FRAME", small)
         _check_decode_into(n, bits, per_row, seed)
 
@@ -270,7 +270,7 @@ def test_three_bit_code_seven_is_rejected_in_every_field_position(encoding):
         bad = Frame(kind=f.kind, encoding=f.encoding, dtype=f.dtype, bits=3, shape=f.shape,
                     scales=f.scales, payload=pack_bits(bad_codes, 3), key=f.key, step=f.step)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(cc, "CHUNK", 8)
+            mp.setattr(cc, "CHUNK_BYTES", 8)
             mp.setattr(cc, "SMALL_FRAME", small)
             with pytest.raises(FrameError, match="code 7 outside the 3-bit"):
                 decode_frame(bad)

@@ -21,7 +21,7 @@ def codec_threads(n, chunk=None):
     old = get_codec_threads()
     with pytest.MonkeyPatch.context() as mp:
         if chunk is not None:
-            mp.setattr(cc, "CHUNK", chunk)  # small chunks: many parts even for small tensors
+            mp.setattr(cc, "CHUNK_BYTES", chunk)  # small chunks: many parts even for small tensors
             mp.setattr(cc, "SMALL_FRAME", 0)  # ... which would otherwise decode whole, unthreaded
             mp.setattr(cc, "_NATIVE_PART", chunk)  # the compiled decode's parts, likewise
         set_codec_threads(n)
