@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
+
+from lowbit.testing import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_CLI = Path(sys.executable).with_name("ray")
@@ -41,12 +42,6 @@ def _env() -> dict:
     for k in ("RAY_ADDRESS", "LOWBIT_RAY_ADDRESS", "PYTHONDONTWRITEBYTECODE"):
         env.pop(k, None)  # RAY_ADDRESS would override --address; the last makes every process recompile
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_time(pid: int) -> str | None:
@@ -107,7 +102,7 @@ def head():
     # Its own subdirectory: `ray start` records the head's address in TEMP/ray_current_cluster, and
     # ray.init(_temp_dir=.ray_tmp) (init_local, test_ray_train.py) would join a head recorded in .ray_tmp.
     tmp = Path(tempfile.mkdtemp(prefix="rc", dir=base))
-    port = _free_port()
+    port = free_port()
     cmd = [str(RAY_CLI), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
            "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(tmp)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -187,7 +182,7 @@ def test_address_auto_finds_the_cluster_recorded_in_its_temp_dir(head):
 @pytest.mark.timeout(120)
 def test_no_cluster_at_the_address_exits_2_without_starting_one(tmp_path, capsys):
     launch = _launch_module()
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     with pytest.raises(ConnectionError, match="nothing listens"):
         launch.gcs_address(dead)
     assert launch.main(["--address", dead, "--model", "tiny-bert", "--steps", "1", "--no-progress",
