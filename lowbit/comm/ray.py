@@ -12,10 +12,12 @@ store the control plane (:class:`lowbit.comm.board.Board`) keeps its keys in.
 (workers, index ``w`` = rank − S)::
 
     worker w, step s:  push(s, w, bundle of server j's keys)       -> server j, for every j
-                       pull(s + 1) from every server -> validate, decode into ``out``
+                       pull(s + 1) from every server -> validate, decode into ``out`` (deltas
+                       onto the codes it holds)
     server j, step s:  wait for the push of every live worker; decode and sum each key in worker
                        order in fp32, divide (GradAccumulator); Owner.apply(s, ...); publish
-                       Owner.weight_frames(s + 1); wait until every live worker has pulled it
+                       Owner.weight_frames(s + 1) (delta-coded when the owner has a DeltaEncoder)
+                       and the same weights as key frames; wait until every live worker pulled one
 
 A push is validated (kind, step, owned key, shape) when it arrives, and a bad one is a FrameError in
 the pushing call, naming the server. Bytes: no length prefix travels (Ray frames the call), so a push
@@ -27,20 +29,28 @@ finds itself replaced (:attr:`Group.replaced`), joins at the servers' current st
 (:meth:`Group.join_step`) and fetches that step's weights, which servers keep for the last
 :data:`KEEP_STEPS` steps; a push for a step a server already applied is dropped, so a retried step is
 harmless. A worker that cannot come back is retired (:meth:`RayGroup.retire`): servers stop waiting for
-it. Servers hold the only fp32 state and are not restarted: a dead server fails the run. Weights go
-down whole (no delta frames), since a replaced worker holds no codes to apply a delta to.
+it. Servers hold the only fp32 state and are not restarted: a dead server fails the run.
+
+Weights go down as the owner encodes them (:mod:`lowbit.codec.delta`: deltas against the previous
+step's codes, key frames at the start, every ``keyframe_every`` steps and on resume). A server also
+keeps each published step as key frames only (its deltas applied to a copy of the codes it sent), so
+a worker that holds no codes (a replacement fetching its join step) or wrong ones (a
+:class:`~lowbit.codec.delta.StateMismatch` while decoding) pulls key frames, while the others keep
+pulling deltas; a mismatched worker re-pulls the step before it uses any of its weights.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from lowbit.codec.delta import DeltaDecoder, StateMismatch
 from lowbit.comm.p2p import parse_bundle
 from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, decode_weight, partition
 from lowbit.errors import ConfigError, FrameError, TransportError
@@ -235,8 +245,8 @@ class RankActor:
     def push(self, step: int, worker: int, bundle: bytes) -> int:
         return _served().push(step, worker, bundle)
 
-    def pull(self, step: int, worker: int) -> tuple[bytes, list[int]]:
-        return _served().pull(step, worker)
+    def pull(self, step: int, worker: int, full: bool = False) -> tuple[bytes, list[int]]:
+        return _served().pull(step, worker, full)
 
     def retire(self, worker: int) -> None:
         _served().retire(worker)
@@ -269,11 +279,15 @@ class RayTransport(Transport):
         self.index = self.rank - n_servers  # the worker index (negative on a server)
         self.live = list(range(n_servers, self.world_size))  # worker ranks still taking part
         self.current = -1  # a server: the step whose gradients it takes (its weights are published)
+        self.held = DeltaDecoder()  # a worker's codes, onto which delta-coded weight frames apply
         if self.rank < n_servers:
             self.keys = self.keys_of[self.rank]
             self.cond = threading.Condition()
             self.pushed: dict[int, dict[int, tuple[list, int]]] = {}  # step -> worker -> (frames, bytes)
-            self.published: dict[int, bytes] = {}
+            self.published: dict[int, tuple[bytes, bytes]] = {}  # step -> (as encoded, as key frames)
+            self.mirror: DeltaDecoder | None = None  # the codes sent so far, while deltas are being sent
+            self.last_keys: tuple[int, bytes] | None = None  # the last published step as key frames
+            self.whole_sent = 0  # what the bundles served would have taken as key frames
             self.pulled: dict[int, set[int]] = {}
             self.expected = set(range(self.world_size - n_servers))
             self.acc = GradAccumulator(self.device)
@@ -307,7 +321,14 @@ class RayTransport(Transport):
             self._publish(int(step), owner.weight_frames(int(step)))
             self._await_pulls(int(step))
             return None
-        return self._pull(int(step), out)
+        return self._pull(int(step), out, full=True)  # a worker that starts or joins holds no codes
+
+    def down_nbytes(self) -> tuple[int, int]:
+        """A server's weight bundles served so far: (bytes as key frames, bytes sent). Workers get
+        different frames of one step (key frames to a joining one), so the owner's encoder cannot
+        say what the bytes sent stand for."""
+        with self.cond:
+            return self.whole_sent, self.counter.down_sent
 
     # -- a worker ----------------------------------------------------------------------------------
     def _push(self, step: int, grads: Mapping[int, bytes]) -> None:
@@ -322,17 +343,27 @@ class RayTransport(Transport):
             refs.append(self.group.actors[j].push.remote(step, self.index, bundle))
         _ray().get(refs, timeout=self.timeout_s + 60)
 
-    def _pull(self, step: int, out: Mapping[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
-        answers = _ray().get([a.pull.remote(step, self.index) for a in self.group.actors[:self.n_servers]],
-                             timeout=self.timeout_s + 60)
+    def _pull(self, step: int, out: Mapping[int, torch.Tensor] | None, full: bool = False) -> dict[int, torch.Tensor]:
+        servers = self.group.actors[:self.n_servers]
+        answers = _ray().get([a.pull.remote(step, self.index, full) for a in servers], timeout=self.timeout_s + 60)
         weights: dict[int, torch.Tensor] = {}
         for j, (bundle, _) in enumerate(answers):
-            self.counter.down_recv += len(bundle)
-            for pf in parse_bundle(bundle, peer=j, step=step, kind="weight", shapes=self.shapes,
-                                   allowed_keys=self.keys_of[j], required_keys=self.keys_of[j], rank=self.rank):
-                weights[pf.frame.key] = decode_weight(pf.frame, self.device, out)
+            try:
+                self._decode(j, step, bundle, out, weights)
+            except StateMismatch as e:  # resync this server's keys with key frames before any weight is used
+                print(f"lowbit: rank {self.rank}: {e}; pulling key frames of step {step} from server {j}",
+                      file=sys.stderr, flush=True)
+                bundle, _ = _ray().get(servers[j].pull.remote(step, self.index, True), timeout=self.timeout_s + 60)
+                self._decode(j, step, bundle, out, weights)
         self.live = [self.n_servers + w for w in answers[0][1]]
         return weights
+
+    def _decode(self, j: int, step: int, bundle: bytes, out, weights: dict) -> None:
+        """Server ``j``'s weight bundle for ``step``, validated and decoded into ``weights`` (and ``out``)."""
+        self.counter.down_recv += len(bundle)
+        for pf in parse_bundle(bundle, peer=j, step=step, kind="weight", shapes=self.shapes,
+                               allowed_keys=self.keys_of[j], required_keys=self.keys_of[j], rank=self.rank):
+            weights[pf.frame.key] = decode_weight(pf.frame, self.device, out, self.held)
 
     # -- a server ----------------------------------------------------------------------------------
     def push(self, step: int, worker: int, bundle: bytes) -> int:
@@ -359,8 +390,9 @@ class RayTransport(Transport):
             self.cond.notify_all()
         return len(frames)
 
-    def pull(self, step: int, worker: int) -> tuple[bytes, list[int]]:
-        """The weight bundle for ``step`` (after ``step`` updates), once published; and the live workers."""
+    def pull(self, step: int, worker: int, full: bool = False) -> tuple[bytes, list[int]]:
+        """The weight bundle for ``step`` (after ``step`` updates), once published, as encoded or
+        (``full``) as key frames; and the live workers."""
         step = int(step)
         with self.cond:
             if not self.cond.wait_for(lambda: step <= self.current, self.timeout_s):
@@ -369,8 +401,10 @@ class RayTransport(Transport):
             if step not in self.published:
                 raise TransportError(f"server {self.rank}: weights for step {step} are no longer kept "
                                      f"(server at step {self.current}, keeps {sorted(self.published)})")
-            b = self.published[step]
+            encoded, keys = self.published[step]
+            b = keys if full else encoded
             self.counter.down_sent += len(b)
+            self.whole_sent += len(keys)
             self.counter.messages += 1
             self.pulled.setdefault(step, set()).add(int(worker))
             self.cond.notify_all()
@@ -410,12 +444,39 @@ class RayTransport(Transport):
             raise ConfigError(f"server {self.rank}: Owner.weight_frames gave keys {sorted(frames)}, "
                               f"expected {self.keys}")
         bundle = b"".join(bytes(frames[k]) for k in self.keys)
+        keys = self._key_frames(step, bundle)
         with self.cond:
-            self.published[step] = bundle
+            self.published[step] = (bundle, keys)
             for old in [s for s in self.published if s <= step - KEEP_STEPS]:
                 del self.published[old]
             self.current = step
             self.cond.notify_all()
+
+    def _key_frames(self, step: int, bundle: bytes) -> bytes:
+        """``bundle`` (this server's weights for ``step``) with every delta frame replaced by the key
+        frame it stands for: its delta applied to a copy of the codes sent so far. A bundle without
+        deltas is its own key frames."""
+        def parse(b: bytes, s: int):
+            return parse_bundle(b, peer=self.rank, step=s, kind="weight", shapes=self.shapes,
+                                allowed_keys=self.keys, required_keys=self.keys, rank=self.rank)
+
+        parsed = parse(bundle, step)
+        if all(pf.frame.kind != "wdelta" for pf in parsed):
+            self.mirror, self.last_keys = None, (step, bundle)  # a mirror is built when deltas follow
+            return bundle
+        if self.mirror is None:
+            if self.last_keys is None:
+                raise ConfigError(f"server {self.rank}: Owner.weight_frames began with delta frames")
+            self.mirror = DeltaDecoder()
+            for pf in parse(self.last_keys[1], self.last_keys[0]):
+                self.mirror.apply(pf.frame)
+        parts = []
+        for pf in parsed:
+            full = self.mirror.apply(pf.frame)  # a key frame is kept as it came
+            parts.append(full.to_bytes() if pf.frame.kind == "wdelta" else pf.raw)
+        keys = b"".join(parts)
+        self.last_keys = (step, keys)
+        return keys
 
     def _await_pulls(self, step: int) -> None:
         with self.cond:

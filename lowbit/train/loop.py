@@ -117,8 +117,8 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
     owned = transport.owned_keys() if (not is_worker or t.kind != "ps") else []
     params = piece_tensors(model, plan)
     owner = None
-    if owned:  # Ray sends whole weight frames: a replaced worker holds no codes to apply a delta to
-        delta = DeltaEncoder(cfg.codec.keyframe_every) if cfg.codec.delta_weights and t.kind != "ray" else None
+    if owned:
+        delta = DeltaEncoder(cfg.codec.keyframe_every) if cfg.codec.delta_weights else None
         owner = ShardServer([plan[k] for k in owned], {k: params[k] for k in owned}, cfg.optim,
                             total_steps=r.steps, device=device, delta=delta)
     ck = Checkpointer(out)
@@ -151,7 +151,10 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
     cum = [0.0, 0.0]  # bytes up / down since this launch's first step (as the leader last saw them)
     joins = 0  # the leader's count of workers that joined as replacements
     whole = WholeFrames()  # the leader's: what those bytes stand for as whole frames
-    encoded = owner.down_nbytes() if owner is not None else (0, 0)  # this owner's weight frames: whole, sent
+    # this owner's weight frames: whole, sent (Ray's servers count what they served: a joining
+    # worker gets key frames where the others get deltas)
+    down_nbytes = getattr(transport, "down_nbytes", None) or (owner.down_nbytes if owner is not None else None)
+    encoded = down_nbytes() if owner is not None else (0, 0)
     steps_done, stopped = first, False
     ckpt = _Checkpoints(ck, ctl, cfg, rank, worker_index, owner, worker, protect={start} if start else set())
     for step in range(first, r.steps):
@@ -177,7 +180,7 @@ def train(rank: int, world_size: int, cfg: Config, store, device: torch.device,
         dt = time.perf_counter() - t0
         if owner is not None:
             d, c = transport.counter.delta(before), transport.counter.delta(base)
-            now = owner.down_nbytes()
+            now = down_nbytes()
             ctl.publish("owner_bytes", step, [d["up_recv"], d["down_sent"], c["up_recv"], c["down_sent"],
                                               now[0] - encoded[0], now[1] - encoded[1], owner.lr()])
             encoded = now

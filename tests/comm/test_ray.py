@@ -1,6 +1,6 @@
 """The Ray transport on a local Ray cluster, its ranks as actors (RayGroup): a toy Owner (SGD on small
 tensors) against the direct fp32 computation, m-bit error bounds, byte counts, a bad frame, a killed
-worker actor."""
+worker actor; delta-coded weights with a worker that lost its codes and one that was replaced."""
 import json
 import os
 import sys
@@ -12,7 +12,9 @@ import torch  # noqa: E402
 
 ray = pytest.importorskip("ray")
 
-from lowbit.codec.codecs import RawCodec, StochasticGradCodec  # noqa: E402
+from lowbit.codec.codecs import RawCodec, StochasticGradCodec, WeightCodec  # noqa: E402
+from lowbit.codec.delta import DeltaEncoder  # noqa: E402
+from lowbit.codec.frame import Frame  # noqa: E402
 from lowbit.comm.ray import RayGroup, RayTransport, group, key_partition, ray_session  # noqa: E402
 from lowbit.testing import SGDOwner  # noqa: E402
 from lowbit.errors import FrameError  # noqa: E402
@@ -202,3 +204,91 @@ def test_killed_worker_actor_is_replaced_and_run_finishes(ranks):
     ref = reference(init_weights(), 0, steps)
     for k in SHAPES:
         assert torch.allclose(got[k], ref[k], atol=1e-6, rtol=0), k
+
+
+DELTA_SHAPES = {0: (48, 64), 1: (32, 32), 2: (512,)}
+
+
+class DeltaOwner(SGDOwner):
+    """SGD on fp32 weights sent as 4-bit grid frames through a DeltaEncoder (key frames every 4 steps)."""
+
+    def __init__(self, init, lr, delta):
+        super().__init__(init, lr, codec=WeightCodec("laq-linear", bits=4))
+        self.enc = DeltaEncoder(keyframe_every=4) if delta else None
+
+    def weight_frames(self, step):
+        frames = super().weight_frames(step)
+        return frames if self.enc is None else {k: self.enc.encode(Frame.from_bytes(b)) for k, b in frames.items()}
+
+
+def delta_rank(rank, tag, steps, delta, forget_at=None, die_at=None):
+    """Toy SGD on DELTA_SHAPES with delta-coded (or whole) weight frames. ``forget_at``: worker 1 drops
+    the codes it holds before that step (its next pull is a StateMismatch); ``die_at``: worker 1 dies
+    as that step begins. Workers put their weights and byte counts per step under ``tag/res/...``."""
+    g = group()
+    t = RayTransport(DELTA_SHAPES, n_servers=S, timeout=60)
+    gen = torch.Generator().manual_seed(0)
+    init = {k: torch.randn(s, generator=gen) for k, s in DELTA_SHAPES.items()}
+    if rank < S:
+        owner = DeltaOwner({k: init[k] for k in t.owned_keys()}, 0.01, delta)
+        t.fetch_weights(0, owner)
+        for s in range(steps):
+            t.step(s, None, owner)
+        return None
+    wid = rank - S
+    first = g.join_step() if g.replaced else 0
+    before = t.counter.snapshot()
+    w = t.fetch_weights(first, None)
+    fetched = t.counter.delta(before)["down_recv"]
+    for s in range(first, steps):
+        if s == die_at and wid == 1 and not g.replaced:
+            os._exit(17)
+        if s == forget_at and wid == 1:
+            t.held.forget()
+        gen = torch.Generator().manual_seed(100 * wid + s)
+        frames = {k: RawCodec().encode(w[k] + torch.randn(w[k].shape, generator=gen), key=k, step=s).to_bytes()
+                  for k in DELTA_SHAPES}
+        before = t.counter.snapshot()
+        w = {k: v.clone() for k, v in t.step(s, frames, None).items()}
+        res = {"down": t.counter.delta(before)["down_recv"], "fetched": fetched if s == first else 0,
+               "w": {k: v.tolist() for k, v in w.items()}}
+        g.store.set(f"{tag}/res/{s}/{wid}", json.dumps(res))
+    return None
+
+
+def delta_run(ranks, tag, steps, delta, **kw):
+    """Each step's results per worker (weights as tensors)."""
+    ranks.run(delta_rank, [(r, tag, steps, delta, kw.get("forget_at"), kw.get("die_at")) for r in range(S + W)])
+    hist = [[json.loads(ranks.store.get(f"{tag}/res/{s}/{w}")) for w in range(W)] for s in range(steps)]
+    for res in hist:
+        for r in res:
+            r["w"] = {int(k): torch.tensor(v) for k, v in r["w"].items()}
+    return hist
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in DELTA_SHAPES)
+
+
+@pytest.mark.timeout(240)
+def test_delta_weights_resync_a_mismatched_and_a_replaced_worker(ranks):
+    """Deltas give the whole-frame run's weights with fewer bytes down; a worker that lost its codes
+    (a StateMismatch) re-pulls that step as key frames, and a replaced worker joins with key frames,
+    while the other worker keeps getting deltas: every run's weights are the whole-frame run's."""
+    steps = 6
+    whole = delta_run(ranks, "d-whole", steps, False)
+    delta = delta_run(ranks, "d-delta", steps, True)
+    forgot = delta_run(ranks, "d-forgot", steps, True, forget_at=2)
+    died = delta_run(ranks, "d-died", steps, True, die_at=2)
+    for run in (delta, forgot, died):
+        for a, b in zip(whole, run):
+            assert all(same_weights(x["w"], y["w"]) for x, y in zip(a, b))
+    full = whole[0][0]["down"]
+    for s in (0, 1, 2, 4, 5):  # the pull in step 3 brings the key frames of step 4 (keyframe_every=4)
+        assert delta[s][0]["down"] < 0.8 * full and delta[s][1]["down"] == delta[s][0]["down"]
+    # step 2's pull (the weights of step 3) fails on the forgetting worker: it gets the deltas, then key frames
+    assert forgot[2][1]["down"] == forgot[2][0]["down"] + full
+    assert [r[1]["down"] for r in forgot if r is not forgot[2]] == [r[0]["down"] for r in forgot if r is not forgot[2]]
+    # the replacement fetches step 2 as key frames; its first step and the other worker's get deltas
+    assert died[2][1]["fetched"] == full
+    assert died[2][1]["down"] == died[2][0]["down"] == delta[2][0]["down"] < full

@@ -95,8 +95,41 @@ def test_laq_ray_run_writes_metrics_and_counts_bytes(cluster, tmp_path):
     # gradients: row-sparse embedding frames are smaller than whole ones, the record counts both
     assert [r["bytes_up_whole"] for r in m] == [pytest.approx(2 * s["grad_frame_bytes"], rel=0.02)] * steps
     assert all(0 < r["bytes_up"] < r["bytes_up_whole"] for r in m)
-    assert [r["bytes_down"] for r in m] == [2 * s["weight_frame_bytes"]] * steps
+    # weights: delta-coded frames, the record counts the whole frames they stand for
+    assert [r["bytes_down_whole"] for r in m] == [pytest.approx(2 * s["weight_frame_bytes"], rel=0.01)] * steps
+    assert all(0 < r["bytes_down"] < r["bytes_down_whole"] for r in m)
     assert s["compression"] > 4  # most bytes are 2/3/8-bit frames
     assert 0.0 <= s["accuracy"] <= 1.0 and s["eval_n"] == 32 and s["servers"] == 1
     assert json.loads((out / "summary.json").read_text())["bytes_down"] == s["bytes_down"]
     assert len(list((out / "ckpt" / f"step_{steps}").glob("shard_*.safetensors"))) == 1
+
+
+@pytest.mark.timeout(300)
+def test_delta_weights_are_exact_move_fewer_bytes_and_resync_a_replaced_worker(cluster, tmp_path):
+    """The same Ray run with whole weight frames and with delta-coded ones: identical losses and
+    final weights, fewer bytes down in every step (the key frames went with the first fetch). With a worker actor killed
+    in step 2 the weights are still the same: its replacement fetches key frames of step 2 (on top
+    of the others' deltas) and gets deltas from then on."""
+    over = dict(codec={"w_bits": 4, "g_bits": 3, "embed_bits": 8, "head_bits": 8}, optim={"lr": 1e-4},
+                run={"steps": STEPS})
+    whole = tiny_cfg(tmp_path, "whole", **over)
+    whole.codec.delta_weights = False
+    delta = tiny_cfg(tmp_path, "delta", **over)
+    killed = tiny_cfg(tmp_path, "killed", **over)
+    killed.run.fault = "kill-worker:2@2"  # rank 2: worker actor 1, in step 2 before it sends
+    runs = [(c, run_ray(c)) for c in (whole, delta, killed)]
+    w = [final_weights(Path(c.run.out), STEPS) for c, _ in runs]
+    losses = [[r["loss"] for r in metrics(Path(c.run.out))] for c, _ in runs]
+    for i in (1, 2):
+        assert sorted(w[i]) == sorted(w[0]) and all(torch.equal(w[i][k], w[0][k]) for k in w[0])
+        assert losses[i] == losses[0]
+    ra, rb, rc = (metrics(Path(c.run.out)) for c, _ in runs)
+    full = 2 * runs[0][1]["weight_frame_bytes"]
+    assert [r["bytes_down"] for r in ra] == [full] * STEPS
+    for a, b in zip(ra, rb):  # the key frames went with the first fetch: every step sends deltas
+        assert b["bytes_down"] < 0.5 * a["bytes_down"]
+        assert b["bytes_down_whole"] == pytest.approx(a["bytes_down"], rel=0.01)
+    assert runs[2][1]["weight_refetches"] >= 1 and runs[2][1]["workers_alive"] == 2
+    assert rc[1]["bytes_down"] == rb[1]["bytes_down"] + full // 2  # the replacement's key frames
+    assert rc[1]["bytes_down_whole"] == pytest.approx(1.5 * full, rel=0.01)
+    assert [r["bytes_down"] for r in rc[2:]] == [r["bytes_down"] for r in rb[2:]]
