@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     if args.include:
         import json
         doc = json.loads(Path(args.include).read_text())
-        recs += [dict({"name": f"{r['transport']} {r['config']}", "dev_acc": r["accuracy"],
-                       "command": doc.get("command", "")}, **r, included_from=args.include) for r in doc["records"]]
+        recs += [{"name": f"{r['transport']} {r['config']}", "dev_acc": r["accuracy"], "command": doc.get("command", ""),
+                  **r, "included_from": args.include} for r in doc["records"]]
     for transport in filter(None, args.transports.split(",")):
         for name in args.configs.split(","):
             wb, gb, scheme, distill = CONFIGS[name] + ("none", None) if name in CONFIGS else SCHEME_CONFIGS[name]
