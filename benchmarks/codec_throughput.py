@@ -266,7 +266,7 @@ def wire_rows(reps: int, clock) -> list[dict]:
     from lowbit.codec.delta import DeltaDecoder, DeltaEncoder
     from lowbit.codec.entropy import EntropyCodec
     from lowbit.codec.sparse import RowSparseCodec
-    from lowbit.codec.ternary import ThresholdGradCodec
+    from lowbit.codec.threshold import ThresholdGradCodec
 
     gen = torch.Generator().manual_seed(0)
     out = []

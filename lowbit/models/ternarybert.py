@@ -34,7 +34,7 @@ from lowbit.models.q8bert import SymmetricMaxWeightQuant, _skipped
 from lowbit.models.registry import Scheme, register_scheme
 from lowbit.quant.acts import MinMaxActQuant
 from lowbit.quant.qtensor import QTensor
-from lowbit.quant.weights import ternarize_lat, ternarize_twn
+from lowbit.quant.ternary import ternarize_lat, ternarize_twn
 
 __all__ = ["TernaryWeightQuant", "ternarybert", "attach_optimizer", "distill_losses", "distill_step",
            "BITS_PRESETS"]

@@ -26,7 +26,9 @@ import os
 import torch
 
 from lowbit.errors import ConfigError
+from lowbit.quant._base import _check_inputs, _d_rows, _finish, _rows, _wsum
 from lowbit.quant.qtensor import QTensor, grid_k
+from lowbit.quant.ternary import binarize, ternarize_lat, ternarize_twn
 
 try:  # LAQ's linear-grid round and grads.py's stochastic codes, one pass each (lowbit/quant/_laq.c), built by setup.py where it can be
     from lowbit.quant import _laq
@@ -47,154 +49,6 @@ __all__ = [
 ]
 
 WEIGHT_SCHEMES = ("binary", "twn", "lat", "lat2", "laq-linear", "laq-log")
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _check_inputs(w: torch.Tensor, d: torch.Tensor | None, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a weight tensor (and its D); returns w's (min, max), from the pass that checked it."""
-    if not isinstance(w, torch.Tensor):
-        raise ConfigError(f"weight must be a torch.Tensor, got {type(w).__name__}")
-    if w.numel() == 0:
-        raise ConfigError(f"weight tensor is empty (shape {tuple(w.shape)})")
-    if per_row and w.dim() < 2:
-        raise ConfigError(f"per_row=True needs a tensor with >= 2 dims, got shape {tuple(w.shape)}")
-    lo_w, hi_w = torch.aminmax(w)  # one pass: NaN propagates, so finite min/max means finite w
-    if not (bool(torch.isfinite(lo_w)) and bool(torch.isfinite(hi_w))):
-        raise ConfigError("weight tensor holds NaN/Inf")
-    if d is not None:
-        if not isinstance(d, torch.Tensor):
-            raise ConfigError(f"d must be a torch.Tensor or None, got {type(d).__name__}")
-        if d.shape != w.shape:
-            raise ConfigError(f"d must have the weight's shape {tuple(w.shape)}, got {tuple(d.shape)}")
-        lo, hi = torch.aminmax(d)  # one pass: NaN propagates, so finite min/max means finite d
-        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-            raise ConfigError("d (diag of D) holds NaN/Inf")
-        if not float(lo) > 0:
-            raise ConfigError(f"d (diag of D) must be > 0 everywhere, got min {float(lo)}")
-    return lo_w, hi_w
-
-
-def _rows(t: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """View ``t`` as float32 [R, n]: R = shape[0] per row, else R = 1."""
-    t = t.to(torch.float32)
-    return t.reshape(t.shape[0], -1) if per_row else t.reshape(1, -1)
-
-
-def _d_rows(d: torch.Tensor | None, w: torch.Tensor, per_row: bool) -> torch.Tensor | None:
-    return None if d is None else _rows(d.to(w.device), per_row)
-
-
-def _wsum(x: torch.Tensor, d2: torch.Tensor | None) -> torch.Tensor:
-    """Σ_j d_j x_j along dim 1 (Σ_j x_j when d is None)."""
-    return (x * d2).sum(1) if d2 is not None else x.sum(1)
-
-
-def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
-
-
-def _finish(codes2: torch.Tensor, alpha: torch.Tensor, w: torch.Tensor, per_row: bool, bits: int, grid: str,
-            zero_scale_one: bool = True) -> QTensor:
-    alpha = alpha.to(torch.float32)
-    if zero_scale_one:
-        alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-    scale = alpha if per_row else alpha.reshape(())
-    return QTensor(codes=codes2.to(torch.uint8).reshape(w.shape), scale=scale.contiguous(), bits=bits, grid=grid)
-
-
-def _sign_codes_ternary(w2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sym bits=2 codes: 0 -> −1, 1 -> 0, 2 -> +1 (b = sign(w)·mask)."""
-    pos = torch.full_like(w2, 2, dtype=torch.uint8)
-    neg = torch.zeros_like(w2, dtype=torch.uint8)
-    one = torch.ones_like(w2, dtype=torch.uint8)
-    return torch.where(mask, torch.where(w2 >= 0, pos, neg), one)
-
-
-# --------------------------------------------------------------------------- binary / ternary
-
-
-def binarize(w: torch.Tensor, per_row: bool = False, d: torch.Tensor | None = None) -> QTensor:
-    """Loss-aware binarization (Hou, Yao & Kwok ICLR 2017; BinaryConnect/XNOR scale when D = I).
-
-    b = sign(w) (sign(0) = +1), α = Σ d|w| / Σ d  (α = mean|w| when d is None); this is the exact
-    minimiser of ‖w − α b‖²_D over α ≥ 0, b ∈ {±1}^n. Grid "bin", bits 1. An all-zero row keeps
-    α = 0 (the binary grid has no zero level).
-    """
-    _check_inputs(w, d, per_row)
-    w2 = _rows(w, per_row)
-    d2 = _d_rows(d, w2, per_row)
-    a = w2.abs()
-    den = _wsum(torch.ones_like(a), d2) if d2 is not None else torch.full((a.shape[0],), float(a.shape[1]),
-                                                                          device=a.device)
-    alpha = _wsum(a, d2) / den
-    codes = (w2 >= 0).to(torch.uint8)
-    return _finish(codes, alpha, w, per_row, 1, "bin", zero_scale_one=False)
-
-
-def ternarize_twn(w: torch.Tensor, per_row: bool = False) -> QTensor:
-    """Ternary weight networks (Li, Zhang & Liu 2016), the approximate threshold rule.
-
-    Δ = 0.7·mean|w|, b = sign(w)·1[|w| > Δ], α = mean of |w| over {|w| > Δ}. Grid "sym", bits 2.
-    For any non-zero row max|w| ≥ mean|w| > Δ, so the support is never empty; an all-zero row gets
-    codes 0 (zero) and scale 1.0. TWN is not loss-aware: it takes no ``d``.
-    """
-    _check_inputs(w, None, per_row)
-    w2 = _rows(w, per_row)
-    a = w2.abs()
-    delta = 0.7 * a.mean(1, keepdim=True)
-    mask = a > delta
-    alpha = _safe_div((a * mask).sum(1), mask.sum(1).to(torch.float32))
-    return _finish(_sign_codes_ternary(w2, mask), alpha, w, per_row, 2, "sym")
-
-
-def ternarize_lat(w: torch.Tensor, d: torch.Tensor | None = None, per_row: bool = False,
-                  exact: bool = True) -> QTensor:
-    """Loss-aware ternarization, LAT (Hou & Kwok ICLR 2018): min_{α>0, b∈{−1,0,1}^n} Σ d_i (w_i − α b_i)².
-
-    Exact (``exact=True``): for a support S with b_i = sign(w_i) on S, α*(S) = Σ_S d|w| / Σ_S d and the
-    objective drops by (Σ_S d|w|)² / Σ_S d. For fixed α the best b is b_i = sign(w_i)·1[|w_i| > α/2]
-    whatever d is, so the optimal S is a top-t set of |w|: sort |w| descending, take cumulative sums of
-    d|w| and d, and pick t = argmax_t (cumsum d|w|)_t² / (cumsum d)_t (sums in float64). Per row this is
-    one batched sort along dim 1.
-
-    Approximate (``exact=False``, scheme "lat2"): LAT's alternating solver, started from the
-    D-weighted TWN point (Δ = 0.7·mean|w|, α₀ = Σ_{|w|>Δ} d|w| / Σ_{|w|>Δ} d) and run for two
-    iterations of  b ← sign(w)·1[|w| > α/2],  α ← Σ d|w||b| / Σ d|b|.
-
-    Grid "sym", bits 2; all-zero rows get scale 1.0 and zero codes.
-    """
-    _check_inputs(w, d, per_row)
-    w2 = _rows(w, per_row)
-    d2 = _d_rows(d, w2, per_row)
-    a = w2.abs()
-    if exact:
-        a_s, idx = torch.sort(a, dim=1, descending=True)
-        a64 = a_s.to(torch.float64)
-        if d2 is not None:
-            d64 = torch.gather(d2, 1, idx).to(torch.float64)
-            cdw = torch.cumsum(d64 * a64, 1)
-            cd = torch.cumsum(d64, 1)
-        else:
-            cdw = torch.cumsum(a64, 1)
-            cd = torch.arange(1, a.shape[1] + 1, device=a.device, dtype=torch.float64).expand_as(cdw)
-        gain = cdw * cdw / cd
-        t = torch.argmax(gain, dim=1, keepdim=True)  # first max: smallest optimal support
-        alpha = (torch.gather(cdw, 1, t) / torch.gather(cd, 1, t)).squeeze(1).to(torch.float32)
-        in_sorted = torch.arange(a.shape[1], device=a.device).unsqueeze(0) <= t
-        mask = torch.zeros_like(in_sorted).scatter(1, idx, in_sorted)
-        mask = mask & (a > 0)
-    else:
-        ones = torch.ones_like(a)
-        delta = 0.7 * a.mean(1, keepdim=True)
-        mask = a > delta
-        alpha = _safe_div(_wsum(a * mask, d2), _wsum(ones * mask, d2))
-        for _ in range(2):
-            mask = a > (alpha / 2).unsqueeze(1)
-            alpha = _safe_div(_wsum(a * mask, d2), _wsum(ones * mask, d2))
-    mask = mask & (alpha > 0).unsqueeze(1)
-    return _finish(_sign_codes_ternary(w2, mask), alpha, w, per_row, 2, "sym")
-
 
 # --------------------------------------------------------------------------- LAQ m-bit
 

@@ -15,7 +15,7 @@ from torch import nn
 from lowbit.codec.codecs import StochasticGradCodec, grad_codec, weight_codec
 from lowbit.codec.entropy import EntropyCodec
 from lowbit.codec.sparse import RowSparseCodec
-from lowbit.codec.ternary import ThresholdGradCodec
+from lowbit.codec.threshold import ThresholdGradCodec
 from lowbit.train.config import CodecConfig
 
 

@@ -6,7 +6,7 @@ from lowbit.models import QuantEmbedding, QuantLinear
 from lowbit.models.q8bert import SymmetricMaxWeightQuant
 from lowbit.models.ternarybert import TernaryWeightQuant
 from lowbit.quant.acts import MinMaxActQuant
-from lowbit.quant.weights import ternarize_twn
+from lowbit.quant.ternary import ternarize_twn
 
 
 def test_quantlinear_disabled_is_linear_and_copies_weights():

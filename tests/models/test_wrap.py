@@ -7,7 +7,7 @@ from torch import nn
 from lowbit.errors import ConfigError
 from lowbit.models import (QuantEmbedding, QuantLinear, Scheme, attach_optimizer, register_scheme,
                            set_quant_enabled, wrap)
-from lowbit.quant.weights import binarize, ternarize_lat
+from lowbit.quant.ternary import binarize, ternarize_lat
 
 
 

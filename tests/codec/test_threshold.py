@@ -6,7 +6,7 @@ import torch
 from lowbit.codec.decode import decode_frame
 from lowbit.codec.feedback import with_feedback
 from lowbit.codec.frame import Frame
-from lowbit.codec.ternary import ThresholdGradCodec
+from lowbit.codec.threshold import ThresholdGradCodec
 from lowbit.errors import ConfigError
 from lowbit.quant.grads import ErrorFeedback
 from lowbit.train.config import CodecConfig
