@@ -10,7 +10,7 @@ the end. An already initialized Ray is used as it is.
 Faults: a worker actor that dies (``run.fault = "kill-worker:R@S"``, ranks numbered as in the parameter
 server) is restarted by Ray and joins at the step the servers are at, with fresh error-feedback
 residuals; a worker that cannot come back is retired and the others go on. A server that dies ends
-the run (:class:`lowbit.comm.ray.RankFailed`). Each rank's output goes to ``OUT/logs/rank_R.log``.
+the run (:class:`lowbit.comm.ray_group.RankFailed`). Each rank's output goes to ``OUT/logs/rank_R.log``.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class _Console:
 def _rank(rank: int, cfg: Config, resume: ResumePoint | None, log_path: str, tty: bool) -> dict | None:
     """One rank, inside its actor: output to its log file, then the training loop (a replaced worker
     joins at the servers' step)."""
-    from lowbit.comm.ray import group
+    from lowbit.comm.ray_group import group
     from lowbit.train.loop import train
 
     log = open(log_path, "a", buffering=1)
@@ -69,9 +69,9 @@ def run_ray(cfg: Config, resume: ResumePoint | None = None, signals: StopSignals
     from (verified by :func:`lowbit.train.preflight.preflight`). ``signals``: the launcher's
     SIGTERM/SIGINT counter; the first signal stops every rank at a step boundary with a checkpoint
     (``summary["stopped"]``), a second one (or the ranks not stopping in time) ends the run with
-    :class:`lowbit.comm.ray.RankFailed` for rank -1. A failed rank raises RankFailed with its step."""
+    :class:`lowbit.comm.ray_group.RankFailed` for rank -1. A failed rank raises RankFailed with its step."""
     cfg.validate()
-    from lowbit.comm.ray import RankFailed, RayGroup, ray_session
+    from lowbit.comm.ray_group import RankFailed, RayGroup, ray_session
 
     r, t = cfg.run, cfg.transport
     world = t.world_size
