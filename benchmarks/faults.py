@@ -171,7 +171,7 @@ def kill_tree(pid: int) -> None:
 
 
 def rank_pid(out: Path, rank: int) -> int | None:
-    """The process that writes ``OUT/logs/rank_R.log`` (a rank of ``launch_local``)."""
+    """The process that writes ``OUT/logs/rank_R.log`` (a rank of ``launch_local``, or a Ray rank's actor)."""
     log = str((out / "logs" / f"rank_{rank}.log").resolve())
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -179,17 +179,6 @@ def rank_pid(out: Path, rank: int) -> int | None:
         try:
             if any(os.readlink(f) == log for f in (d / "fd").iterdir()):
                 return int(d.name)
-        except OSError:
-            continue
-    return None
-
-
-def actor_pid(root: int, cls: str) -> int | None:
-    """A Ray actor process of class ``cls`` under ``root`` (its process title is ``ray::CLS...``)."""
-    for p in descendants(root):
-        try:
-            if Path(f"/proc/{p}/cmdline").read_bytes().startswith(f"ray::{cls}".encode()):
-                return p
         except OSError:
             continue
     return None
@@ -258,11 +247,8 @@ def process_fault(fault: str, transport: str, out: Path, ref: Path, timeout: flo
     if fault in ("sigkill-launcher", "sigterm-launcher"):
         target = la.p.pid
         sig = signal.SIGKILL if fault == "sigkill-launcher" else signal.SIGTERM
-    elif transport == "ray":
-        target = actor_pid(la.p.pid, "WorkerActor" if fault == "sigkill-worker" else "ServerActor")
-        sig = signal.SIGKILL
-    else:  # ps: rank 0 is the server, ranks 1-2 workers; ring/tree: every rank owns a shard
-        rank = {"sigkill-worker": 2 if transport == "ps" else 1, "sigkill-server": 0}[fault]
+    else:  # ps and ray: rank 0 is the server, ranks 1-2 workers; ring/tree: every rank owns a shard
+        rank = {"sigkill-worker": 2 if transport in ("ps", "ray") else 1, "sigkill-server": 0}[fault]
         target, sig = rank_pid(out, rank), signal.SIGKILL
     if target is None:
         kill_tree(la.p.pid)
