@@ -170,6 +170,8 @@ class WeightCodec:
 
     def encode(self, x: torch.Tensor, *, key: int = 0, step: int = 0, generator=None,
                d: torch.Tensor | None = None, alpha: torch.Tensor | float | None = None) -> Frame:
+        """The weight frame of ``x`` (loss-aware with ``d``, warm-started from ``alpha``); its scales
+        are the warm start of the next step's encode."""
         return frame_from_qtensor(self.quantize(x, d, alpha), kind=self.kind, key=key, step=step)
 
     def decode(self, f: Frame, device=None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.codec.codecs import WeightCodec, frame_from_qtensor
+from lowbit.codec.codecs import WeightCodec
 from lowbit.codec.delta import DeltaEncoder
 from lowbit.errors import ConfigError
 from lowbit.train.config import OptimConfig
@@ -55,8 +55,7 @@ class ShardServer:
                       if self.opt else None)
         self.step_done = 0  # number of optimizer steps applied
         self.frames: dict = {}  # key -> Frame of the current quantized weights
-        self.alpha: dict[int, torch.Tensor] = {}  # LAQ warm start: last step's scale per key
-        self.warm: dict[int, torch.Tensor] = {}   # the warm starts behind the current frames (checkpointed)
+        self.warm: dict[int, torch.Tensor] = {}  # the LAQ warm starts behind the current frames (checkpointed)
         self.delta = delta  # sends only the codes that changed since the last frames sent (None: whole frames)
         self._quantize_all()
 
@@ -117,25 +116,26 @@ class ShardServer:
     def _quantize_all(self) -> None:
         self._quantize(list(self.params))
 
-    def _quantize(self, keys) -> None:
-        """Re-quantize the owned weights ``keys``. LAQ's alternating minimisation starts from last
-        step's α (the weights moved by one optimizer step, so α barely changes and a few rounds suffice)."""
+    def _quantize(self, keys, warm_starts: dict[int, torch.Tensor] | None = None) -> None:
+        """Re-quantize the owned weights ``keys``. LAQ's alternating minimisation starts from the scale
+        of the frame it replaces (the weights moved by one optimizer step, so α barely changes and a
+        few rounds suffice), or from ``warm_starts`` (a checkpoint's, to re-derive its frames)."""
         for k in keys:
-            p = self.params[k]
             codec = self.specs[k].w_codec
-            if isinstance(codec, WeightCodec):
-                warm = self.alpha.get(k)
-                if warm is None:
-                    self.warm.pop(k, None)
-                else:
-                    self.warm[k] = warm
-                q = codec.quantize(p.data, self.curvature(k), alpha=warm)
-                if codec.scheme in ("laq-linear", "laq-log") and bool((q.scale > 0).all()):
-                    self.alpha[k] = q.scale
-                f = frame_from_qtensor(q, kind=codec.kind, key=k, step=self.step_done)
+            warm = self._warm_start(k) if warm_starts is None else warm_starts.get(k)
+            if warm is None:
+                self.warm.pop(k, None)
             else:
-                f = codec.encode(p.data, key=k, step=self.step_done)
-            self.frames[k] = f
+                self.warm[k] = warm
+            kw = {"d": self.curvature(k), "alpha": warm} if isinstance(codec, WeightCodec) else {}
+            self.frames[k] = codec.encode(self.params[k].data, key=k, step=self.step_done, **kw)
+
+    def _warm_start(self, k: int) -> torch.Tensor | None:
+        """The scale of key ``k``'s current LAQ frame (None before the first, or for other codecs)."""
+        codec, f = self.specs[k].w_codec, self.frames.get(k)
+        if f is None or not isinstance(codec, WeightCodec) or codec.scheme not in ("laq-linear", "laq-log"):
+            return None
+        return f.scales.to(self.device) if codec.per_row and len(f.shape) >= 2 else f.scales.reshape(()).to(self.device)
 
     def lr(self) -> float:
         return self.sched.get_last_lr()[0] if self.sched else 0.0
@@ -185,14 +185,14 @@ class ShardServer:
                     if key in m:
                         meta[key] = m[key]
                 tensors.update({n: fh.get_tensor(n) for n in names})
-        self.alpha = {}
+        warm: dict[int, torch.Tensor] = {}
         for k, p in self.params.items():
             if f"w.{k}" not in tensors:
                 raise ConfigError(f"checkpoint {[str(p) for p in paths]} lacks weights for key {k} ({self.specs[k].name})")
             p.data.copy_(tensors[f"w.{k}"])
             if f"alpha.{k}" in tensors:
                 a = tensors[f"alpha.{k}"].to(self.device)
-                self.alpha[k] = a.reshape(()) if a.numel() == 1 and not self.specs[k].w_codec.per_row else a
+                warm[k] = a.reshape(()) if a.numel() == 1 and not self.specs[k].w_codec.per_row else a
             if self.opt is not None:
                 st = {}
                 for name in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
@@ -210,4 +210,4 @@ class ShardServer:
             self.sched.last_epoch = int(meta.get("sched_last_epoch", self.step_done))
             for g, lr in zip(self.opt.param_groups, [self.cfg.lr * self.sched.lr_lambdas[0](self.sched.last_epoch)]):
                 g["lr"] = lr
-        self._quantize_all()
+        self._quantize(list(self.params), warm_starts=warm)
