@@ -48,17 +48,11 @@ from lowbit.comm.ray_group import (Group, RankActor, RankFailed, RayGroup, RaySt
 from lowbit.comm.transport import ByteCounter, GradAccumulator, Owner, Transport, decode_weight, partition
 from lowbit.errors import ConfigError, FrameError, TransportError
 
-__all__ = ["KEEP_STEPS", "RayTransport", "key_partition",  # and, from lowbit.comm.ray_group:
+__all__ = ["KEEP_STEPS", "RayTransport",  # and, from lowbit.comm.ray_group:
            "Group", "RankActor", "RankFailed", "RayGroup", "RayStore", "StoreActor", "default_temp_dir", "group",
            "init_local", "ray_session"]
 
 KEEP_STEPS = 4  # published weight bundles a server keeps (for replaced workers)
-
-
-def key_partition(shapes: Mapping[int, tuple], n_servers: int) -> dict[int, int]:
-    """key -> server index, balanced by element count (:func:`lowbit.comm.transport.partition`)."""
-    sizes = {int(k): int(torch.Size(tuple(s)).numel()) for k, s in shapes.items()}
-    return partition(sizes, n_servers)
 
 
 class RayTransport(Transport):
@@ -72,7 +66,7 @@ class RayTransport(Transport):
             raise ConfigError(f"RayTransport for {n_servers} servers in a group of {g.n_servers}")
         self.group, self.rank, self.world_size, self.n_servers = g, g.rank, g.world_size, n_servers
         self.shapes = {int(k): tuple(int(d) for d in s) for k, s in shapes.items()}
-        key_server = key_partition(self.shapes, n_servers)
+        key_server = partition(self.shapes, n_servers)
         self.keys_of = {j: sorted(k for k, s in key_server.items() if s == j) for j in range(n_servers)}
         if any(not keys for keys in self.keys_of.values()):
             raise ConfigError(f"{n_servers} servers for {len(shapes)} parameter tensors leaves a server without keys")

@@ -15,7 +15,8 @@ ray = pytest.importorskip("ray")
 from lowbit.codec.codecs import RawCodec, StochasticGradCodec, WeightCodec  # noqa: E402
 from lowbit.codec.delta import DeltaEncoder  # noqa: E402
 from lowbit.codec.frame import Frame  # noqa: E402
-from lowbit.comm.ray import RayGroup, RayTransport, group, key_partition, ray_session  # noqa: E402
+from lowbit.comm.ray import RayGroup, RayTransport, group, ray_session  # noqa: E402
+from lowbit.comm.transport import partition  # noqa: E402
 from lowbit.testing import SGDOwner  # noqa: E402
 from lowbit.errors import FrameError  # noqa: E402
 
@@ -140,7 +141,7 @@ def test_fp32_equals_direct_and_bytes(ranks):
     # bytes: every push / pull is exactly its frames (no prefix: Ray frames the call)
     raw = RawCodec()
     frame_bytes = sum(raw.frame_nbytes(s) for s in SHAPES.values())
-    own = key_partition(SHAPES, S)
+    own = partition(SHAPES, S)
     shard_bytes = {j: sum(raw.frame_nbytes(SHAPES[k]) for k, o in own.items() if o == j) for j in range(S)}
     for results in hist:
         assert [r["worker"] for r in results] == [0, 1]
@@ -172,7 +173,7 @@ def test_bad_frame_is_a_frame_error_in_the_caller(ranks):
     refs = ranks.start(toy_rank, [(r, "bad", 32, 1, None, True) for r in range(S + W)])
     ranks.store.wait([f"bad/ready/{w}" for w in range(W)])  # the servers are at step 0
     srv = ranks.actors[0]
-    own = key_partition(SHAPES, S)
+    own = partition(SHAPES, S)
     keys = sorted(k for k, o in own.items() if o == 0)
     k = keys[0]
     with pytest.raises(FrameError, match=r"server 0: .*bad magic"):
