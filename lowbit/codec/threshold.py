@@ -13,6 +13,7 @@ for −s, 0, +s): receivers decode it as any gradient frame.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,15 +40,18 @@ class ThresholdGradCodec:
             raise ConfigError(f"ternary threshold must be a finite number >= 0, got {self.threshold!r}")
 
     def encode(self, x: torch.Tensor, *, key: int = 0, step: int = 0, generator=None) -> Frame | None:
-        g = check_finite(x.detach(), name=f"gradient[{key}]", policy=self.nonfinite)
-        if g is None:
-            return None
-        g = g.to(torch.float32).reshape(-1)
+        g = x.detach().to(torch.float32).reshape(-1)
+        norm = float(torch.linalg.vector_norm(g)) if g.numel() else 0.0
+        if not math.isfinite(norm):  # the screen for NaN/Inf costs a pass: only run it when needed
+            g = check_finite(g, name=f"gradient[{key}]", policy=self.nonfinite)
+            if g is None:
+                return None
+            norm = float(torch.linalg.vector_norm(g))
         scale = 0.0
         codes = torch.ones(g.numel(), dtype=torch.uint8, device=g.device)
         if g.numel():
             mag = g.abs()
-            rms = float(torch.linalg.vector_norm(g)) / g.numel() ** 0.5
+            rms = norm / g.numel() ** 0.5
             keep = mag > self.threshold * rms if rms > 0 else mag > 0
             n = int(keep.sum())
             if n:

@@ -7,7 +7,7 @@ from lowbit.codec.decode import decode_frame
 from lowbit.codec.feedback import with_feedback
 from lowbit.codec.frame import Frame
 from lowbit.codec.threshold import ThresholdGradCodec
-from lowbit.errors import ConfigError
+from lowbit.errors import ConfigError, NonFiniteGradientError
 from lowbit.quant.grads import ErrorFeedback
 from lowbit.train.config import CodecConfig
 
@@ -64,3 +64,17 @@ def test_threshold_zero_is_the_scaled_sign_in_about_one_bit():
     out = decode_frame(f)
     assert torch.allclose(out, torch.sign(g) * g.abs()[g != 0].mean())
     assert f.kind == "gcoded" and 8 * f.payload.numel() / g.numel() < 1.01
+
+
+@pytest.mark.parametrize("policy", ["error", "skip", "zero"])
+def test_a_non_finite_gradient_follows_the_policy(policy):
+    g = torch.randn(8, 8)
+    g[2, 3] = float("nan")
+    codec = ThresholdGradCodec(1.0, nonfinite=policy)
+    if policy == "error":
+        with pytest.raises(NonFiniteGradientError, match="gradient"):
+            codec.encode(g)
+    elif policy == "skip":
+        assert codec.encode(g) is None
+    else:
+        assert torch.equal(decode_frame(codec.encode(g)), torch.zeros(8, 8))
