@@ -393,9 +393,9 @@ def run_fault(fault: str, transport: str, work: Path, ref: Path, timeout: float)
     else:
         row = link_down(transport, out, ref, timeout)
     args = shlex.join(train_args(transport, out))
-    for k in ("said", "resume_said"):  # the run's folder as OUT, its flags as ARGS
+    for k in ("said", "resume_said"):  # the run's folder as OUT, its flags as ARGS, the install as VENV
         if isinstance(row.get(k), str):
-            row[k] = row[k].replace(args, "ARGS").replace(str(out), "OUT")
+            row[k] = row[k].replace(args, "ARGS").replace(str(out), "OUT").replace(sys.prefix, "VENV")
     return row
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -335,15 +336,17 @@ def init_local(num_cpus: int, temp_dir: str | None = None, address: str = "", **
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
     os.environ["RAY_AUTH_MODE"] = "disabled"  # read by ray.init in this process
     try:
-        if address:
-            ray.init(address=address, log_to_driver=False, runtime_env=env)
+        with warnings.catch_warnings():  # Ray's notice of a future default for GPU env vars, on every init
+            warnings.filterwarnings("ignore", message=".*accelerator visible devices", category=FutureWarning)
+            if address:
+                ray.init(address=address, log_to_driver=False, runtime_env=env)
+                return True
+            temp_dir = os.path.abspath(temp_dir or default_temp_dir())
+            os.makedirs(temp_dir, exist_ok=True)
+            init_kw.setdefault("logging_level", logging.WARNING)  # not "Started a local Ray instance" every run
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env,
+                     _node_ip_address="127.0.0.1", _temp_dir=temp_dir, **init_kw)
             return True
-        temp_dir = os.path.abspath(temp_dir or default_temp_dir())
-        os.makedirs(temp_dir, exist_ok=True)
-        init_kw.setdefault("logging_level", logging.WARNING)  # not "Started a local Ray instance" on every run
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env,
-                 _node_ip_address="127.0.0.1", _temp_dir=temp_dir, **init_kw)
-        return True
     finally:
         for k, v in saved.items():
             if v is None:
